@@ -1,0 +1,326 @@
+//! Server configuration: defaults, then `kiln.toml` (`--config` / `KILN_CONFIG`), then flags and
+//! environment variables (clap `long, env`), each overriding the one before.
+//!
+//! The `[limits]` here are the operator's ceilings and defaults for every model; a model's own
+//! `[limits]` (in its `model.toml`) can only lower them (see [`Limits::lowered_by`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// `kiln serve` options; every field is also a key of `kiln.toml`.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "KILN_ADDR")]
+    pub addr: Option<SocketAddr>,
+    /// Folder of model folders: <models_dir>/<namespace>/<name>/model.toml.
+    #[arg(long, env = "KILN_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Where compiled plugins are cached.
+    #[arg(long, env = "KILN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Path of libonnxruntime.so (ONNX Runtime 1.31).
+    #[arg(long, env = "KILN_ORT_DYLIB")]
+    pub ort_dylib: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "KILN_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Plugin instances alive at once across all models and tenants.
+    #[arg(long, env = "KILN_INSTANCE_SLOTS")]
+    pub instance_slots: Option<u32>,
+    /// How long a request may wait for a free instance before it gets 503.
+    #[arg(long, env = "KILN_QUEUE_TIMEOUT_MS")]
+    pub queue_timeout_ms: Option<u64>,
+    #[command(flatten)]
+    #[serde(default)]
+    pub ort: OrtArgs,
+    #[command(flatten)]
+    #[serde(default)]
+    pub limits: LimitsArgs,
+}
+
+/// `[ort]`: how ONNX Runtime sessions are set up.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrtArgs {
+    /// ORT sessions per graph: runs of one graph that can overlap.
+    #[arg(long, env = "KILN_ORT_SESSIONS")]
+    pub sessions_per_graph: Option<usize>,
+    /// ORT intra-op threads per session.
+    #[arg(long, env = "KILN_ORT_THREADS")]
+    pub intra_threads: Option<usize>,
+    /// Runs that may queue for a graph's sessions before callers are refused.
+    #[arg(long, env = "KILN_ORT_QUEUE")]
+    pub queue_capacity: Option<usize>,
+}
+
+/// `[limits]` of the server (ceilings) or `[limits]` of a model (lower only).
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsArgs {
+    /// Plugin linear memory per instance, MiB.
+    #[arg(long, env = "KILN_MEMORY_MB")]
+    pub memory_mb: Option<u64>,
+    /// Guest CPU time per call between two wasi:nn calls, ms.
+    #[arg(long, env = "KILN_CPU_MS")]
+    pub cpu_ms: Option<u64>,
+    /// Wall-clock limit of a whole request, ms.
+    #[arg(long, env = "KILN_TIMEOUT_MS")]
+    pub timeout_ms: Option<u64>,
+    /// Limit of one ONNX Runtime run, ms.
+    #[arg(long, env = "KILN_RUN_TIMEOUT_MS")]
+    pub run_timeout_ms: Option<u64>,
+    /// Instances per (model, tenant) pair.
+    #[arg(long, env = "KILN_MAX_INSTANCES")]
+    pub max_instances: Option<u32>,
+    /// Host tensor bytes alive per instance, MiB.
+    #[arg(long, env = "KILN_TENSOR_MB")]
+    pub tensor_mb: Option<u64>,
+    /// wasi:nn resources alive per instance.
+    #[arg(long, env = "KILN_MAX_TENSORS")]
+    pub max_tensors: Option<u32>,
+    /// Inputs in one request.
+    #[arg(long, env = "KILN_MAX_INPUTS")]
+    pub max_inputs: Option<usize>,
+    /// Characters in one text input.
+    #[arg(long, env = "KILN_MAX_INPUT_CHARS")]
+    pub max_input_chars: Option<usize>,
+}
+
+/// Effective limits of one model (or the server's ceilings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cpu: Duration,
+    pub request_timeout: Duration,
+    pub run_timeout: Duration,
+    pub max_instances: u32,
+    pub tensor_bytes: u64,
+    pub max_tensors: u32,
+    pub max_inputs: usize,
+    pub max_input_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // A tokenizer plus a batch of activations fits in far less; more means a leak.
+            memory_bytes: 512 << 20,
+            // Pre/post-processing is milliseconds of work; seconds of guest CPU without a
+            // wasi:nn call is a runaway loop.
+            cpu: Duration::from_secs(5),
+            // API callers are told to set 30-60 s timeouts: answer before they give up.
+            request_timeout: Duration::from_secs(60),
+            // One ORT run longer than this starves other requests of the session.
+            run_timeout: Duration::from_secs(30),
+            // Instances are reused sequentially; a few cover a 2-core machine's concurrency.
+            max_instances: 4,
+            // Largest step of the demo models (whisper's encoder outputs, a 2k-token KV cache)
+            // is well under this.
+            tensor_bytes: 1 << 30,
+            // A plugin holds a handful of tensors per step; thousands means a leak.
+            max_tensors: 4096,
+            // One batched ORT run; bigger batches should be split by the caller.
+            max_inputs: 128,
+            // Inputs are truncated to the model's token window anyway; this bounds the
+            // tokenizer's work and the request's memory.
+            max_input_chars: 16_384,
+        }
+    }
+}
+
+impl Limits {
+    /// Overrides every field that `args` sets (used for the server's own ceilings).
+    fn overridden_by(mut self, args: &LimitsArgs) -> Self {
+        let ms = Duration::from_millis;
+        if let Some(v) = args.memory_mb {
+            self.memory_bytes = v << 20;
+        }
+        if let Some(v) = args.cpu_ms {
+            self.cpu = ms(v);
+        }
+        if let Some(v) = args.timeout_ms {
+            self.request_timeout = ms(v);
+        }
+        if let Some(v) = args.run_timeout_ms {
+            self.run_timeout = ms(v);
+        }
+        if let Some(v) = args.max_instances {
+            self.max_instances = v;
+        }
+        if let Some(v) = args.tensor_mb {
+            self.tensor_bytes = v << 20;
+        }
+        if let Some(v) = args.max_tensors {
+            self.max_tensors = v;
+        }
+        if let Some(v) = args.max_inputs {
+            self.max_inputs = v;
+        }
+        if let Some(v) = args.max_input_chars {
+            self.max_input_chars = v;
+        }
+        self
+    }
+
+    /// A model's limits: its own values where lower than these ceilings. Returns the names of
+    /// the fields it asked to raise (ignored, to be logged).
+    pub fn lowered_by(&self, model: &LimitsArgs) -> (Limits, Vec<&'static str>) {
+        let asked = self.clone().overridden_by(model);
+        let mut raised = Vec::new();
+        macro_rules! lower {
+            ($($field:ident => $key:literal),*) => {
+                Limits { $($field: if asked.$field > self.$field {
+                    raised.push($key);
+                    self.$field
+                } else {
+                    asked.$field
+                },)* }
+            };
+        }
+        let limits = lower!(
+            memory_bytes => "memory_mb", cpu => "cpu_ms", request_timeout => "timeout_ms",
+            run_timeout => "run_timeout_ms", max_instances => "max_instances",
+            tensor_bytes => "tensor_mb", max_tensors => "max_tensors",
+            max_inputs => "max_inputs", max_input_chars => "max_input_chars"
+        );
+        (limits, raised)
+    }
+}
+
+/// The server's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub models_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub ort_dylib: PathBuf,
+    /// Request bodies are JSON text; 2 MiB holds 128 inputs of 16k characters.
+    pub max_body_bytes: usize,
+    /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
+    pub instance_slots: u32,
+    pub queue_timeout: Duration,
+    pub ort_sessions_per_graph: usize,
+    pub ort_intra_threads: usize,
+    pub ort_queue_capacity: usize,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sessions = 2;
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            models_dir: PathBuf::from(".kiln/models"),
+            cache_dir: PathBuf::from(".kiln/cache"),
+            ort_dylib: PathBuf::from(".kiln/onnxruntime/libonnxruntime.so.1.31.1"),
+            max_body_bytes: 2 << 20,
+            instance_slots: 64,
+            queue_timeout: Duration::from_secs(5),
+            ort_sessions_per_graph: sessions,
+            // sessions x threads = cores: no oversubscription when every session runs.
+            ort_intra_threads: (cores / sessions).max(1),
+            ort_queue_capacity: 256,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the TOML file (if any), then flags/env.
+    pub fn load(file: Option<&Path>, args: &ServeArgs) -> anyhow::Result<Config> {
+        let mut config = Config::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let from_file: ServeArgs = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            config.apply(&from_file);
+        }
+        config.apply(args);
+        Ok(config)
+    }
+
+    fn apply(&mut self, a: &ServeArgs) {
+        if let Some(v) = a.addr {
+            self.addr = v;
+        }
+        if let Some(v) = &a.models_dir {
+            self.models_dir = v.clone();
+        }
+        if let Some(v) = &a.cache_dir {
+            self.cache_dir = v.clone();
+        }
+        if let Some(v) = &a.ort_dylib {
+            self.ort_dylib = v.clone();
+        }
+        if let Some(v) = a.max_body_bytes {
+            self.max_body_bytes = v;
+        }
+        if let Some(v) = a.instance_slots {
+            self.instance_slots = v;
+        }
+        if let Some(v) = a.queue_timeout_ms {
+            self.queue_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = a.ort.sessions_per_graph {
+            self.ort_sessions_per_graph = v;
+        }
+        if let Some(v) = a.ort.intra_threads {
+            self.ort_intra_threads = v;
+        }
+        if let Some(v) = a.ort.queue_capacity {
+            self.ort_queue_capacity = v;
+        }
+        self.limits = self.limits.clone().overridden_by(&a.limits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_limits_only_lower_the_ceilings() {
+        let ceilings = Limits::default();
+        let model = LimitsArgs {
+            memory_mb: Some(64),
+            cpu_ms: Some(60_000),
+            ..Default::default()
+        };
+        let (limits, raised) = ceilings.lowered_by(&model);
+        assert_eq!(limits.memory_bytes, 64 << 20);
+        assert_eq!(limits.cpu, ceilings.cpu, "a model cannot raise its CPU limit");
+        assert_eq!(raised, vec!["cpu_ms"]);
+    }
+
+    #[test]
+    fn file_then_flags_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("kiln-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kiln.toml");
+        std::fs::write(
+            &file,
+            "addr = \"127.0.0.1:9000\"\nmax_body_bytes = 10\n[limits]\ncpu_ms = 7\n",
+        )
+        .unwrap();
+        let flags = ServeArgs {
+            max_body_bytes: Some(20),
+            ..Default::default()
+        };
+        let config = Config::load(Some(&file), &flags).unwrap();
+        assert_eq!(config.addr.port(), 9000);
+        assert_eq!(config.max_body_bytes, 20);
+        assert_eq!(config.limits.cpu, Duration::from_millis(7));
+
+        std::fs::write(&file, "adr = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), &ServeArgs::default()).unwrap_err().to_string();
+        assert!(err.contains("kiln.toml") && err.contains("adr"), "{err}");
+    }
+}

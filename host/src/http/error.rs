@@ -1,0 +1,96 @@
+//! The ONE mapping from errors to HTTP: status, a stable machine `code`, a precise message, and
+//! the request id, as `{"error": {"code": ..., "message": ...}, "request_id": ...}`.
+//! Internal errors are logged with their detail and answered without it.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::request_id;
+use crate::infer::InferError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found_route() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint: see the API reference for /v1/inference/<task>",
+        )
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            InferError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            InferError::WrongTask { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_task"),
+            InferError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            InferError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            InferError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            InferError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            InferError::TensorBudget(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "tensor_budget_exceeded")
+            }
+            InferError::PluginMemory { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "plugin_memory_exceeded")
+            }
+            InferError::PluginFailed { detail } => {
+                tracing::error!(request_id = %request_id::current(), "plugin failed: {detail}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed")
+            }
+            InferError::Internal(detail) => {
+                tracing::error!(request_id = %request_id::current(), "internal error: {detail:#}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let mut error = ApiError::new(status, code, message);
+        if let InferError::Overloaded { retry_after } = e {
+            error.retry_after = Some(retry_after.as_secs().max(1));
+        }
+        error
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = request_id::current();
+        let message = if self.status.is_server_error() && self.code != "timeout" {
+            format!("{} (request id {request_id})", self.message)
+        } else {
+            self.message
+        };
+        let body = json!({
+            "error": {"code": self.code, "message": message},
+            "request_id": request_id,
+        });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,369 @@
+//! The one thing `http` calls: pick the model, check the request against its limits, borrow an
+//! instance of its plugin for the caller's (model, tenant) pair, run the task's export on a
+//! blocking thread, and turn the outcome into a typed result or an [`InferError`].
+//!
+//! Loading ([`Inference::load`]) discovers the model folders, creates each graph's ORT sessions
+//! once, and compiles each plugin once; a model that fails to load stops startup.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::config::{Config, Limits};
+use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal};
+use crate::nn::bindings::kiln::plugin::types;
+use crate::registry::{self, ModelId, ModelSpec, Task};
+use crate::runtime::instance::{CallReport, TaskPre};
+use crate::runtime::{
+    CallFailure, InstancePool, InstanceSetup, PluginInstance, PluginRuntime, PoolKey,
+    RuntimeOptions, TrapKind,
+};
+
+/// Who is calling. Until tenancy exists every caller is one anonymous tenant, but instance pools
+/// are already keyed by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(pub String);
+
+impl Tenant {
+    pub fn anonymous() -> Self {
+        Tenant("anonymous".into())
+    }
+}
+
+/// Errors of the inference layer; `http::error` maps each to a status and a code.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("Model not found: check the model name and namespace ('{0}')")]
+    ModelNotFound(String),
+    #[error("model '{model}' serves {task}, not {requested}: call POST /v1/inference/{task}")]
+    WrongTask {
+        model: String,
+        task: Task,
+        requested: Task,
+    },
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The plugin's own `invalid-input` or `unsupported` message.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("the server is busy: no instance of this model became free in time")]
+    Overloaded { retry_after: Duration },
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    TensorBudget(String),
+    #[error("the model's plugin exceeded its memory limit of {limit_mb} MiB")]
+    PluginMemory { limit_mb: u64 },
+    #[error("the model's plugin failed")]
+    PluginFailed { detail: String },
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// A model ready to serve.
+pub struct LoadedModel {
+    pub spec: ModelSpec,
+    pub limits: Limits,
+    pub plugin_digest: String,
+    setup: InstanceSetup,
+    pre: TaskPre,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("id", &self.spec.id)
+            .field("task", &self.spec.task)
+            .field("plugin", &self.plugin_digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Embeddings, one vector per input, and the usage the plugin reported.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub input_tokens: u32,
+    pub compute: Duration,
+}
+
+pub struct Inference {
+    models: BTreeMap<ModelId, Arc<LoadedModel>>,
+    runtime: Arc<PluginRuntime>,
+    pool: Arc<InstancePool>,
+    queue_timeout: Duration,
+}
+
+impl std::fmt::Debug for Inference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inference")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inference {
+    /// Loads every model under `config.models_dir`. Blocking: call before serving.
+    pub fn load(config: &Config) -> anyhow::Result<Inference> {
+        nn::init_ort(&config.ort_dylib)?;
+        let runtime = Arc::new(PluginRuntime::new(&RuntimeOptions {
+            cache_dir: config.cache_dir.clone(),
+            instance_slots: config.instance_slots,
+            max_memory_bytes: config.limits.memory_bytes,
+        })?);
+        let mut models = BTreeMap::new();
+        for spec in registry::discover(&config.models_dir)? {
+            let id = spec.id.clone();
+            let started = Instant::now();
+            let model = load_model(config, &runtime, spec)
+                .with_context(|| format!("loading model {id}"))?;
+            tracing::info!(model = %id, task = %model.spec.task, plugin = %model.plugin_digest,
+                ms = started.elapsed().as_millis() as u64, "model loaded");
+            models.insert(id, Arc::new(model));
+        }
+        Ok(Inference {
+            models,
+            runtime,
+            pool: InstancePool::new(config.instance_slots),
+            queue_timeout: config.queue_timeout,
+        })
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
+        self.models.values()
+    }
+
+    fn model(&self, name: &str, requested: Task) -> Result<Arc<LoadedModel>, InferError> {
+        let model = ModelId::parse(name)
+            .and_then(|id| self.models.get(&id))
+            .ok_or_else(|| InferError::ModelNotFound(name.to_owned()))?;
+        if model.spec.task != requested {
+            return Err(InferError::WrongTask {
+                model: name.to_owned(),
+                task: model.spec.task,
+                requested,
+            });
+        }
+        Ok(Arc::clone(model))
+    }
+
+    /// `POST /v1/inference/embeddings`.
+    pub async fn embed(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        inputs: Vec<String>,
+    ) -> Result<Embeddings, InferError> {
+        let model = self.model(model, Task::Embeddings)?;
+        check_texts(&inputs, &model.limits)?;
+        let count = inputs.len();
+        let (output, compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.embed(&inputs, deadline)
+            })
+            .await?;
+        if output.vectors.len() != count {
+            return Err(InferError::PluginFailed {
+                detail: format!(
+                    "plugin returned {} vectors for {count} inputs",
+                    output.vectors.len()
+                ),
+            });
+        }
+        Ok(Embeddings {
+            vectors: output.vectors,
+            input_tokens: output.usage.input_tokens,
+            compute,
+        })
+    }
+
+    /// Borrows an instance for (model, tenant), runs `f` on a blocking thread within the
+    /// model's wall-clock timeout, and maps the outcome.
+    async fn call<T: Send + 'static>(
+        &self,
+        tenant: &Tenant,
+        model: &Arc<LoadedModel>,
+        f: impl FnOnce(&mut PluginInstance, Instant) -> CallReport<T> + Send + 'static,
+    ) -> Result<(T, Duration), InferError> {
+        let limits = &model.limits;
+        let deadline = Instant::now() + limits.request_timeout;
+        let key = PoolKey {
+            model: model.spec.id.to_string(),
+            tenant: tenant.0.clone(),
+        };
+        let mut lease = self
+            .pool
+            .acquire(key, limits.max_instances, self.queue_timeout)
+            .await
+            .map_err(|_| InferError::Overloaded {
+                retry_after: Duration::from_secs(1),
+            })?;
+        let engine = self.runtime.engine().clone();
+        let model = Arc::clone(model);
+        let task = tokio::task::spawn_blocking(move || {
+            let instance = match lease.get() {
+                Some(instance) => instance,
+                None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
+                    Ok(instance) => lease.set(instance),
+                    Err(failure) => return Err(failure_to_error(&model, failure)),
+                },
+            };
+            let report = f(instance, deadline);
+            let compute = report.compute;
+            match (report.result, report.refusal) {
+                // What the host refused decides the status, whatever the plugin made of it.
+                (result, Some(refusal)) => {
+                    let failure = result.err();
+                    Err(refusal_to_error(refusal, failure))
+                }
+                (Ok(value), None) => Ok((value, compute)),
+                (Err(failure), None) => Err(failure_to_error(&model, failure)),
+            }
+        });
+        // The plugin's own deadlines end the call; this outer bound only guards the host
+        // against a call that somehow outlives them (the blocking thread finishes later).
+        let grace = Duration::from_secs(5);
+        match tokio::time::timeout_at((deadline + grace).into(), task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(InferError::Internal(anyhow::anyhow!(
+                "plugin call thread failed: {join}"
+            ))),
+            Err(_) => Err(InferError::Timeout(format!(
+                "the request did not finish within its timeout of {} ms",
+                limits.request_timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+fn load_model(
+    config: &Config,
+    runtime: &PluginRuntime,
+    spec: ModelSpec,
+) -> anyhow::Result<LoadedModel> {
+    let (limits, raised) = config.limits.lowered_by(&spec.limits);
+    if !raised.is_empty() {
+        tracing::warn!(model = %spec.id, fields = ?raised,
+            "model.toml asks for limits above the server's; the server's ceilings apply");
+    }
+    let plugin = runtime.load_plugin(&spec.plugin_path)?;
+    let pre = TaskPre::new(spec.task, &plugin)?;
+    let mut graphs = BTreeMap::new();
+    for (name, graph) in &spec.graphs {
+        let options = ExecutorOptions {
+            sessions: graph.sessions.unwrap_or(config.ort_sessions_per_graph),
+            intra_threads: graph.intra_threads.unwrap_or(config.ort_intra_threads),
+            queue_capacity: config.ort_queue_capacity,
+        };
+        let executor = GraphExecutor::load(&spec.id.to_string(), name, &graph.path, &options)?;
+        graphs.insert(name.clone(), executor);
+    }
+    let setup = InstanceSetup {
+        label: spec.id.to_string(),
+        dir: spec.dir.clone(),
+        plugin_config: Arc::new(spec.plugin_config.clone()),
+        graphs: Arc::new(ModelGraphs::new(graphs)),
+        limits: limits.clone(),
+    };
+    Ok(LoadedModel {
+        plugin_digest: plugin.digest.clone(),
+        spec,
+        limits,
+        setup,
+        pre,
+    })
+}
+
+/// Inputs against the model's limits; messages name the limit and the value.
+fn check_texts(inputs: &[String], limits: &Limits) -> Result<(), InferError> {
+    if inputs.is_empty() {
+        return Err(InferError::InvalidInput(
+            "`inputs` must not be empty".into(),
+        ));
+    }
+    if inputs.len() > limits.max_inputs {
+        return Err(InferError::InvalidInput(format!(
+            "`inputs` has {} items; this model accepts at most {} per request",
+            inputs.len(),
+            limits.max_inputs
+        )));
+    }
+    for (i, text) in inputs.iter().enumerate() {
+        let chars = text.chars().count();
+        if chars > limits.max_input_chars {
+            return Err(InferError::InvalidInput(format!(
+                "`inputs[{i}]` is {chars} characters long; the limit is {}",
+                limits.max_input_chars
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn refusal_to_error(refusal: Refusal, failure: Option<CallFailure>) -> InferError {
+    if let Some(CallFailure::Trap { message, .. }) = &failure {
+        tracing::warn!("plugin trapped after a host refusal: {message}");
+    }
+    match refusal {
+        Refusal::RunTimedOut { limit } => InferError::Timeout(format!(
+            "the model's ONNX Runtime run exceeded its limit of {} ms",
+            limit.as_millis()
+        )),
+        Refusal::TensorBudget { message } => InferError::TensorBudget(message),
+    }
+}
+
+fn failure_to_error(model: &LoadedModel, failure: CallFailure) -> InferError {
+    match failure {
+        CallFailure::Plugin(types::Error::InvalidInput(m) | types::Error::Unsupported(m)) => {
+            InferError::Rejected(m)
+        }
+        CallFailure::Plugin(types::Error::Internal(m)) => InferError::PluginFailed {
+            detail: format!("plugin error: {m}"),
+        },
+        CallFailure::Trap { kind, message } => {
+            tracing::warn!(model = %model.spec.id, ?kind, "plugin trapped: {message}");
+            match kind {
+                TrapKind::CpuDeadline(limit) => InferError::Timeout(format!(
+                    "the model's plugin ran longer than its CPU limit of {} ms",
+                    limit.as_millis()
+                )),
+                TrapKind::WallDeadline => InferError::Timeout(format!(
+                    "the request did not finish within its timeout of {} ms",
+                    model.limits.request_timeout.as_millis()
+                )),
+                TrapKind::Memory(_) => InferError::PluginMemory {
+                    limit_mb: model.limits.memory_bytes >> 20,
+                },
+                TrapKind::Crash => InferError::PluginFailed {
+                    detail: format!("plugin trapped: {message}"),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_limits_name_the_limit_and_value() {
+        let limits = Limits {
+            max_inputs: 2,
+            max_input_chars: 5,
+            ..Limits::default()
+        };
+        let err = check_texts(&[], &limits).unwrap_err().to_string();
+        assert!(err.contains("must not be empty"), "{err}");
+        let three = vec!["a".to_string(); 3];
+        let err = check_texts(&three, &limits).unwrap_err().to_string();
+        assert!(err.contains("3 items") && err.contains("at most 2"), "{err}");
+        let long = vec!["ok".to_string(), "héllo!".to_string()];
+        let err = check_texts(&long, &limits).unwrap_err().to_string();
+        assert!(err.contains("inputs[1]") && err.contains("6 characters") && err.contains("limit is 5"), "{err}");
+        assert!(check_texts(&["héllo".to_string()], &limits).is_ok(), "5 chars (6 bytes) is within 5");
+    }
+}

@@ -1,0 +1,572 @@
+//! Kiln's own `wasi:nn` host, on ONNX Runtime.
+//!
+//! Shape (wasmtime's host-capability convention): [`NnCtx`] is the per-instance state,
+//! [`NnView`] borrows it together with the store's resource table, and [`add_to_linker`] wires
+//! the generated `wasi:nn` and `kiln:plugin/tensor-ext` traits to it.
+//!
+//! What it guarantees, whatever the guest sends:
+//! - `load-by-name` sees only the graphs of the model being served ([`ModelGraphs`]); raw `load`
+//!   of guest bytes is refused.
+//! - A wrong dtype, rank, shape, byte length or name is a `wasi:nn` error whose message reaches
+//!   the plugin; nothing panics. Only broken host invariants (a stale resource handle) trap.
+//! - Tensors stay on the host until read; a per-instance budget of tensor bytes and live
+//!   tensors turns a flood into an error ([`TensorBudget`]).
+//! - ORT runs on the graph's executor threads with a time limit ([`executor`]); a run stopped
+//!   by it is remembered as a [`Refusal`] that decides the request's status.
+
+pub mod bindings;
+pub mod executor;
+pub mod tensor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use bindings::kiln::plugin::tensor_ext;
+use bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
+pub use executor::{init_ort, ExecutorOptions, GraphExecutor, IoSpec, RunError};
+pub use tensor::{DType, Tensor};
+
+use errors::ErrorCode;
+use wit_tensor::{TensorData, TensorDimensions, TensorType};
+
+/// The graphs of ONE model, by the names its `model.toml` gives them. An instance's `NnCtx`
+/// holds only its own model's set, so `load-by-name` cannot reach another model's graphs.
+#[derive(Debug, Default)]
+pub struct ModelGraphs {
+    graphs: BTreeMap<String, Arc<GraphExecutor>>,
+}
+
+impl ModelGraphs {
+    pub fn new(graphs: BTreeMap<String, Arc<GraphExecutor>>) -> Self {
+        Self { graphs }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<GraphExecutor>> {
+        self.graphs.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.graphs.keys().map(String::as_str)
+    }
+}
+
+/// A `wasi:nn` graph resource: one of the model's graphs.
+#[derive(Debug)]
+pub struct Graph(Arc<GraphExecutor>);
+
+/// A `wasi:nn` graph-execution-context resource.
+#[derive(Debug)]
+pub struct ExecutionContext(Arc<GraphExecutor>);
+
+/// A `wasi:nn` error resource: a code and a message for the plugin author.
+#[derive(Debug, Clone)]
+pub struct NnError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl NnError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Something the host refused during a request. It decides the request's status whatever the
+/// plugin returns afterwards (a plugin may swallow the `wasi:nn` error and answer anyway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// An ORT run exceeded its time limit and was terminated.
+    RunTimedOut { limit: Duration },
+    /// The instance's tensor budget was exceeded.
+    TensorBudget { message: String },
+}
+
+/// Limits on what one instance may keep on the host (wasmtime's `StoreLimits` sees only guest
+/// memory; these tensors live outside it).
+#[derive(Debug, Clone, Copy)]
+pub struct TensorBudgetLimits {
+    /// Bytes of tensor data alive at once: a model's largest step (inputs + outputs + KV cache)
+    /// with room to spare; past it a plugin is leaking or flooding.
+    pub max_bytes: u64,
+    /// Tensor, graph, context and error resources alive at once: each costs a table slot and
+    /// some host memory even when empty.
+    pub max_live: u32,
+}
+
+/// Running totals against [`TensorBudgetLimits`].
+#[derive(Debug)]
+pub struct TensorBudget {
+    limits: TensorBudgetLimits,
+    bytes: u64,
+    live: u32,
+}
+
+impl TensorBudget {
+    pub fn new(limits: TensorBudgetLimits) -> Self {
+        Self {
+            limits,
+            bytes: 0,
+            live: 0,
+        }
+    }
+
+    /// Reserves a new resource holding `bytes` of fresh data.
+    fn reserve(&mut self, bytes: u64) -> Result<(), String> {
+        if self.live >= self.limits.max_live {
+            return Err(format!(
+                "tensor budget exceeded: more than {} live wasi:nn resources in one instance",
+                self.limits.max_live
+            ));
+        }
+        let total = self.bytes.saturating_add(bytes);
+        if total > self.limits.max_bytes {
+            return Err(format!(
+                "tensor budget exceeded: {} bytes of host tensors would be alive, the limit is {}",
+                total, self.limits.max_bytes
+            ));
+        }
+        self.live += 1;
+        self.bytes = total;
+        Ok(())
+    }
+
+    fn release(&mut self, bytes: u64) {
+        self.live = self.live.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn live(&self) -> u32 {
+        self.live
+    }
+}
+
+/// Per-request accounting, reset by the runtime before each export call.
+#[derive(Debug, Default)]
+pub struct RequestNnState {
+    /// What the host refused during this request, if anything.
+    pub refusal: Option<Refusal>,
+    /// Time ORT spent running for this request (the usage's compute time).
+    pub compute: Duration,
+    /// When the last `wasi:nn` call returned: the CPU deadline counts guest time from here.
+    pub last_call_end: Option<Instant>,
+    /// Latest time at which an ORT run must end (the request's wall-clock deadline).
+    pub deadline: Option<Instant>,
+}
+
+/// Per-instance `wasi:nn` state.
+pub struct NnCtx {
+    graphs: Arc<ModelGraphs>,
+    budget: TensorBudget,
+    run_timeout: Duration,
+    pub request: RequestNnState,
+}
+
+impl std::fmt::Debug for NnCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NnCtx")
+            .field("graphs", &self.graphs)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NnCtx {
+    /// `run_timeout` bounds each ORT run (queueing included).
+    pub fn new(graphs: Arc<ModelGraphs>, budget: TensorBudgetLimits, run_timeout: Duration) -> Self {
+        Self {
+            graphs,
+            budget: TensorBudget::new(budget),
+            run_timeout,
+            request: RequestNnState::default(),
+        }
+    }
+
+    pub fn budget(&self) -> &TensorBudget {
+        &self.budget
+    }
+}
+
+/// `NnCtx` with the store's resource table, for the generated host traits.
+pub struct NnView<'a> {
+    ctx: &'a mut NnCtx,
+    table: &'a mut ResourceTable,
+}
+
+impl<'a> NnView<'a> {
+    pub fn new(ctx: &'a mut NnCtx, table: &'a mut ResourceTable) -> Self {
+        Self { ctx, table }
+    }
+
+    fn error(
+        &mut self,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> wasmtime::Result<Resource<NnError>> {
+        let error = NnError::new(code, message);
+        tracing::debug!(code = ?error.code, message = %error.message, "wasi:nn error for the plugin");
+        self.ctx.budget.reserve(0).map_err(wasmtime::Error::msg)?;
+        Ok(self.table.push(error)?)
+    }
+
+    /// Puts a tensor in the table, charging the budget. Over budget the caller decides: an
+    /// error for fallible calls, a trap for the infallible constructor.
+    fn push_tensor(&mut self, tensor: Tensor, fresh_data: bool) -> Result<Resource<Tensor>, String> {
+        let bytes = if fresh_data {
+            tensor.data.len() as u64
+        } else {
+            0
+        };
+        if let Err(message) = self.ctx.budget.reserve(bytes) {
+            self.ctx.request.refusal = Some(Refusal::TensorBudget {
+                message: message.clone(),
+            });
+            return Err(message);
+        }
+        self.table
+            .push(tensor)
+            .map_err(|e| format!("resource table: {e}"))
+    }
+
+    /// Removes a tensor from the table, releasing its budget. Bytes shared with a clone stay
+    /// charged until the last handle goes.
+    fn take_tensor(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Tensor> {
+        let tensor = self.table.delete(tensor)?;
+        let bytes = if Arc::strong_count(&tensor.data) == 1 {
+            tensor.data.len() as u64
+        } else {
+            0
+        };
+        self.ctx.budget.release(bytes);
+        Ok(tensor)
+    }
+
+    fn run_graph(
+        &mut self,
+        graph: Arc<GraphExecutor>,
+        inputs: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, NnError> {
+        let values = check_inputs(&graph, &inputs)?;
+        let mut limit = self.ctx.run_timeout;
+        if let Some(deadline) = self.ctx.request.deadline {
+            limit = limit.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        drop(inputs);
+        match graph.run(values, limit) {
+            Ok(out) => {
+                self.ctx.request.compute += out.compute;
+                Ok(out.outputs)
+            }
+            Err(RunError::TimedOut(limit)) => {
+                self.ctx.request.refusal = Some(Refusal::RunTimedOut { limit });
+                Err(NnError::new(
+                    ErrorCode::Timeout,
+                    RunError::TimedOut(limit).to_string(),
+                ))
+            }
+            Err(e @ RunError::QueueFull(..)) => Err(NnError::new(ErrorCode::Timeout, e.to_string())),
+            Err(e) => Err(NnError::new(ErrorCode::RuntimeError, e.to_string())),
+        }
+    }
+}
+
+/// Checks the guest's tensors against what the graph declares and converts them for ORT.
+fn check_inputs(
+    graph: &GraphExecutor,
+    inputs: &[(String, Tensor)],
+) -> Result<Vec<(String, ort::value::DynValue)>, NnError> {
+    let invalid = |m: String| NnError::new(ErrorCode::InvalidArgument, m);
+    let mut values = Vec::with_capacity(inputs.len());
+    for (i, (name, tensor)) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|(n, _)| n == name) {
+            return Err(invalid(format!("input '{name}' is given twice")));
+        }
+        let Some(spec) = graph.inputs().iter().find(|s| &s.name == name) else {
+            let known: Vec<&str> = graph.inputs().iter().map(|s| s.name.as_str()).collect();
+            return Err(invalid(format!(
+                "graph '{}' has no input named '{name}'; its inputs are: {}",
+                graph.name(),
+                known.join(", ")
+            )));
+        };
+        let Some(dtype) = spec.dtype else {
+            return Err(NnError::new(
+                ErrorCode::UnsupportedOperation,
+                format!("input '{name}' has an element type wasi:nn cannot carry"),
+            ));
+        };
+        if tensor.dtype != dtype {
+            return Err(invalid(format!(
+                "input '{name}' must be {dtype}, got {}",
+                tensor.dtype
+            )));
+        }
+        let fits = tensor.dims.len() == spec.shape.len()
+            && tensor
+                .dims
+                .iter()
+                .zip(&spec.shape)
+                .all(|(&d, &s)| s < 0 || i64::from(d) == s);
+        if !fits {
+            return Err(invalid(format!(
+                "input '{name}' must have shape {}, got {:?}",
+                spec.describe_shape(),
+                tensor.dims
+            )));
+        }
+        tensor
+            .check_len()
+            .map_err(|m| invalid(format!("input '{name}': {m}")))?;
+        let value = tensor
+            .to_ort()
+            .map_err(|m| NnError::new(ErrorCode::RuntimeError, format!("input '{name}': {m}")))?;
+        values.push((name.clone(), value));
+    }
+    let missing: Vec<&str> = graph
+        .inputs()
+        .iter()
+        .filter(|s| !inputs.iter().any(|(n, _)| n == &s.name))
+        .map(|s| s.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(invalid(format!(
+            "graph '{}' needs input(s) {} that were not given",
+            graph.name(),
+            missing.join(", ")
+        )));
+    }
+    Ok(values)
+}
+
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds `wasi:nn` and `kiln:plugin/tensor-ext` to a linker.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
+    graph::add_to_linker::<T, HasNn>(linker, view)?;
+    wit_tensor::add_to_linker::<T, HasNn>(linker, view)?;
+    inference::add_to_linker::<T, HasNn>(linker, view)?;
+    errors::add_to_linker::<T, HasNn>(linker, view)?;
+    tensor_ext::add_to_linker::<T, HasNn>(linker, view)?;
+    Ok(())
+}
+
+/// Records the end of a host call so the CPU deadline counts guest time only.
+macro_rules! host_call {
+    ($view:expr, $body:expr) => {{
+        let result = $body;
+        $view.ctx.request.last_call_end = Some(Instant::now());
+        result
+    }};
+}
+
+impl graph::Host for NnView<'_> {
+    fn load(
+        &mut self,
+        _builder: Vec<graph::GraphBuilder>,
+        _encoding: graph::GraphEncoding,
+        _target: graph::ExecutionTarget,
+    ) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
+        // A plugin may not bring its own model: graphs come from the model folder an operator
+        // deployed, and loading arbitrary bytes into ORT is an attack surface.
+        let names: Vec<&str> = self.ctx.graphs.names().collect();
+        let message = format!(
+            "loading graph bytes from a plugin is not allowed; use load-by-name with one of this model's graphs: {}",
+            names.join(", ")
+        );
+        Ok(Err(self.error(ErrorCode::Security, message)?))
+    }
+
+    fn load_by_name(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<Graph>, Resource<NnError>>> {
+        let Some(graph) = self.ctx.graphs.get(&name).cloned() else {
+            let names: Vec<&str> = self.ctx.graphs.names().collect();
+            let message = format!(
+                "this model has no graph named '{name}'; its graphs are: {}",
+                names.join(", ")
+            );
+            return Ok(Err(self.error(ErrorCode::NotFound, message)?));
+        };
+        if let Err(message) = self.ctx.budget.reserve(0) {
+            return Ok(Err(self.error(ErrorCode::TooLarge, message)?));
+        }
+        Ok(Ok(self.table.push(Graph(graph))?))
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    fn init_execution_context(
+        &mut self,
+        graph: Resource<Graph>,
+    ) -> wasmtime::Result<Result<Resource<ExecutionContext>, Resource<NnError>>> {
+        let executor = Arc::clone(&self.table.get(&graph)?.0);
+        if let Err(message) = self.ctx.budget.reserve(0) {
+            return Ok(Err(self.error(ErrorCode::TooLarge, message)?));
+        }
+        Ok(Ok(self.table.push(ExecutionContext(executor))?))
+    }
+
+    fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        self.ctx.budget.release(0);
+        Ok(())
+    }
+}
+
+impl inference::Host for NnView<'_> {}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    fn compute(
+        &mut self,
+        ctx: Resource<ExecutionContext>,
+        inputs: Vec<(String, Resource<Tensor>)>,
+    ) -> wasmtime::Result<Result<Vec<(String, Resource<Tensor>)>, Resource<NnError>>> {
+        let executor = Arc::clone(&self.table.get(&ctx)?.0);
+        // Inputs are own<tensor>: consumed whether or not the run succeeds.
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            tensors.push((name, self.take_tensor(t)?));
+        }
+        let result = host_call!(self, self.run_graph(executor, tensors));
+        let outputs = match result {
+            Ok(outputs) => outputs,
+            Err(e) => return Ok(Err(self.error(e.code, e.message)?)),
+        };
+        let mut handles = Vec::with_capacity(outputs.len());
+        for (name, tensor) in outputs {
+            match self.push_tensor(tensor, true) {
+                Ok(handle) => handles.push((name, handle)),
+                Err(message) => {
+                    for (_, h) in handles {
+                        self.take_tensor(h)?;
+                    }
+                    return Ok(Err(self.error(ErrorCode::TooLarge, message)?));
+                }
+            }
+        }
+        Ok(Ok(handles))
+    }
+
+    fn drop(&mut self, ctx: Resource<ExecutionContext>) -> wasmtime::Result<()> {
+        self.table.delete(ctx)?;
+        self.ctx.budget.release(0);
+        Ok(())
+    }
+}
+
+impl wit_tensor::Host for NnView<'_> {}
+
+impl wit_tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dimensions: TensorDimensions,
+        ty: TensorType,
+        data: TensorData,
+    ) -> wasmtime::Result<Resource<Tensor>> {
+        // The constructor cannot return an error, so going over budget traps the instance; the
+        // refusal recorded by push_tensor tells the caller why.
+        let tensor = Tensor::new(dimensions, DType::from_wit(ty), data);
+        self.push_tensor(tensor, true).map_err(wasmtime::Error::msg)
+    }
+
+    fn dimensions(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<TensorDimensions> {
+        Ok(self.table.get(&tensor)?.dims.clone())
+    }
+
+    fn ty(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<TensorType> {
+        Ok(self.table.get(&tensor)?.dtype.to_wit())
+    }
+
+    fn data(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<TensorData> {
+        Ok(self.table.get(&tensor)?.data.to_vec())
+    }
+
+    fn drop(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<()> {
+        self.take_tensor(tensor)?;
+        Ok(())
+    }
+}
+
+impl errors::Host for NnView<'_> {}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, error: Resource<NnError>) -> wasmtime::Result<ErrorCode> {
+        Ok(self.table.get(&error)?.code)
+    }
+
+    fn data(&mut self, error: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&error)?.message.clone())
+    }
+
+    fn drop(&mut self, error: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(error)?;
+        self.ctx.budget.release(0);
+        Ok(())
+    }
+}
+
+impl tensor_ext::Host for NnView<'_> {
+    fn clone(&mut self, tensor: Resource<Tensor>) -> wasmtime::Result<Resource<Tensor>> {
+        let copy = self.table.get(&tensor)?.clone();
+        self.push_tensor(copy, false).map_err(wasmtime::Error::msg)
+    }
+
+    fn read(
+        &mut self,
+        tensor: Resource<Tensor>,
+        offset: u64,
+        len: u64,
+    ) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        let data = &self.table.get(&tensor)?.data;
+        let size = data.len() as u64;
+        let range = offset
+            .checked_add(len)
+            .filter(|&end| end <= size)
+            .map(|end| offset as usize..end as usize);
+        Ok(match range {
+            Some(range) => Ok(data[range].to_vec()),
+            None => Err(format!(
+                "read of {len} bytes at offset {offset} is outside the tensor's {size} bytes"
+            )),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_counts_bytes_and_resources() {
+        let mut b = TensorBudget::new(TensorBudgetLimits {
+            max_bytes: 100,
+            max_live: 3,
+        });
+        b.reserve(60).unwrap();
+        let err = b.reserve(41).unwrap_err();
+        assert!(err.contains("101 bytes") && err.contains("limit is 100"), "{err}");
+        b.reserve(40).unwrap();
+        b.reserve(0).unwrap();
+        assert!(b.reserve(0).unwrap_err().contains("more than 3 live"));
+        b.release(60);
+        assert_eq!((b.bytes(), b.live()), (40, 2));
+        b.reserve(60).unwrap();
+    }
+}

@@ -1,0 +1,407 @@
+//! One plugin instance: a wasmtime `Store` for ONE (model, tenant) pair, with its limits.
+//!
+//! - Memory: [`MemoryLimiter`] caps linear memory and tables for the instance's life.
+//! - Time: each export call is armed with the model's CPU limit and the request's wall-clock
+//!   deadline. The epoch callback counts guest time from the later of the call's start and the
+//!   end of the last `wasi:nn` call (re-arming after every host call), so ORT time does not
+//!   count as plugin CPU.
+//! - WASI: no network, no environment, no arguments; the model's folder is the only preopen,
+//!   read-only, at `/model`; stdout/stderr go to the host log.
+//! - A trap (deadline, memory, panic) leaves the instance unusable: callers discard it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+
+use super::log::PluginLog;
+use super::worlds;
+use super::EPOCH_TICK;
+use crate::config::Limits;
+use crate::nn::bindings::kiln::plugin::host;
+use crate::nn::bindings::kiln::plugin::types;
+use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits};
+
+/// What an instance needs to know about its model.
+#[derive(Debug, Clone)]
+pub struct InstanceSetup {
+    /// `namespace/name`, for logs.
+    pub label: String,
+    /// The model folder, preopened read-only at `/model`.
+    pub dir: PathBuf,
+    pub plugin_config: Arc<serde_json::Map<String, serde_json::Value>>,
+    pub graphs: Arc<ModelGraphs>,
+    pub limits: Limits,
+}
+
+/// The `kiln:plugin/host` interface's state.
+pub struct PluginHost {
+    label: String,
+    config: Arc<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl host::Host for PluginHost {
+    fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
+        // Bounded like stdout lines: a log call must not flood the host's log.
+        let message: String = message.chars().take(4096).collect();
+        let model = &self.label;
+        match level {
+            host::Level::Trace => tracing::trace!(target: "kiln::plugin", %model, "{message}"),
+            host::Level::Debug => tracing::debug!(target: "kiln::plugin", %model, "{message}"),
+            host::Level::Info => tracing::info!(target: "kiln::plugin", %model, "{message}"),
+            host::Level::Warn => tracing::warn!(target: "kiln::plugin", %model, "{message}"),
+            host::Level::Error => tracing::error!(target: "kiln::plugin", %model, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.config.get(&key).map(|v| v.to_string()))
+    }
+}
+
+impl types::Host for PluginHost {}
+
+/// Caps linear memory and tables; remembers that the cap was hit so the failure can be named.
+pub struct MemoryLimiter {
+    max_memory: usize,
+    pub exceeded: Option<usize>,
+}
+
+/// Table elements per table: generous for Rust guests (function pointers), bounded so a plugin
+/// cannot grow host memory through tables.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.exceeded = Some(desired);
+            // An error (not `Ok(false)`) traps at once with this message, instead of letting the
+            // guest's allocator turn a failed grow into an abort that hides the cause.
+            wasmtime::bail!(
+                "plugin memory limit of {} MiB exceeded (it asked for {} MiB)",
+                self.max_memory >> 20,
+                desired >> 20
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Deadlines of the call in progress.
+#[derive(Debug, Default)]
+struct CallClock {
+    armed_at: Option<Instant>,
+    cpu_limit: Duration,
+    wall_deadline: Option<Instant>,
+    expired: Option<TrapKind>,
+}
+
+/// Per-store data.
+pub struct StoreState {
+    wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) nn: NnCtx,
+    pub(crate) host: PluginHost,
+    limiter: MemoryLimiter,
+    clock: CallClock,
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Why an instance trapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapKind {
+    /// Guest code ran longer than the CPU limit without a host call.
+    CpuDeadline(Duration),
+    /// The request's wall-clock deadline passed while guest code ran.
+    WallDeadline,
+    /// Linear memory over its cap.
+    Memory(usize),
+    /// Anything else: a panic, `unreachable`, an out-of-bounds access, a host-side refusal.
+    Crash,
+}
+
+/// How an export call failed.
+#[derive(Debug)]
+pub enum CallFailure {
+    /// The plugin returned its `error` variant.
+    Plugin(types::Error),
+    /// The instance trapped; it must be discarded.
+    Trap { kind: TrapKind, message: String },
+}
+
+/// The outcome of one export call, with what the host measured.
+#[derive(Debug)]
+pub struct CallReport<T> {
+    pub result: Result<T, CallFailure>,
+    /// Set when the host refused something during the call; it decides the request's status.
+    pub refusal: Option<Refusal>,
+    /// ORT time spent for this call.
+    pub compute: Duration,
+}
+
+/// The typed exports of the task world the plugin implements.
+enum TaskExports {
+    Embeddings(worlds::embeddings::EmbeddingsPlugin),
+}
+
+/// A live plugin instance.
+pub struct PluginInstance {
+    store: Store<StoreState>,
+    exports: TaskExports,
+    /// Set after a trap: the instance may hold broken state and must not serve again.
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for PluginInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginInstance")
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The typed `InstancePre` of a task world, created (and its exports checked) when a model loads.
+#[derive(Clone)]
+pub enum TaskPre {
+    Embeddings(worlds::embeddings::EmbeddingsPluginPre<StoreState>),
+}
+
+impl TaskPre {
+    /// Checks that the plugin exports what the model's task needs.
+    pub fn new(
+        task: crate::registry::Task,
+        plugin: &super::Plugin,
+    ) -> anyhow::Result<TaskPre> {
+        use crate::registry::Task;
+        match task {
+            Task::Embeddings => Ok(TaskPre::Embeddings(
+                worlds::embeddings::EmbeddingsPluginPre::new(plugin.pre.clone()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "plugin {} does not implement the kiln:plugin/embeddings-plugin world: {e:#}",
+                        plugin.digest
+                    )
+                })?,
+            )),
+            other => anyhow::bail!("the {other} task is not supported by this server yet"),
+        }
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64 + 1
+}
+
+impl PluginInstance {
+    /// Instantiates the plugin and runs its `init` (under the model's limits and `deadline`).
+    pub fn new(
+        engine: &wasmtime::Engine,
+        pre: &TaskPre,
+        setup: &InstanceSetup,
+        deadline: Instant,
+    ) -> Result<PluginInstance, CallFailure> {
+        let trap = |message: String| CallFailure::Trap {
+            kind: TrapKind::Crash,
+            message,
+        };
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(PluginLog::new(&setup.label, "stdout"))
+            .stderr(PluginLog::new(&setup.label, "stderr"))
+            // Runs file reads on the calling (plugin) thread: it is already a blocking thread.
+            .allow_blocking_current_thread(true)
+            .preopened_dir(&setup.dir, "/model", FsPerms::ReadOnly)
+            .map_err(|e| trap(format!("opening the model folder: {e:#}")))?;
+        let limits = &setup.limits;
+        let state = StoreState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            nn: NnCtx::new(
+                Arc::clone(&setup.graphs),
+                TensorBudgetLimits {
+                    max_bytes: limits.tensor_bytes,
+                    max_live: limits.max_tensors,
+                },
+                limits.run_timeout,
+            ),
+            host: PluginHost {
+                label: setup.label.clone(),
+                config: Arc::clone(&setup.plugin_config),
+            },
+            limiter: MemoryLimiter {
+                max_memory: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+                exceeded: None,
+            },
+            clock: CallClock {
+                cpu_limit: limits.cpu,
+                ..CallClock::default()
+            },
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(on_epoch_deadline);
+
+        let mut instance = PluginInstance {
+            exports: match pre {
+                TaskPre::Embeddings(pre) => {
+                    arm(&mut store, deadline);
+                    let exports = pre
+                        .instantiate(&mut store)
+                        .map_err(|e| classify_trap(&mut store, e))?;
+                    TaskExports::Embeddings(exports)
+                }
+            },
+            store,
+            poisoned: false,
+        };
+        let report = instance.call(deadline, |store, exports| match exports {
+            TaskExports::Embeddings(e) => e.kiln_plugin_lifecycle().call_init(store),
+        });
+        match report.result {
+            Ok(()) => Ok(instance),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Calls `embeddings.embed`.
+    pub fn embed(
+        &mut self,
+        inputs: &[String],
+        deadline: Instant,
+    ) -> CallReport<worlds::embeddings::exports::kiln::plugin::embeddings::Output> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::Embeddings(e) => e.kiln_plugin_embeddings().call_embed(store, inputs),
+        })
+    }
+
+    /// Arms the limits, makes the call, and sorts out how it ended.
+    fn call<T>(
+        &mut self,
+        deadline: Instant,
+        f: impl FnOnce(
+            &mut Store<StoreState>,
+            &TaskExports,
+        ) -> wasmtime::Result<Result<T, types::Error>>,
+    ) -> CallReport<T> {
+        if self.poisoned {
+            return CallReport {
+                result: Err(CallFailure::Trap {
+                    kind: TrapKind::Crash,
+                    message: "instance was poisoned by an earlier trap".into(),
+                }),
+                refusal: None,
+                compute: Duration::ZERO,
+            };
+        }
+        arm(&mut self.store, deadline);
+        let outcome = f(&mut self.store, &self.exports);
+        let result = match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(CallFailure::Plugin(error)),
+            Err(trap) => {
+                self.poisoned = true;
+                Err(classify_trap(&mut self.store, trap))
+            }
+        };
+        let nn = &mut self.store.data_mut().nn.request;
+        CallReport {
+            result,
+            refusal: nn.refusal.take(),
+            compute: std::mem::take(&mut nn.compute),
+        }
+    }
+}
+
+/// Resets per-call state and sets the first epoch deadline.
+fn arm(store: &mut Store<StoreState>, deadline: Instant) {
+    let now = Instant::now();
+    let state = store.data_mut();
+    state.clock.armed_at = Some(now);
+    state.clock.wall_deadline = Some(deadline);
+    state.clock.expired = None;
+    state.limiter.exceeded = None;
+    state.nn.request = crate::nn::RequestNnState {
+        deadline: Some(deadline),
+        ..Default::default()
+    };
+    let first = state
+        .clock
+        .cpu_limit
+        .min(deadline.saturating_duration_since(now));
+    store.set_epoch_deadline(ticks(first));
+}
+
+/// Decides, at each epoch deadline, whether guest code has run too long.
+fn on_epoch_deadline(
+    mut ctx: wasmtime::StoreContextMut<'_, StoreState>,
+) -> wasmtime::Result<UpdateDeadline> {
+    let state = ctx.data_mut();
+    let now = Instant::now();
+    if let Some(deadline) = state.clock.wall_deadline {
+        if now >= deadline {
+            state.clock.expired = Some(TrapKind::WallDeadline);
+            return Ok(UpdateDeadline::Interrupt);
+        }
+    }
+    // Guest time counts from the later of the call's start and the last wasi:nn return.
+    let since = match (state.clock.armed_at, state.nn.request.last_call_end) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => now,
+    };
+    let used = now.saturating_duration_since(since);
+    if used >= state.clock.cpu_limit {
+        state.clock.expired = Some(TrapKind::CpuDeadline(state.clock.cpu_limit));
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    let mut remaining = state.clock.cpu_limit - used;
+    if let Some(deadline) = state.clock.wall_deadline {
+        remaining = remaining.min(deadline.saturating_duration_since(now));
+    }
+    Ok(UpdateDeadline::Continue(ticks(remaining)))
+}
+
+fn classify_trap(store: &mut Store<StoreState>, error: wasmtime::Error) -> CallFailure {
+    let state = store.data_mut();
+    let kind = if let Some(kind) = state.clock.expired.take() {
+        kind
+    } else if let Some(bytes) = state.limiter.exceeded.take() {
+        TrapKind::Memory(bytes)
+    } else {
+        TrapKind::Crash
+    };
+    let message = match error.downcast_ref::<Trap>() {
+        Some(trap) => format!("{trap}: {error:?}"),
+        None => format!("{error:?}"),
+    };
+    CallFailure::Trap { kind, message }
+}

@@ -1,0 +1,281 @@
+//! Pools of plugin instances, keyed by (model, tenant).
+//!
+//! An instance serves one (model, tenant) pair for many requests in turn and never another, so a
+//! plugin's memory cannot carry one tenant's data into another's response. Each key may have up
+//! to its model's `max_instances`; engine-wide there are `slots` (the pooling allocator's fixed
+//! capacity). When a key needs a new instance and every slot is taken, the least recently used
+//! IDLE instance of another key is evicted; with none idle, the request waits (bounded) and then
+//! gets `Busy` (HTTP 503).
+//!
+//! The bookkeeping is a plain struct ([`PoolState`]) with unit tests; [`InstancePool`] adds the
+//! lock and the waiting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::PluginInstance;
+
+/// Who an instance belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub model: String,
+    pub tenant: String,
+}
+
+/// Counting and choosing, without instances' lifetimes or waiting (so it can be unit-tested
+/// with any idle item type).
+#[derive(Debug)]
+struct PoolState<I> {
+    slots: u32,
+    live_total: u32,
+    live: HashMap<PoolKey, u32>,
+    /// Idle items per key with their last-use tick, most recent last.
+    idle: HashMap<PoolKey, Vec<(u64, I)>>,
+    tick: u64,
+}
+
+/// What `PoolState::take` decided.
+#[derive(Debug)]
+enum Take<I> {
+    /// Reuse this idle item.
+    Idle(I),
+    /// A slot is reserved for a new item; `evicted` (another key's idle item) must be dropped.
+    New { evicted: Option<I> },
+    /// Nothing free: wait.
+    Wait,
+}
+
+impl<I> PoolState<I> {
+    fn new(slots: u32) -> Self {
+        Self {
+            slots,
+            live_total: 0,
+            live: HashMap::new(),
+            idle: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn take(&mut self, key: &PoolKey, max_for_key: u32) -> Take<I> {
+        if let Some((_, item)) = self.idle.get_mut(key).and_then(Vec::pop) {
+            return Take::Idle(item);
+        }
+        let live_for_key = self.live.get(key).copied().unwrap_or(0);
+        if live_for_key >= max_for_key {
+            return Take::Wait;
+        }
+        let mut evicted = None;
+        if self.live_total >= self.slots {
+            // Evict the least recently used idle item of any key.
+            let oldest = self
+                .idle
+                .iter()
+                .filter_map(|(k, v)| v.first().map(|(t, _)| (*t, k.clone())))
+                .min_by_key(|(t, _)| *t);
+            let Some((_, victim)) = oldest else {
+                return Take::Wait;
+            };
+            let (_, item) = self.idle.get_mut(&victim).map(|v| v.remove(0)).expect("found above");
+            self.forget(&victim);
+            evicted = Some(item);
+        }
+        self.live_total += 1;
+        *self.live.entry(key.clone()).or_default() += 1;
+        Take::New { evicted }
+    }
+
+    /// An item (or a reservation) of `key` is gone for good.
+    fn forget(&mut self, key: &PoolKey) {
+        self.live_total = self.live_total.saturating_sub(1);
+        if let Some(n) = self.live.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.live.remove(key);
+            }
+        }
+        if self.idle.get(key).is_some_and(Vec::is_empty) {
+            self.idle.remove(key);
+        }
+    }
+
+    fn put_back(&mut self, key: PoolKey, item: I) {
+        self.tick += 1;
+        let tick = self.tick;
+        self.idle.entry(key).or_default().push((tick, item));
+    }
+}
+
+/// Why no instance could be had.
+#[derive(Debug, thiserror::Error)]
+#[error("no plugin instance became free within {} ms", .0.as_millis())]
+pub struct Busy(pub Duration);
+
+pub struct InstancePool {
+    state: Mutex<PoolState<PluginInstance>>,
+    freed: Notify,
+}
+
+impl std::fmt::Debug for InstancePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstancePool").finish_non_exhaustive()
+    }
+}
+
+/// A lease on an instance of one key. Dropping it returns the instance to the pool, unless it
+/// was poisoned (trapped) or the thread is panicking, in which case it is discarded.
+pub struct PooledInstance {
+    pool: Arc<InstancePool>,
+    key: PoolKey,
+    /// None: a reserved slot whose instance is yet to be created (or failed to be).
+    instance: Option<PluginInstance>,
+}
+
+impl std::fmt::Debug for PooledInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledInstance")
+            .field("key", &self.key)
+            .field("ready", &self.instance.is_some())
+            .finish()
+    }
+}
+
+impl PooledInstance {
+    /// The instance, if this lease reused one; None means the caller must create it.
+    pub fn get(&mut self) -> Option<&mut PluginInstance> {
+        self.instance.as_mut()
+    }
+
+    pub fn set(&mut self, instance: PluginInstance) -> &mut PluginInstance {
+        self.instance.insert(instance)
+    }
+}
+
+impl Drop for PooledInstance {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        match self.instance.take() {
+            Some(instance) if !instance.is_poisoned() && !std::thread::panicking() => {
+                state.put_back(self.key.clone(), instance);
+            }
+            other => {
+                state.forget(&self.key);
+                drop(state);
+                drop(other);
+            }
+        }
+        self.pool.freed.notify_waiters();
+    }
+}
+
+impl InstancePool {
+    pub fn new(slots: u32) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(PoolState::new(slots)),
+            freed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<PluginInstance>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `wait` for an idle instance of `key` or a slot to create one.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        key: PoolKey,
+        max_for_key: u32,
+        wait: Duration,
+    ) -> Result<PooledInstance, Busy> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so a release in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let taken = self.lock().take(&key, max_for_key);
+            match taken {
+                Take::Idle(instance) => {
+                    return Ok(PooledInstance {
+                        pool: Arc::clone(self),
+                        key,
+                        instance: Some(instance),
+                    })
+                }
+                Take::New { evicted } => {
+                    drop(evicted);
+                    return Ok(PooledInstance {
+                        pool: Arc::clone(self),
+                        key,
+                        instance: None,
+                    });
+                }
+                Take::Wait => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(Busy(wait));
+                    }
+                }
+            }
+        }
+    }
+
+    /// (live instances or reservations, idle instances), engine-wide.
+    pub fn counts(&self) -> (u32, usize) {
+        let state = self.lock();
+        (state.live_total, state.idle.values().map(Vec::len).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(model: &str, tenant: &str) -> PoolKey {
+        PoolKey {
+            model: model.into(),
+            tenant: tenant.into(),
+        }
+    }
+
+    #[test]
+    fn reuses_idle_items_of_the_same_key_only() {
+        let mut s = PoolState::<&str>::new(10);
+        let a = key("m", "t1");
+        let b = key("m", "t2");
+        assert!(matches!(s.take(&a, 2), Take::New { evicted: None }));
+        s.put_back(a.clone(), "a1");
+        assert!(matches!(s.take(&b, 2), Take::New { evicted: None }), "another tenant never gets a1");
+        assert!(matches!(s.take(&a, 2), Take::Idle("a1")));
+    }
+
+    #[test]
+    fn per_key_maximum_makes_callers_wait() {
+        let mut s = PoolState::<&str>::new(10);
+        let a = key("m", "t");
+        assert!(matches!(s.take(&a, 1), Take::New { .. }));
+        assert!(matches!(s.take(&a, 1), Take::Wait));
+        s.forget(&a);
+        assert!(matches!(s.take(&a, 1), Take::New { .. }));
+    }
+
+    #[test]
+    fn full_engine_evicts_least_recently_used_idle_item() {
+        let mut s = PoolState::<&str>::new(2);
+        let (a, b, c) = (key("a", "t"), key("b", "t"), key("c", "t"));
+        assert!(matches!(s.take(&a, 4), Take::New { .. }));
+        assert!(matches!(s.take(&b, 4), Take::New { .. }));
+        s.put_back(a.clone(), "a");
+        s.put_back(b.clone(), "b");
+        match s.take(&c, 4) {
+            Take::New { evicted } => assert_eq!(evicted, Some("a")),
+            other => panic!("expected an eviction, got {other:?}"),
+        }
+        assert_eq!(s.live_total, 2);
+        assert!(!s.live.contains_key(&a));
+        // Everything live and busy: wait.
+        assert!(matches!(s.take(&b, 4), Take::Idle("b")));
+        assert!(matches!(s.take(&a, 4), Take::Wait));
+    }
+}
