@@ -296,7 +296,10 @@ mod tests {
         };
         let (limits, raised) = ceilings.lowered_by(&model);
         assert_eq!(limits.memory_bytes, 64 << 20);
-        assert_eq!(limits.cpu, ceilings.cpu, "a model cannot raise its CPU limit");
+        assert_eq!(
+            limits.cpu, ceilings.cpu,
+            "a model cannot raise its CPU limit"
+        );
         assert_eq!(raised, vec!["cpu_ms"]);
     }
 
@@ -320,7 +323,9 @@ mod tests {
         assert_eq!(config.limits.cpu, Duration::from_millis(7));
 
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
-        let err = Config::load(Some(&file), &ServeArgs::default()).unwrap_err().to_string();
+        let err = Config::load(Some(&file), &ServeArgs::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kiln.toml") && err.contains("adr"), "{err}");
     }
 }

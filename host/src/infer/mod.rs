@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::{Config, Limits};
-use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal};
 use crate::nn::bindings::kiln::plugin::types;
+use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal};
 use crate::registry::{self, ModelId, ModelSpec, Task};
 use crate::runtime::instance::{CallReport, TaskPre};
 use crate::runtime::{
@@ -69,6 +69,13 @@ pub struct LoadedModel {
     pub plugin_digest: String,
     setup: InstanceSetup,
     pre: TaskPre,
+}
+
+impl LoadedModel {
+    /// The model's graph executors (for their stats).
+    pub fn graphs(&self) -> &Arc<ModelGraphs> {
+        &self.setup.graphs
+    }
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -133,6 +140,11 @@ impl Inference {
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
         self.models.values()
+    }
+
+    /// A loaded model by `namespace/name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<LoadedModel>> {
+        ModelId::parse(name).and_then(|id| self.models.get(&id))
     }
 
     fn model(&self, name: &str, requested: Task) -> Result<Arc<LoadedModel>, InferError> {
@@ -360,10 +372,19 @@ mod tests {
         assert!(err.contains("must not be empty"), "{err}");
         let three = vec!["a".to_string(); 3];
         let err = check_texts(&three, &limits).unwrap_err().to_string();
-        assert!(err.contains("3 items") && err.contains("at most 2"), "{err}");
+        assert!(
+            err.contains("3 items") && err.contains("at most 2"),
+            "{err}"
+        );
         let long = vec!["ok".to_string(), "héllo!".to_string()];
         let err = check_texts(&long, &limits).unwrap_err().to_string();
-        assert!(err.contains("inputs[1]") && err.contains("6 characters") && err.contains("limit is 5"), "{err}");
-        assert!(check_texts(&["héllo".to_string()], &limits).is_ok(), "5 chars (6 bytes) is within 5");
+        assert!(
+            err.contains("inputs[1]") && err.contains("6 characters") && err.contains("limit is 5"),
+            "{err}"
+        );
+        assert!(
+            check_texts(&["héllo".to_string()], &limits).is_ok(),
+            "5 chars (6 bytes) is within 5"
+        );
     }
 }

@@ -8,8 +8,8 @@
 //! async executor. The queue is the place where cross-request batching can later merge jobs.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,36 @@ pub struct RunOutput {
     pub compute: Duration,
 }
 
+/// Counters of one graph's runs, for metrics and for tests that prove runs overlap.
+#[derive(Debug, Default)]
+pub struct ExecutorStats {
+    runs: AtomicU64,
+    in_flight: AtomicUsize,
+    peak_in_flight: AtomicUsize,
+}
+
+impl ExecutorStats {
+    /// Runs started since the graph loaded.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Most runs that were in ORT at the same moment.
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak_in_flight.load(Ordering::Relaxed)
+    }
+
+    fn start(&self) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_flight.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct Job {
     inputs: Vec<(String, DynValue)>,
     options: Arc<RunOptions>,
@@ -135,6 +165,7 @@ pub struct GraphExecutor {
     outputs: Vec<IoSpec>,
     queue: SyncSender<Job>,
     queue_capacity: usize,
+    stats: Arc<ExecutorStats>,
 }
 
 impl std::fmt::Debug for GraphExecutor {
@@ -167,7 +198,8 @@ impl GraphExecutor {
                     .with_intra_op_spinning(false)?
                     .commit_from_file(path)
             };
-            let session = build().map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+            let session =
+                build().map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
             pool.push(session);
         }
         let inputs = pool[0]
@@ -182,11 +214,13 @@ impl GraphExecutor {
             .collect();
         let (queue, rx) = mpsc::sync_channel::<Job>(options.queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
+        let stats = Arc::new(ExecutorStats::default());
         for (i, session) in pool.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
+            let stats = Arc::clone(&stats);
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{name}-{i}"))
-                .spawn(move || worker(session, rx))?;
+                .spawn(move || worker(session, rx, stats))?;
         }
         Ok(Arc::new(Self {
             name: name.to_owned(),
@@ -195,6 +229,7 @@ impl GraphExecutor {
             outputs,
             queue,
             queue_capacity: options.queue_capacity.max(1),
+            stats,
         }))
     }
 
@@ -208,6 +243,10 @@ impl GraphExecutor {
 
     pub fn outputs(&self) -> &[IoSpec] {
         &self.outputs
+    }
+
+    pub fn stats(&self) -> &ExecutorStats {
+        &self.stats
     }
 
     /// Runs the graph on a free session, waiting at most `limit` (queueing included).
@@ -232,7 +271,9 @@ impl GraphExecutor {
             Err(TrySendError::Full(_)) => {
                 return Err(RunError::QueueFull(self.name.clone(), self.queue_capacity))
             }
-            Err(TrySendError::Disconnected(_)) => return Err(RunError::Shutdown(self.name.clone())),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(RunError::Shutdown(self.name.clone()))
+            }
         }
         match result.recv_timeout(limit) {
             Ok(r) => r,
@@ -252,7 +293,7 @@ impl GraphExecutor {
     }
 }
 
-fn worker(mut session: Session, queue: Arc<Mutex<Receiver<Job>>>) {
+fn worker(mut session: Session, queue: Arc<Mutex<Receiver<Job>>>, stats: Arc<ExecutorStats>) {
     loop {
         let job = {
             let rx = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -267,7 +308,10 @@ fn worker(mut session: Session, queue: Arc<Mutex<Receiver<Job>>>) {
             continue;
         }
         let started = Instant::now();
-        let result = match session.run_with_options(job.inputs, &*job.options) {
+        stats.start();
+        let run = session.run_with_options(job.inputs, &*job.options);
+        stats.end();
+        let result = match run {
             Ok(outputs) => {
                 let compute = started.elapsed();
                 outputs

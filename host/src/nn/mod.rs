@@ -182,7 +182,11 @@ impl std::fmt::Debug for NnCtx {
 
 impl NnCtx {
     /// `run_timeout` bounds each ORT run (queueing included).
-    pub fn new(graphs: Arc<ModelGraphs>, budget: TensorBudgetLimits, run_timeout: Duration) -> Self {
+    pub fn new(
+        graphs: Arc<ModelGraphs>,
+        budget: TensorBudgetLimits,
+        run_timeout: Duration,
+    ) -> Self {
         Self {
             graphs,
             budget: TensorBudget::new(budget),
@@ -220,7 +224,11 @@ impl<'a> NnView<'a> {
 
     /// Puts a tensor in the table, charging the budget. Over budget the caller decides: an
     /// error for fallible calls, a trap for the infallible constructor.
-    fn push_tensor(&mut self, tensor: Tensor, fresh_data: bool) -> Result<Resource<Tensor>, String> {
+    fn push_tensor(
+        &mut self,
+        tensor: Tensor,
+        fresh_data: bool,
+    ) -> Result<Resource<Tensor>, String> {
         let bytes = if fresh_data {
             tensor.data.len() as u64
         } else {
@@ -273,7 +281,9 @@ impl<'a> NnView<'a> {
                     RunError::TimedOut(limit).to_string(),
                 ))
             }
-            Err(e @ RunError::QueueFull(..)) => Err(NnError::new(ErrorCode::Timeout, e.to_string())),
+            Err(e @ RunError::QueueFull(..)) => {
+                Err(NnError::new(ErrorCode::Timeout, e.to_string()))
+            }
             Err(e) => Err(NnError::new(ErrorCode::RuntimeError, e.to_string())),
         }
     }
@@ -561,7 +571,10 @@ mod tests {
         });
         b.reserve(60).unwrap();
         let err = b.reserve(41).unwrap_err();
-        assert!(err.contains("101 bytes") && err.contains("limit is 100"), "{err}");
+        assert!(
+            err.contains("101 bytes") && err.contains("limit is 100"),
+            "{err}"
+        );
         b.reserve(40).unwrap();
         b.reserve(0).unwrap();
         assert!(b.reserve(0).unwrap_err().contains("more than 3 live"));

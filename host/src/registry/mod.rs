@@ -150,8 +150,8 @@ impl ModelSpec {
     /// Reads and checks `<dir>/model.toml`.
     pub fn load(id: ModelId, dir: &Path) -> anyhow::Result<ModelSpec> {
         let file = dir.join("model.toml");
-        let text =
-            std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
         let parsed: ModelFile =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let in_file = |field: &str, message: String| {
@@ -188,7 +188,10 @@ impl ModelSpec {
                 return Err(in_file(&field, format!("no file at {}", path.display())));
             }
             if sessions == Some(0) || intra_threads == Some(0) {
-                return Err(in_file(&field, "sessions and intra_threads must be at least 1".into()));
+                return Err(in_file(
+                    &field,
+                    "sessions and intra_threads must be at least 1".into(),
+                ));
             }
             graphs.insert(
                 name,
@@ -221,7 +224,10 @@ pub fn discover(models_dir: &Path) -> anyhow::Result<Vec<ModelSpec>> {
     let mut specs = Vec::new();
     let namespaces = std::fs::read_dir(models_dir)
         .with_context(|| format!("reading the models folder {}", models_dir.display()))?;
-    let mut namespace_dirs: Vec<_> = namespaces.filter_map(Result::ok).map(|e| e.path()).collect();
+    let mut namespace_dirs: Vec<_> = namespaces
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
     namespace_dirs.sort();
     for ns_dir in namespace_dirs.into_iter().filter(|p| p.is_dir()) {
         let mut model_dirs: Vec<_> = std::fs::read_dir(&ns_dir)?
@@ -284,13 +290,19 @@ mod tests {
     fn errors_name_the_file_and_field() {
         let (_, spec) = folder("task = \"embedings\"\n[plugin]\npath = \"p.wasm\"\n[graphs]\n");
         let err = spec.unwrap_err().to_string();
-        assert!(err.contains("model.toml") && err.contains("embedings"), "{err}");
+        assert!(
+            err.contains("model.toml") && err.contains("embedings"),
+            "{err}"
+        );
 
         let (_, spec) = folder(
             "task = \"embeddings\"\n[plugin]\npath = \"p.wasm\"\n[graphs]\nmodel = \"../x.onnx\"\n",
         );
         let err = spec.unwrap_err().to_string();
-        assert!(err.contains("graphs.model") && err.contains("inside the model folder"), "{err}");
+        assert!(
+            err.contains("graphs.model") && err.contains("inside the model folder"),
+            "{err}"
+        );
 
         let (_, spec) = folder(
             "task = \"embeddings\"\n[plugin]\npath = \"p.wasm\"\n[graphs]\nmodel = \"model.onnx\"\n[limits]\nmemory = 1\n",
@@ -302,7 +314,15 @@ mod tests {
     #[test]
     fn model_ids_cannot_escape() {
         assert!(ModelId::parse("demo/minilm").is_some());
-        for bad in ["demo", "../etc/passwd", "a/..", "a/b/c", "/x", "a/", "a b/c"] {
+        for bad in [
+            "demo",
+            "../etc/passwd",
+            "a/..",
+            "a/b/c",
+            "/x",
+            "a/",
+            "a b/c",
+        ] {
             assert!(ModelId::parse(bad).is_none(), "{bad}");
         }
     }

@@ -194,10 +194,7 @@ pub enum TaskPre {
 
 impl TaskPre {
     /// Checks that the plugin exports what the model's task needs.
-    pub fn new(
-        task: crate::registry::Task,
-        plugin: &super::Plugin,
-    ) -> anyhow::Result<TaskPre> {
+    pub fn new(task: crate::registry::Task, plugin: &super::Plugin) -> anyhow::Result<TaskPre> {
         use crate::registry::Task;
         match task {
             Task::Embeddings => Ok(TaskPre::Embeddings(

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
-use wasmtime::{Config, Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::nn::{self, bindings::kiln::plugin::host, NnView};
 pub use instance::{CallFailure, InstanceSetup, PluginInstance, StoreState, TrapKind};
@@ -49,7 +49,9 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("digest", &self.digest).finish()
+        f.debug_struct("Plugin")
+            .field("digest", &self.digest)
+            .finish()
     }
 }
 
@@ -145,12 +147,16 @@ impl PluginRuntime {
         let component = self
             .compile_cached(&bytes, &digest)
             .with_context(|| format!("compiling plugin {}", path.display()))?;
-        let pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from).with_context(|| {
-            format!(
-                "plugin {} imports something Kiln does not provide",
-                path.display()
-            )
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!(
+                    "plugin {} imports something Kiln does not provide",
+                    path.display()
+                )
+            })?;
         let plugin = Arc::new(Plugin {
             digest: digest.clone(),
             pre,
@@ -165,7 +171,9 @@ impl PluginRuntime {
 
     fn compile_cached(&self, bytes: &[u8], digest: &str) -> anyhow::Result<Component> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
         let file = self.cache_dir.join(format!(
             "{}-{:016x}.cwasm",
             digest.trim_start_matches("sha256:"),

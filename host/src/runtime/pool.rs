@@ -78,7 +78,11 @@ impl<I> PoolState<I> {
             let Some((_, victim)) = oldest else {
                 return Take::Wait;
             };
-            let (_, item) = self.idle.get_mut(&victim).map(|v| v.remove(0)).expect("found above");
+            let (_, item) = self
+                .idle
+                .get_mut(&victim)
+                .map(|v| v.remove(0))
+                .expect("found above");
             self.forget(&victim);
             evicted = Some(item);
         }
@@ -246,7 +250,10 @@ mod tests {
         let b = key("m", "t2");
         assert!(matches!(s.take(&a, 2), Take::New { evicted: None }));
         s.put_back(a.clone(), "a1");
-        assert!(matches!(s.take(&b, 2), Take::New { evicted: None }), "another tenant never gets a1");
+        assert!(
+            matches!(s.take(&b, 2), Take::New { evicted: None }),
+            "another tenant never gets a1"
+        );
         assert!(matches!(s.take(&a, 2), Take::Idle("a1")));
     }
 

@@ -20,8 +20,14 @@ macro_rules! task_world {
 }
 
 task_world!(embeddings, "kiln:plugin/embeddings-plugin");
-task_world!(text_classification, "kiln:plugin/text-classification-plugin");
-task_world!(image_classification, "kiln:plugin/image-classification-plugin");
+task_world!(
+    text_classification,
+    "kiln:plugin/text-classification-plugin"
+);
+task_world!(
+    image_classification,
+    "kiln:plugin/image-classification-plugin"
+);
 task_world!(object_detection, "kiln:plugin/object-detection-plugin");
 task_world!(asr, "kiln:plugin/asr-plugin");
 task_world!(text_generation, "kiln:plugin/text-generation-plugin");

@@ -1,0 +1,298 @@
+//! Kiln's first-party embeddings plugin: sentence embeddings from BERT-style encoders (such as
+//! all-MiniLM-L6-v2).
+//!
+//! `init` loads `/model/tokenizer.json` and the plugin configuration; `embed` tokenizes the whole
+//! batch at once (truncated to `max_length`, padded to the longest input), runs the graph once,
+//! then pools the token states (masked mean or CLS) and L2-normalises them.
+//!
+//! Configuration (`[plugin.config]` of the model), all optional:
+//!
+//! | key              | default               | meaning                                         |
+//! |------------------|-----------------------|-------------------------------------------------|
+//! | `tokenizer`      | `"tokenizer.json"`    | tokenizer file, in the model's folder           |
+//! | `max_length`     | `256`                 | tokens per input (special tokens included)      |
+//! | `pooling`        | `"mean"`              | `"mean"` (masked mean) or `"cls"`               |
+//! | `normalize`      | `true`                | L2-normalise the vectors                        |
+//! | `graph`          | `"model"`             | graph name (`load-by-name`)                     |
+//! | `input_ids`      | `"input_ids"`         | graph input: token ids, int64 `[batch, seq]`    |
+//! | `attention_mask` | `"attention_mask"`    | graph input: 1 for tokens, 0 for padding        |
+//! | `token_type_ids` | `"token_type_ids"`    | graph input: segment ids; `""` if the graph has none |
+//! | `output`         | `"last_hidden_state"` | graph output: f32 `[batch, seq, hidden]`        |
+
+use std::sync::OnceLock;
+
+use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
+use kiln_sdk::{Error, Graph, Usage};
+use tokenizers::{
+    PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
+};
+
+pub mod pooling;
+
+use pooling::Pooling;
+
+/// The instance's state, set by `init`.
+static STATE: OnceLock<State> = OnceLock::new();
+
+struct State {
+    tokenizer: Tokenizer,
+    graph: Graph,
+    pooling: Pooling,
+    normalize: bool,
+    input_ids: String,
+    attention_mask: String,
+    token_type_ids: Option<String>,
+    output: String,
+}
+
+/// The plugin (exported as `kiln:plugin/embeddings-plugin`).
+pub struct EmbeddingsPlugin;
+
+fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
+    Ok(kiln_sdk::config(key)?.unwrap_or(default))
+}
+
+/// Loads the tokenizer from `path` and sets it to truncate to `max_length` tokens and pad each
+/// batch to its longest input.
+pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Tokenizer, String> {
+    // No threads in a wasm32-wasip2 instance: keep `encode_batch` on the calling thread.
+    tokenizers::utils::parallelism::set_parallelism(false);
+    let mut tokenizer =
+        Tokenizer::from_file(path).map_err(|e| format!("loading {}: {e}", path.display()))?;
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length,
+            strategy: TruncationStrategy::LongestFirst,
+            direction: TruncationDirection::Right,
+            stride: 0,
+        }))
+        .map_err(|e| format!("max_length {max_length}: {e}"))?;
+    let padding = match tokenizer.get_padding() {
+        Some(existing) => PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_to_multiple_of: None,
+            ..existing.clone()
+        },
+        None => {
+            let pad_token = "[PAD]".to_owned();
+            let pad_id = tokenizer.token_to_id(&pad_token).unwrap_or(0);
+            PaddingParams {
+                strategy: PaddingStrategy::BatchLongest,
+                pad_id,
+                pad_token,
+                pad_type_id: 0,
+                ..PaddingParams::default()
+            }
+        }
+    };
+    tokenizer.with_padding(Some(padding));
+    Ok(tokenizer)
+}
+
+/// A tokenized batch, row-major `[batch, seq]`.
+pub struct Batch {
+    /// Inputs in the batch.
+    pub batch: usize,
+    /// Tokens per input, padding included.
+    pub seq: usize,
+    /// Token ids.
+    pub input_ids: Vec<i64>,
+    /// 1 for a real token, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// Segment ids.
+    pub token_type_ids: Vec<i64>,
+}
+
+/// Tokenizes `inputs` as one batch (the tokenizer pads it to its longest input).
+pub fn tokenize(tokenizer: &Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
+    let encodings = tokenizer
+        .encode_batch(inputs.to_vec(), true)
+        .map_err(|e| format!("tokenizing: {e}"))?;
+    let batch = encodings.len();
+    let seq = encodings.first().map_or(0, |e| e.len());
+    let mut out = Batch {
+        batch,
+        seq,
+        input_ids: Vec::with_capacity(batch * seq),
+        attention_mask: Vec::with_capacity(batch * seq),
+        token_type_ids: Vec::with_capacity(batch * seq),
+    };
+    for encoding in &encodings {
+        if encoding.len() != seq {
+            return Err(format!(
+                "tokenizer padded unevenly: {} and {seq} tokens",
+                encoding.len()
+            ));
+        }
+        out.input_ids
+            .extend(encoding.get_ids().iter().map(|&v| i64::from(v)));
+        out.attention_mask
+            .extend(encoding.get_attention_mask().iter().map(|&v| i64::from(v)));
+        out.token_type_ids
+            .extend(encoding.get_type_ids().iter().map(|&v| i64::from(v)));
+    }
+    Ok(out)
+}
+
+impl Lifecycle for EmbeddingsPlugin {
+    fn init() -> Result<(), Error> {
+        let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
+        let max_length: usize = config_or("max_length", 256)?;
+        if max_length < 2 {
+            return Err(Error::internal(format!(
+                "plugin config `max_length` must be at least 2, got {max_length}"
+            )));
+        }
+        let pooling = match config_or("pooling", "mean".to_owned())?.as_str() {
+            "mean" => Pooling::Mean,
+            "cls" => Pooling::Cls,
+            other => {
+                return Err(Error::internal(format!(
+                    "plugin config `pooling` must be \"mean\" or \"cls\", got {other:?}"
+                )))
+            }
+        };
+        let normalize = config_or("normalize", true)?;
+        let graph_name: String = config_or("graph", "model".to_owned())?;
+        let token_type_ids: String = config_or("token_type_ids", "token_type_ids".to_owned())?;
+
+        let tokenizer = load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
+            .map_err(Error::internal)?;
+        let graph = Graph::load(&graph_name)?;
+        let state = State {
+            tokenizer,
+            graph,
+            pooling,
+            normalize,
+            input_ids: config_or("input_ids", "input_ids".to_owned())?,
+            attention_mask: config_or("attention_mask", "attention_mask".to_owned())?,
+            token_type_ids: (!token_type_ids.is_empty()).then_some(token_type_ids),
+            output: config_or("output", "last_hidden_state".to_owned())?,
+        };
+        // A second `init` (the host calls it once per instance) keeps the first state.
+        let _ = STATE.set(state);
+        Ok(())
+    }
+}
+
+impl Guest for EmbeddingsPlugin {
+    fn embed(inputs: Vec<String>) -> Result<Output, Error> {
+        let state = STATE
+            .get()
+            .ok_or_else(|| Error::internal("embed called before init"))?;
+        if inputs.is_empty() {
+            return Err(Error::invalid_input("no inputs to embed"));
+        }
+        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let batch = tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
+        let dims = [batch.batch as u32, batch.seq as u32];
+
+        let mut graph_inputs = vec![
+            (
+                state.input_ids.as_str(),
+                kiln_sdk::tensor_i64(&dims, &batch.input_ids),
+            ),
+            (
+                state.attention_mask.as_str(),
+                kiln_sdk::tensor_i64(&dims, &batch.attention_mask),
+            ),
+        ];
+        if let Some(name) = &state.token_type_ids {
+            graph_inputs.push((
+                name.as_str(),
+                kiln_sdk::tensor_i64(&dims, &batch.token_type_ids),
+            ));
+        }
+        let mut outputs = state.graph.compute(graph_inputs)?;
+        let hidden_states = outputs.take(&state.output)?;
+        let shape = hidden_states.dimensions();
+        let values = kiln_sdk::to_f32_vec(&hidden_states)?;
+        let hidden = match shape.as_slice() {
+            [b, s, h] if *b as usize == batch.batch && *s as usize == batch.seq => *h as usize,
+            _ => {
+                return Err(Error::internal(format!(
+                    "output {:?} has shape {shape:?}, expected [{}, {}, hidden]",
+                    state.output, batch.batch, batch.seq
+                )))
+            }
+        };
+        if values.len() != batch.batch * batch.seq * hidden {
+            return Err(Error::internal(format!(
+                "output {:?} holds {} values for shape {shape:?}",
+                state.output,
+                values.len()
+            )));
+        }
+
+        let mut vectors = pooling::pool(
+            &values,
+            &batch.attention_mask,
+            batch.seq,
+            hidden,
+            state.pooling,
+        );
+        if state.normalize {
+            vectors.iter_mut().for_each(|v| pooling::l2_normalize(v));
+        }
+        let input_tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
+        Ok(Output {
+            vectors,
+            usage: Usage {
+                input_tokens: u32::try_from(input_tokens).unwrap_or(u32::MAX),
+                output_tokens: 0,
+            },
+        })
+    }
+}
+
+kiln_sdk::export_embeddings!(EmbeddingsPlugin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKENIZER: &str = "/work/shared/models/minilm/tokenizer.json";
+
+    fn tokenizer(max_length: usize) -> Option<Tokenizer> {
+        let path = std::path::Path::new(TOKENIZER);
+        if !path.exists() {
+            eprintln!("skipping: {TOKENIZER} not found");
+            return None;
+        }
+        Some(load_tokenizer(path, max_length).unwrap())
+    }
+
+    #[test]
+    fn encodes_with_cls_and_sep() {
+        let Some(tokenizer) = tokenizer(256) else {
+            return;
+        };
+        let batch = tokenize(&tokenizer, &["A man is eating food."]).unwrap();
+        assert_eq!(batch.batch, 1);
+        assert_eq!(batch.input_ids.first(), Some(&101));
+        assert_eq!(batch.input_ids.last(), Some(&102));
+        // "a man is eating food ." -> 6 word pieces between [CLS] and [SEP].
+        assert_eq!(batch.seq, 8);
+        assert!(batch.attention_mask.iter().all(|&m| m == 1));
+        assert!(batch.token_type_ids.iter().all(|&t| t == 0));
+    }
+
+    #[test]
+    fn pads_to_longest_and_truncates() {
+        let Some(tokenizer) = tokenizer(5) else {
+            return;
+        };
+        let batch = tokenize(&tokenizer, &["hi", "A man is eating food."]).unwrap();
+        assert_eq!((batch.batch, batch.seq), (2, 5));
+        // "hi": [CLS] hi [SEP] [PAD] [PAD]
+        assert_eq!(batch.input_ids[0], 101);
+        assert_eq!(batch.input_ids[2], 102);
+        assert_eq!(&batch.input_ids[3..5], &[0, 0]);
+        assert_eq!(&batch.attention_mask[..5], &[1, 1, 1, 0, 0]);
+        // truncated: [CLS] a man is [SEP]
+        assert_eq!(batch.input_ids[5], 101);
+        assert_eq!(batch.input_ids[9], 102);
+        assert_eq!(&batch.attention_mask[5..], &[1, 1, 1, 1, 1]);
+    }
+}

@@ -1,0 +1,244 @@
+//! Helpers for Kiln's end-to-end tests: where the built artefacts are, temporary model folders,
+//! and an in-process server on a free port.
+//!
+//! Artefacts come from `cargo xtask setup` (ONNX Runtime, plugins, ONNX fixtures, the demo
+//! model). A missing artefact fails the test with the command to run: fixtures never silently
+//! skip. The demo model comes from PyPI; [`demo_models_dir`] skips only outside CI.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_host::config::{Config, Limits};
+use kiln_host::AppState;
+
+/// The repository root (`KILN_REPO_ROOT`, else this crate's parent).
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("KILN_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+fn require(path: PathBuf, what: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{what} is missing at {}: run `cargo xtask setup` first (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// libonnxruntime.so from the PyPI wheel.
+pub fn ort_dylib() -> PathBuf {
+    let path = std::env::var_os("KILN_ORT_DYLIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".kiln/onnxruntime/libonnxruntime.so.1.31.1"));
+    require(path, "the ONNX Runtime library")
+}
+
+/// A plugin component built by `cargo xtask build-plugins`.
+pub fn plugin(name: &str) -> PathBuf {
+    require(
+        repo_root()
+            .join(".kiln/plugins")
+            .join(format!("{name}.wasm")),
+        &format!("plugin {name}"),
+    )
+}
+
+/// A synthetic ONNX graph made by `tests/fixtures/make_onnx_fixtures.py`.
+pub fn fixture_onnx(file: &str) -> PathBuf {
+    require(
+        repo_root().join(".kiln/fixtures").join(file),
+        &format!("ONNX fixture {file}"),
+    )
+}
+
+/// The demo models folder (`.kiln/models`, laid out by setup from PyPI packages). None (the
+/// test should return early) only when it is missing and `CI` is unset; under CI a missing
+/// model fails the test.
+pub fn demo_models_dir() -> Option<PathBuf> {
+    let dir = repo_root().join(".kiln/models");
+    if dir.join("demo/minilm/model.toml").is_file() {
+        return Some(dir);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "the demo model is missing at {} and CI is set: run `cargo xtask setup`",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: demo model not found at {} (run `cargo xtask setup`)",
+        dir.display()
+    );
+    None
+}
+
+/// A temporary models folder that tests fill with model folders.
+pub struct ModelsDir {
+    dir: tempfile::TempDir,
+}
+
+impl Default for ModelsDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ModelsDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates `<ns>/<name>/` with `model.toml` and copies `files` (name in folder, source).
+    pub fn add(&self, id: &str, model_toml: &str, files: &[(&str, &Path)]) -> PathBuf {
+        let dir = self.dir.path().join(id);
+        std::fs::create_dir_all(&dir).expect("model folder");
+        std::fs::write(dir.join("model.toml"), model_toml).expect("model.toml");
+        for (name, source) in files {
+            std::fs::copy(source, dir.join(name))
+                .unwrap_or_else(|e| panic!("copying {}: {e}", source.display()));
+        }
+        dir
+    }
+}
+
+/// Server configuration for tests: the given models, this repo's ORT and cache, port 0.
+pub fn config(models_dir: &Path) -> Config {
+    Config {
+        addr: ([127, 0, 0, 1], 0).into(),
+        models_dir: models_dir.to_owned(),
+        cache_dir: repo_root().join(".kiln/cache"),
+        ort_dylib: ort_dylib(),
+        instance_slots: 16,
+        queue_timeout: Duration::from_secs(10),
+        limits: Limits::default(),
+        ..Config::default()
+    }
+}
+
+/// Server logs in test output (captured per test), filtered by `KILN_LOG` (default warn).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A Kiln server running in this process on a free loopback port.
+pub struct TestServer {
+    pub base: String,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    /// Loads the models and serves; panics with the loading error.
+    pub async fn start(config: Config) -> TestServer {
+        init_logging();
+        let state = kiln_host::load(&config)
+            .await
+            .unwrap_or_else(|e| panic!("server failed to load: {e:#}"));
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let serve_state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = kiln_host::serve(listener, serve_state, shutdown).await {
+                eprintln!("test server failed: {e:#}");
+            }
+        });
+        TestServer {
+            base,
+            state,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("client"),
+            shutdown: Some(tx),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs JSON; returns status, headers and the parsed body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Reply {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        Reply::read(response).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Reply {
+    pub async fn read(response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `error.code` of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// `error.message` of an error body.
+    pub fn message(&self) -> &str {
+        self.body["error"]["message"].as_str().unwrap_or("")
+    }
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Loop iterations of `slow.onnx` that take a few hundred ms on a 2-core machine.
+pub const SLOW_ITERATIONS: i64 = 1200;

@@ -1,0 +1,341 @@
+//! The sandbox, proven over real HTTP with a real wasm component: the `sandbox-probe` fixture
+//! plugin misbehaves on command (`tests/fixtures/plugins/sandbox-probe`), and each test checks
+//! that the host answers with the right status and keeps serving.
+
+use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer, SLOW_ITERATIONS};
+use serde_json::json;
+
+/// The probe as model `test/probe` (graphs main + slow) and as `test/other` (graph other), so
+/// one plugin serves two models.
+async fn probe_server(limits: &str) -> (ModelsDir, TestServer) {
+    let models = ModelsDir::new();
+    let wasm = plugin("sandbox-probe");
+    let probe_toml = format!(
+        "task = \"embeddings\"\n\
+         [plugin]\npath = {wasm:?}\n\
+         [graphs]\nmain = \"main.onnx\"\nslow = {{ file = \"slow.onnx\", sessions = 2 }}\n\
+         [limits]\n{limits}\n"
+    );
+    models.add(
+        "test/probe",
+        &probe_toml,
+        &[
+            ("main.onnx", &fixture_onnx("main.onnx")),
+            ("slow.onnx", &fixture_onnx("slow.onnx")),
+        ],
+    );
+    let other_toml = format!(
+        "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[graphs]\nother = \"other.onnx\"\n"
+    );
+    models.add(
+        "test/other",
+        &other_toml,
+        &[("other.onnx", &fixture_onnx("other.onnx"))],
+    );
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    (models, server)
+}
+
+const DEFAULT_LIMITS: &str =
+    "memory_mb = 64\ncpu_ms = 300\ntimeout_ms = 20000\ntensor_mb = 32\nmax_instances = 2";
+
+async fn probe(server: &TestServer, model: &str, command: &str) -> kiln_tests::Reply {
+    server
+        .post(
+            "/v1/inference/embeddings",
+            &json!({"model": model, "inputs": [command]}),
+        )
+        .await
+}
+
+async fn assert_still_serving(server: &TestServer) {
+    let ok = probe(server, "test/probe", "ok").await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    assert_eq!(ok.body, json!({"embeddings": [[2.0, 4.0, 6.0, 8.0]]}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_loop_is_stopped_by_the_cpu_deadline() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    assert_still_serving(&server).await;
+    let r = probe(&server, "test/probe", "loop").await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.code(), "timeout");
+    assert!(
+        r.message().contains("CPU limit of 300 ms"),
+        "{}",
+        r.message()
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_timeout_ends_a_request_whose_cpu_limit_is_higher() {
+    let (_models, server) = probe_server("cpu_ms = 60000\ntimeout_ms = 400\nmemory_mb = 64").await;
+    let r = probe(&server, "test/probe", "loop").await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert!(r.message().contains("timeout of 400 ms"), "{}", r.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_hits_the_cap() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let r = probe(&server, "test/probe", "membomb").await;
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    assert_eq!(r.code(), "plugin_memory_exceeded");
+    assert!(r.message().contains("64 MiB"), "{}", r.message());
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_is_a_500_with_the_request_id() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let r = probe(&server, "test/probe", "panic").await;
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    assert_eq!(r.code(), "plugin_failed");
+    let id = r.body["request_id"].as_str().unwrap();
+    assert!(id.starts_with("req_"), "{id}");
+    assert_eq!(r.headers["x-request-id"], id);
+    assert!(
+        r.message().contains(id),
+        "the message names the request id: {}",
+        r.message()
+    );
+    assert!(
+        !r.message().contains("panicked"),
+        "internal detail stays in the log"
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_outside_the_model_folder_cannot_be_read() {
+    let (models, server) = probe_server(DEFAULT_LIMITS).await;
+    // Inside the folder: allowed (this is how a plugin reads its tokenizer).
+    let inside = probe(&server, "test/probe", "read:/model/model.toml").await;
+    assert_eq!(inside.status, 200, "{:?}", inside.body);
+    std::os::unix::fs::symlink("/etc/passwd", models.path().join("test/probe/passwd")).unwrap();
+    for path in [
+        "/etc/passwd",
+        "/model/../../etc/passwd",
+        "/model/passwd",
+        "../../../../../etc/passwd",
+        "/proc/self/environ",
+    ] {
+        let r = probe(&server, "test/probe", &format!("read:{path}")).await;
+        assert_eq!(r.status, 422, "{path}: {:?}", r.body);
+        assert!(r.message().contains("failed"), "{path}: {}", r.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_dtype_is_a_wasi_nn_error_not_a_crash() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let r = probe(&server, "test/probe", "badtensor").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(
+        r.message().contains("must be FP32, got I64"),
+        "{}",
+        r.message()
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_flood_hits_the_budget() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let r = probe(&server, "test/probe", "flood").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.code(), "tensor_budget_exceeded");
+    assert!(r.message().contains("limit is 33554432"), "{}", r.message());
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_sharing_a_plugin_never_see_each_others_graphs() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let r = probe(&server, "test/probe", "graph:other").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(
+        r.message().contains("no graph named 'other'"),
+        "{}",
+        r.message()
+    );
+    let r = probe(&server, "test/other", "graph:main").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(
+        r.message().contains("no graph named 'main'"),
+        "{}",
+        r.message()
+    );
+    // Each sees its own.
+    assert_eq!(
+        probe(&server, "test/other", "graph:other").await.status,
+        200
+    );
+    assert_eq!(probe(&server, "test/probe", "graph:main").await.status, 200);
+    let r = probe(&server, "test/probe", "rawload").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.message().contains("not allowed"), "{}", r.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_by_its_time_limit_makes_the_request_504() {
+    let (_models, server) =
+        probe_server("run_timeout_ms = 200\ncpu_ms = 1000\nmemory_mb = 64").await;
+    // The probe turns the wasi:nn timeout into its own invalid-input error (a 422 if the host
+    // let the plugin decide); the host's refusal wins.
+    let r = probe(&server, "test/probe", "slow:100000000").await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert!(
+        r.message()
+            .contains("ONNX Runtime run exceeded its limit of 200 ms"),
+        "{}",
+        r.message()
+    );
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_to_one_model_run_at_once() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let command = format!("slow:{SLOW_ITERATIONS}");
+    let (a, b) = tokio::join!(
+        probe(&server, "test/probe", &command),
+        probe(&server, "test/probe", &command)
+    );
+    assert_eq!(
+        (a.status, b.status),
+        (200, 200),
+        "{:?} {:?}",
+        a.body,
+        b.body
+    );
+    let model = server.state.inference.get("test/probe").unwrap();
+    let slow = model.graphs().get("slow").unwrap();
+    assert_eq!(slow.stats().runs(), 2);
+    assert_eq!(
+        slow.stats().peak_in_flight(),
+        2,
+        "the two requests' runs overlapped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensor_ext_and_plugin_logs_work_through_the_sandbox() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    // `ext` answers two vectors, so it is sent two inputs (the probe reads the first).
+    let r = server
+        .post(
+            "/v1/inference/embeddings",
+            &json!({"model": "test/probe", "inputs": ["ext", "-"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["embeddings"],
+        json!([[4.0, 6.0], [2.0, 4.0, 6.0, 8.0]])
+    );
+    let r = probe(&server, "test/probe", "log").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_have_the_documented_statuses() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let url = server.url("/v1/inference/embeddings");
+    let raw = |body: &'static str| {
+        let client = server.client.clone();
+        let url = url.clone();
+        async move { kiln_tests::Reply::read(client.post(url).body(body).send().await.unwrap()).await }
+    };
+    let r = raw("{not json").await;
+    assert_eq!((r.status, r.code()), (400, "bad_request"), "{:?}", r.body);
+    let r = raw(r#"{"inputs": ["x"]}"#).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.message().contains("missing field `model`"),
+        "{}",
+        r.message()
+    );
+    let r = raw(r#"{"model": "test/probe", "inputs": 3}"#).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.message().contains("a string or a list of strings"),
+        "{}",
+        r.message()
+    );
+
+    let r = probe(&server, "nobody/nothing", "ok").await;
+    assert_eq!((r.status, r.code()), (404, "model_not_found"));
+    assert!(r
+        .message()
+        .starts_with("Model not found: check the model name and namespace"));
+
+    let r = server
+        .post(
+            "/v1/inference/embeddings",
+            &json!({"model": "test/probe", "inputs": []}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (422, "invalid_input"));
+    let many: Vec<String> = (0..129).map(|i| i.to_string()).collect();
+    let r = server
+        .post(
+            "/v1/inference/embeddings",
+            &json!({"model": "test/probe", "inputs": many}),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert!(
+        r.message().contains("129 items") && r.message().contains("at most 128"),
+        "{}",
+        r.message()
+    );
+    let long = "x".repeat(16_385);
+    let r = probe(&server, "test/probe", &long).await;
+    assert_eq!(r.status, 422);
+    assert!(
+        r.message().contains("16385 characters") && r.message().contains("16384"),
+        "{}",
+        r.message()
+    );
+
+    // Over the 2 MiB body limit.
+    let huge = format!(
+        r#"{{"model": "test/probe", "inputs": ["{}"]}}"#,
+        "x".repeat(3 << 20)
+    );
+    let r =
+        kiln_tests::Reply::read(server.client.post(&url).body(huge).send().await.unwrap()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "payload_too_large"),
+        "{:?}",
+        r.body
+    );
+
+    let r =
+        kiln_tests::Reply::read(server.client.get(server.url("/nope")).send().await.unwrap()).await;
+    assert_eq!(r.status, 404);
+    let r = kiln_tests::Reply::read(
+        server
+            .client
+            .get(server.url("/health"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.body["status"], "ok");
+    let r = kiln_tests::Reply::read(
+        server
+            .client
+            .get(server.url("/ready"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((r.status, r.body["models"].as_u64()), (200, Some(2)));
+}

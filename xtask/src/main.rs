@@ -1,0 +1,278 @@
+//! Project automation for Kiln, run as `cargo xtask <command>` from anywhere in the repository.
+//!
+//! Everything it installs goes under `.kiln/` (gitignored) or `target/`, and every step is
+//! idempotent: a second run checks what is there (by SHA-256 or a stamp) and skips the work.
+//! Each step prints what it does and how long it took; any failure stops the run with a message
+//! that names the step.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+mod python;
+mod setup;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup          wasm32-wasip2 target, ONNX Runtime library, demo model, guest plugins
+  build-plugins  build the guest plugins for wasm32-wasip2 into .kiln/plugins/
+  demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
+  test           setup + Python venv + ONNX fixtures, then fmt, clippy and cargo test
+  bench          setup, then the embeddings benchmark
+  fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
+  reference      demo model + Python venv, then regenerate tests/reference/minilm_embeddings.json";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    if args.len() > 1 {
+        eprintln!(
+            "xtask: `{command}` takes no arguments, got {:?}\n\n{USAGE}",
+            &args[1..]
+        );
+        return ExitCode::from(2);
+    }
+    let repo = Repo::locate();
+    let mut steps = Steps::default();
+    let result = match command.as_str() {
+        "setup" => setup::all(&repo, &mut steps),
+        "build-plugins" => steps.run("build plugins", || setup::build_plugins(&repo)),
+        "demo" => demo(&repo, &mut steps),
+        "test" => test(&repo, &mut steps),
+        "bench" => bench(&repo, &mut steps),
+        "fixtures" => fixtures(&repo, &mut steps),
+        "reference" => reference(&repo, &mut steps),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    steps.print_summary();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\nxtask {command} FAILED: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask demo`: the server on `.kiln/models`, in the foreground until Ctrl-C.
+fn demo(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup::all(repo, steps)?;
+    let mut cmd = repo.cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "kiln-host",
+        "--bin",
+        "kiln",
+        "--",
+        "serve",
+    ])
+    .env("KILN_MODELS_DIR", repo.path(".kiln/models"))
+    .env("KILN_CACHE_DIR", repo.path(".kiln/cache"));
+    repo.with_runtime_env(&mut cmd);
+    steps.run("kiln serve", || run(&mut cmd))
+}
+
+/// `cargo xtask test`: what CI runs (`.ci/run`).
+fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup::all(repo, steps)?;
+    fixtures(repo, steps)?;
+    steps.run("cargo fmt --check", || {
+        run(repo.cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    steps.run("cargo clippy", || {
+        run(repo.cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    let mut cmd = repo.cargo();
+    cmd.args(["test", "--workspace"]);
+    repo.with_runtime_env(&mut cmd);
+    steps.run("cargo test", || run(&mut cmd))
+}
+
+/// `cargo xtask bench`: the end-to-end embeddings benchmark.
+fn bench(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup::all(repo, steps)?;
+    let mut cmd = repo.cargo();
+    cmd.args(["bench", "-p", "kiln-host", "--bench", "embeddings"]);
+    repo.with_runtime_env(&mut cmd);
+    steps.run("cargo bench", || run(&mut cmd))
+}
+
+/// `cargo xtask fixtures`: the venv and `.kiln/fixtures/*.onnx` (also part of `test`).
+fn fixtures(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    python::setup_python(repo, steps)?;
+    steps.run("ONNX fixtures", || python::make_fixtures(repo))
+}
+
+/// `cargo xtask reference`: rerun the independent Python reference for the demo embeddings.
+fn reference(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup::demo_model(repo, steps)?;
+    python::setup_python(repo, steps)?;
+    steps.run("embeddings reference", || {
+        python::embeddings_reference(repo)
+    })
+}
+
+/// The repository checkout xtask works on; all paths are resolved against its root.
+pub struct Repo {
+    root: PathBuf,
+}
+
+impl Repo {
+    fn locate() -> Self {
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = manifest_dir
+            .parent()
+            .expect("xtask lives one level below the repository root");
+        Self {
+            root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()),
+        }
+    }
+
+    /// Absolute path of `relative` (a path from the repository root).
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    /// The Cargo target directory (`CARGO_TARGET_DIR` when set, else `target/`).
+    pub fn target_dir(&self) -> PathBuf {
+        match env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => self.root.join(dir),
+            None => self.path("target"),
+        }
+    }
+
+    /// `cargo` (the one that runs xtask) in the repository root.
+    pub fn cargo(&self) -> Command {
+        let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    /// A command run in the repository root.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    /// The environment every host process gets: where ONNX Runtime and the repository are.
+    fn with_runtime_env(&self, cmd: &mut Command) {
+        cmd.env("KILN_ORT_DYLIB", setup::ort_dylib(self))
+            .env("KILN_REPO_ROOT", &self.root);
+    }
+}
+
+/// Runs `cmd`, echoing it first; a non-zero exit is an error that quotes the command.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = describe(cmd);
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its standard output.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let shown = describe(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{shown}` failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{shown}` printed non-UTF-8 output"))
+}
+
+fn describe(cmd: &Command) -> String {
+    let envs: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    let program = Path::new(cmd.get_program())
+        .file_name()
+        .unwrap_or(cmd.get_program())
+        .to_string_lossy()
+        .into_owned();
+    // Inline scripts (`python3 -c ...`) would fill the log: show a placeholder instead.
+    let args = cmd.get_args().map(|a| {
+        let arg = a.to_string_lossy();
+        if arg.contains('\n') {
+            "<inline script>".to_owned()
+        } else {
+            arg.into_owned()
+        }
+    });
+    envs.into_iter()
+        .chain(std::iter::once(program))
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Named, timed steps; the summary is printed at the end whether the run failed or not.
+#[derive(Default)]
+pub struct Steps {
+    done: Vec<(String, Duration, bool)>,
+    started: Option<Instant>,
+}
+
+impl Steps {
+    pub fn run(&mut self, name: &str, step: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.started.get_or_insert_with(Instant::now);
+        println!("\n==> {name}");
+        let start = Instant::now();
+        let result = step();
+        let elapsed = start.elapsed();
+        let ok = result.is_ok();
+        println!(
+            "<== {name}: {} in {:.1}s",
+            if ok { "ok" } else { "FAILED" },
+            elapsed.as_secs_f64()
+        );
+        self.done.push((name.to_owned(), elapsed, ok));
+        result.with_context(|| format!("step `{name}`"))
+    }
+
+    fn print_summary(&self) {
+        let Some(started) = self.started else { return };
+        println!("\nxtask steps:");
+        for (name, elapsed, ok) in &self.done {
+            let mark = if *ok { "ok    " } else { "FAILED" };
+            println!("  {mark} {:>7.1}s  {name}", elapsed.as_secs_f64());
+        }
+        println!("  total  {:>7.1}s", started.elapsed().as_secs_f64());
+    }
+}

