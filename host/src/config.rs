@@ -304,6 +304,22 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid_and_lists_the_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kiln.toml");
+        let config = Config::load(Some(&file), &ServeArgs::default()).unwrap();
+        let defaults = Config::default();
+        assert_eq!(config.limits, defaults.limits);
+        assert_eq!(config.addr, defaults.addr);
+        assert_eq!(config.max_body_bytes, defaults.max_body_bytes);
+        assert_eq!(config.instance_slots, defaults.instance_slots);
+        assert_eq!(
+            config.ort_sessions_per_graph,
+            defaults.ort_sessions_per_graph
+        );
+        assert_eq!(config.ort_queue_capacity, defaults.ort_queue_capacity);
+    }
+
+    #[test]
     fn file_then_flags_override_defaults() {
         let dir = std::env::temp_dir().join(format!("kiln-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -45,25 +45,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Bindings of every interface a plugin may import, generated once and shared by every task
-/// module.
-///
-/// `kiln:plugin/imports` lacks `kiln:plugin/types` (the task worlds import it only implicitly,
-/// through the `use` of their exported interfaces), so the world bound here is a small inline
-/// world that adds it.
+/// Bindings of every interface a plugin may import (`kiln:plugin/imports`), generated once and
+/// shared by every task module.
 #[allow(missing_docs, clippy::all)]
 mod bindings {
     wit_bindgen::generate!({
-        inline: "
-            package kiln:sdk-shared;
-
-            world shared {
-                include kiln:plugin/imports@0.1.0;
-                import kiln:plugin/types@0.1.0;
-            }
-        ",
         path: "../wit",
-        world: "kiln:sdk-shared/shared",
+        world: "kiln:plugin/imports",
         generate_all,
         generate_unused_types: true,
     });
@@ -497,134 +485,74 @@ pub mod text_generation {
     pub use crate::Lifecycle;
 }
 
-/// Exports a type as a `kiln:plugin/embeddings-plugin` component.
+/// Exports a type as the component of a task world: `kiln_sdk::export!(embeddings, MyPlugin);`
+/// (or the task's own macro, such as [`export_embeddings!`]).
 ///
-/// The type must implement [`Lifecycle`] and [`embeddings::Guest`](crate::embeddings::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_embeddings!(MyPlugin);`.
+/// `$task` is the task module (`embeddings`, `text_classification`, `image_classification`,
+/// `object_detection`, `asr`, `text_generation`); the type must implement [`Lifecycle`] and that
+/// module's `Guest`. Invoke it once, at the top level of the plugin crate.
 ///
 /// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
 /// tests, clippy) has no component to export, and native linkers reject the exports' names.
+#[macro_export]
+macro_rules! export {
+    ($task:ident, $ty:ident) => {
+        #[cfg(target_arch = "wasm32")]
+        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
+        #[cfg(target_arch = "wasm32")]
+        $crate::$task::export!($ty with_types_in $crate::$task);
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: () = {
+            fn implements_the_task<T: $crate::Lifecycle + $crate::$task::Guest>() {}
+            let _ = implements_the_task::<$ty>;
+        };
+    };
+}
+
+/// Exports a type as a `kiln:plugin/embeddings-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_embeddings {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::embeddings::export!($ty with_types_in $crate::embeddings);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::embeddings::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(embeddings, $ty);
     };
 }
 
-/// Exports a type as a `kiln:plugin/text-classification-plugin` component.
-///
-/// The type must implement [`Lifecycle`] and [`text_classification::Guest`](crate::text_classification::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_text_classification!(MyPlugin);`.
-///
-/// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
-/// tests, clippy) has no component to export, and native linkers reject the exports' names.
+/// Exports a type as a `kiln:plugin/text-classification-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_text_classification {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::text_classification::export!($ty with_types_in $crate::text_classification);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::text_classification::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(text_classification, $ty);
     };
 }
 
-/// Exports a type as a `kiln:plugin/image-classification-plugin` component.
-///
-/// The type must implement [`Lifecycle`] and [`image_classification::Guest`](crate::image_classification::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_image_classification!(MyPlugin);`.
-///
-/// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
-/// tests, clippy) has no component to export, and native linkers reject the exports' names.
+/// Exports a type as a `kiln:plugin/image-classification-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_image_classification {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::image_classification::export!($ty with_types_in $crate::image_classification);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::image_classification::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(image_classification, $ty);
     };
 }
 
-/// Exports a type as a `kiln:plugin/object-detection-plugin` component.
-///
-/// The type must implement [`Lifecycle`] and [`object_detection::Guest`](crate::object_detection::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_object_detection!(MyPlugin);`.
-///
-/// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
-/// tests, clippy) has no component to export, and native linkers reject the exports' names.
+/// Exports a type as a `kiln:plugin/object-detection-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_object_detection {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::object_detection::export!($ty with_types_in $crate::object_detection);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::object_detection::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(object_detection, $ty);
     };
 }
 
-/// Exports a type as a `kiln:plugin/asr-plugin` component.
-///
-/// The type must implement [`Lifecycle`] and [`asr::Guest`](crate::asr::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_asr!(MyPlugin);`.
-///
-/// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
-/// tests, clippy) has no component to export, and native linkers reject the exports' names.
+/// Exports a type as a `kiln:plugin/asr-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_asr {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::asr::export!($ty with_types_in $crate::asr);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::asr::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(asr, $ty);
     };
 }
 
-/// Exports a type as a `kiln:plugin/text-generation-plugin` component.
-///
-/// The type must implement [`Lifecycle`] and [`text_generation::Guest`](crate::text_generation::Guest). Invoke
-/// it once, at the top level of the plugin crate: `kiln_sdk::export_text_generation!(MyPlugin);`.
-///
-/// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
-/// tests, clippy) has no component to export, and native linkers reject the exports' names.
+/// Exports a type as a `kiln:plugin/text-generation-plugin` component (see [`export!`]).
 #[macro_export]
 macro_rules! export_text_generation {
     ($ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::text_generation::export!($ty with_types_in $crate::text_generation);
-        #[cfg(not(target_arch = "wasm32"))]
-        const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::text_generation::Guest>() {}
-            let _ = implements_the_task::<$ty>;
-        };
+        $crate::export!(text_generation, $ty);
     };
 }

@@ -129,6 +129,25 @@ async fn files_outside_the_model_folder_cannot_be_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_no_environment_no_arguments() {
+    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = probe(&server, "test/probe", &format!("connect:{addr}")).await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert!(r.message().contains("failed"), "{}", r.message());
+    assert!(listener.accept().is_err(), "nothing reached the listener");
+
+    // The server process has environment variables (PATH at least); the plugin sees none, no
+    // arguments, and nothing at `/` (its only preopen is `/model`).
+    assert!(std::env::vars_os().count() > 0);
+    let r = probe(&server, "test/probe", "env").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["embeddings"], json!([[0.0, 0.0, 0.0]]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_dtype_is_a_wasi_nn_error_not_a_crash() {
     let (_models, server) = probe_server(DEFAULT_LIMITS).await;
     let r = probe(&server, "test/probe", "badtensor").await;
@@ -219,6 +238,36 @@ async fn concurrent_requests_to_one_model_run_at_once() {
         2,
         "the two requests' runs overlapped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_no_free_instance_gets_503() {
+    let models = ModelsDir::new();
+    let wasm = plugin("sandbox-probe");
+    let toml = format!(
+        "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[graphs]\nslow = \"slow.onnx\"\n\
+         [limits]\nmax_instances = 1\n"
+    );
+    models.add(
+        "test/probe",
+        &toml,
+        &[("slow.onnx", &fixture_onnx("slow.onnx"))],
+    );
+    let mut config = kiln_tests::config(models.path());
+    // A slow request holds the only instance for a few hundred ms; the other waits 50 ms.
+    config.queue_timeout = std::time::Duration::from_millis(50);
+    let server = TestServer::start(config).await;
+    let command = format!("slow:{SLOW_ITERATIONS}");
+    let (a, b) = tokio::join!(
+        probe(&server, "test/probe", &command),
+        probe(&server, "test/probe", &command)
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 503], "{:?} {:?}", a.body, b.body);
+    let busy = if a.status == 503 { &a } else { &b };
+    assert_eq!(busy.code(), "overloaded");
+    assert_eq!(busy.headers["retry-after"], "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

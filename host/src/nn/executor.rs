@@ -46,7 +46,8 @@ pub fn init_ort(dylib: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ort_env() -> anyhow::Result<&'static Environment> {
+/// The process's ORT environment, once [`init_ort`] has run.
+pub fn ort_env() -> anyhow::Result<&'static Environment> {
     ORT_ENV
         .get()
         .ok_or_else(|| anyhow::anyhow!("ONNX Runtime is not initialised (call init_ort first)"))
