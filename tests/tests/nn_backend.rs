@@ -21,11 +21,20 @@ use kiln_tests::{fixture_onnx, ort_dylib};
 use wasmtime::component::{Resource, ResourceTable};
 
 fn executor(name: &str, file: &str, sessions: usize) -> Arc<GraphExecutor> {
+    executor_with_queue(name, file, sessions, 16)
+}
+
+fn executor_with_queue(
+    name: &str,
+    file: &str,
+    sessions: usize,
+    queue: usize,
+) -> Arc<GraphExecutor> {
     nn::init_ort(&ort_dylib()).expect("ORT");
     let options = ExecutorOptions {
         sessions,
         intra_threads: 1,
-        queue_capacity: 16,
+        queue_capacity: queue,
     };
     GraphExecutor::load("test", name, &fixture_onnx(file), &options).expect("graph loads")
 }
@@ -367,4 +376,41 @@ fn two_sessions_run_two_requests_at_once() {
     assert_eq!(slow.stats().runs(), 2);
     // A single session behind a lock would never have two runs in ORT at once.
     assert_eq!(slow.stats().peak_in_flight(), 2, "the two runs overlapped");
+}
+
+/// Waits (bounded) until `done` holds; the executor's counters say when a run started or queued.
+fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_full_run_queue_refuses_at_once_instead_of_waiting() {
+    // One session, room for one waiting job.
+    let slow = executor_with_queue("slow", "slow.onnx", 1, 1);
+    let spawn_run = |iterations: i64| {
+        let slow = Arc::clone(&slow);
+        std::thread::spawn(move || {
+            let mut h = Harness::new(&[("slow", slow)]);
+            let n = h.tensor(&[1], TensorType::I64, iterations.to_le_bytes().to_vec());
+            h.run("slow", vec![("iterations", n)]).map(|o| o.len())
+        })
+    };
+    let running = spawn_run(kiln_tests::SLOW_ITERATIONS);
+    wait_for("the first run is in ORT", || slow.stats().runs() == 1);
+    let queued = spawn_run(1);
+    wait_for("the second run is queued", || slow.stats().queued() == 1);
+
+    let mut h = Harness::new(&[("slow", Arc::clone(&slow))]);
+    let n = h.tensor(&[1], TensorType::I64, 1i64.to_le_bytes().to_vec());
+    let (code, message) = h.run("slow", vec![("iterations", n)]).unwrap_err();
+    assert_eq!(code, ErrorCode::Timeout);
+    assert!(message.contains("has 1 runs queued already"), "{message}");
+    assert_eq!(h.ctx.request.refusal, Some(Refusal::QueueFull));
+
+    assert_eq!(running.join().unwrap(), Ok(1));
+    assert_eq!(queued.join().unwrap(), Ok(1));
 }

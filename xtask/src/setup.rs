@@ -114,7 +114,78 @@ pub fn all(repo: &Repo, steps: &mut Steps) -> Result<()> {
     steps.run("wasm32-wasip2 target", || wasm_target(repo))?;
     steps.run("ONNX Runtime", || onnxruntime(repo))?;
     demo_model(repo, steps)?;
+    steps.run("demo models from the model source", || source_models(repo))?;
     steps.run("build plugins", || build_plugins(repo))
+}
+
+/// Demo models assembled from a folder of prepared model files: (model name under
+/// `.kiln/models/demo/`, folder in the model source). Each has its `model.toml` in the repository
+/// at `demo-models/<name>/model.toml`; a model without one is not set up yet.
+const SOURCE_MODELS: &[(&str, &str)] = &[
+    ("sentiment", "sentiment"),
+    ("efficientnet-lite0", "efficientnet-lite0"),
+    ("nanodet", "nanodet-m"),
+    ("whisper-tiny-en", "whisper-tiny-en"),
+    ("smollm2-135m", "smollm2-135m-instruct"),
+];
+
+/// The folder of prepared model files: `KILN_MODEL_SOURCE`, else `../shared/models` beside the
+/// repository.
+pub fn model_source(repo: &Repo) -> PathBuf {
+    match std::env::var_os("KILN_MODEL_SOURCE") {
+        Some(dir) => PathBuf::from(dir),
+        None => repo.path("../shared/models"),
+    }
+}
+
+/// Lays out `.kiln/models/demo/<name>/` for every model of [`SOURCE_MODELS`] whose
+/// `model.toml` the repository has: its files hard-linked (or copied) from the model source,
+/// never symlinked (the sandbox does not follow a link out of the folder). A missing source is
+/// reported, and the other models are still set up.
+fn source_models(repo: &Repo) -> Result<()> {
+    let source = model_source(repo);
+    for (name, folder) in SOURCE_MODELS {
+        let manifest = repo.path(&format!("demo-models/{name}/model.toml"));
+        if !manifest.is_file() {
+            continue;
+        }
+        let from = source.join(folder);
+        let to = repo.path(&format!(".kiln/models/demo/{name}"));
+        if !from.is_dir() {
+            println!(
+                "demo/{name}: SKIPPED, {} is missing. Set KILN_MODEL_SOURCE to a folder holding \
+                 `{folder}/` (the project's shared/models), then run `cargo xtask setup` again.",
+                from.display()
+            );
+            continue;
+        }
+        fs::create_dir_all(&to).with_context(|| format!("creating {}", to.display()))?;
+        for entry in fs::read_dir(&from).with_context(|| format!("reading {}", from.display()))? {
+            let entry = entry?;
+            let file = entry.path();
+            if file.is_file() {
+                link_or_copy(&file, &to.join(entry.file_name()))?;
+            }
+        }
+        let toml = fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        write_if_changed(&to.join("model.toml"), &toml)?;
+        println!("demo/{name} ready: {}", to.display());
+    }
+    Ok(())
+}
+
+/// Hard-links `from` to `to` (copies across file systems); an existing `to` of the same size is
+/// kept.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    let size = fs::metadata(from)?.len();
+    if fs::metadata(to).is_ok_and(|m| m.len() == size) {
+        return Ok(());
+    }
+    let _ = fs::remove_file(to);
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
 }
 
 /// Absolute path of the ONNX Runtime library that `KILN_ORT_DYLIB` points at.

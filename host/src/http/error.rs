@@ -76,7 +76,8 @@ impl From<InferError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let request_id = request_id::current();
-        let message = if self.status.is_server_error() && self.code != "timeout" {
+        // A 5xx message carries the request id: it is what an operator greps the log for.
+        let message = if self.status.is_server_error() {
             format!("{} (request id {request_id})", self.message)
         } else {
             self.message

@@ -324,6 +324,9 @@ fn refusal_to_error(refusal: Refusal, failure: Option<CallFailure>) -> InferErro
             limit.as_millis()
         )),
         Refusal::TensorBudget { message } => InferError::TensorBudget(message),
+        Refusal::QueueFull => InferError::Overloaded {
+            retry_after: Duration::from_secs(1),
+        },
     }
 }
 

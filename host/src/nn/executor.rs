@@ -123,12 +123,18 @@ pub struct RunOutput {
 /// Counters of one graph's runs, for metrics and for tests that prove runs overlap.
 #[derive(Debug, Default)]
 pub struct ExecutorStats {
+    queued: AtomicUsize,
     runs: AtomicU64,
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
 }
 
 impl ExecutorStats {
+    /// Jobs waiting for a session now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
     /// Runs started since the graph loaded.
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::Relaxed)
@@ -267,6 +273,7 @@ impl GraphExecutor {
             abandoned: Arc::clone(&abandoned),
             reply,
         };
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -299,7 +306,10 @@ fn worker(mut session: Session, queue: Arc<Mutex<Receiver<Job>>>, stats: Arc<Exe
         let job = {
             let rx = queue.lock().unwrap_or_else(|e| e.into_inner());
             match rx.recv() {
-                Ok(job) => job,
+                Ok(job) => {
+                    stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    job
+                }
                 // The executor was dropped: the model was unloaded.
                 Err(_) => return,
             }

@@ -85,6 +85,8 @@ pub enum Refusal {
     RunTimedOut { limit: Duration },
     /// The instance's tensor budget was exceeded.
     TensorBudget { message: String },
+    /// The graph's run queue was full: the server is overloaded.
+    QueueFull,
 }
 
 /// Limits on what one instance may keep on the host (wasmtime's `StoreLimits` sees only guest
@@ -282,6 +284,7 @@ impl<'a> NnView<'a> {
                 ))
             }
             Err(e @ RunError::QueueFull(..)) => {
+                self.ctx.request.refusal = Some(Refusal::QueueFull);
                 Err(NnError::new(ErrorCode::Timeout, e.to_string()))
             }
             Err(e) => Err(NnError::new(ErrorCode::RuntimeError, e.to_string())),

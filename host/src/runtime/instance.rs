@@ -18,6 +18,8 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::log::PluginLog;
+use crate::registry::Task;
+use wasmtime::component::ResourceAny;
 use super::worlds;
 use super::EPOCH_TICK;
 use crate::config::Limits;
@@ -165,9 +167,63 @@ pub struct CallReport<T> {
     pub compute: Duration,
 }
 
-/// The typed exports of the task world the plugin implements.
-enum TaskExports {
-    Embeddings(worlds::embeddings::EmbeddingsPlugin),
+/// Declares, for every task world, the typed `InstancePre` ([`TaskPre`]), the typed exports of a
+/// live instance (`TaskExports`), and how to instantiate one and call its `init`.
+macro_rules! task_worlds {
+    ($($task:ident => $module:ident :: $world:ident, $pre:ident, $wit:literal;)*) => {
+        /// The typed exports of the task world the plugin implements.
+        enum TaskExports {
+            $($task(worlds::$module::$world),)*
+        }
+
+        /// The typed `InstancePre` of a task world, created (and the plugin's exports checked)
+        /// when a model loads.
+        #[derive(Clone)]
+        pub enum TaskPre {
+            $($task(worlds::$module::$pre<StoreState>),)*
+        }
+
+        impl TaskPre {
+            /// Checks that the plugin exports what the model's task needs.
+            pub fn new(task: Task, plugin: &super::Plugin) -> anyhow::Result<TaskPre> {
+                match task {
+                    $(Task::$task => worlds::$module::$pre::new(plugin.pre.clone())
+                        .map(TaskPre::$task)
+                        .map_err(|e| anyhow::anyhow!(
+                            "plugin {} does not implement the kiln:plugin/{} world: {e:#}",
+                            plugin.digest, $wit
+                        )),)*
+                }
+            }
+
+            fn instantiate(&self, store: &mut Store<StoreState>) -> wasmtime::Result<TaskExports> {
+                Ok(match self {
+                    $(TaskPre::$task(pre) => TaskExports::$task(pre.instantiate(store)?),)*
+                })
+            }
+        }
+
+        impl TaskExports {
+            fn init(&self, store: &mut Store<StoreState>) -> wasmtime::Result<Result<(), types::Error>> {
+                match self {
+                    $(TaskExports::$task(e) => e.kiln_plugin_lifecycle().call_init(store),)*
+                }
+            }
+        }
+    };
+}
+
+task_worlds! {
+    Embeddings => embeddings::EmbeddingsPlugin, EmbeddingsPluginPre, "embeddings-plugin";
+    TextClassification => text_classification::TextClassificationPlugin,
+        TextClassificationPluginPre, "text-classification-plugin";
+    ImageClassification => image_classification::ImageClassificationPlugin,
+        ImageClassificationPluginPre, "image-classification-plugin";
+    ObjectDetection => object_detection::ObjectDetectionPlugin,
+        ObjectDetectionPluginPre, "object-detection-plugin";
+    Asr => asr::AsrPlugin, AsrPluginPre, "asr-plugin";
+    TextGeneration => text_generation::TextGenerationPlugin,
+        TextGenerationPluginPre, "text-generation-plugin";
 }
 
 /// A live plugin instance.
@@ -186,28 +242,19 @@ impl std::fmt::Debug for PluginInstance {
     }
 }
 
-/// The typed `InstancePre` of a task world, created (and its exports checked) when a model loads.
-#[derive(Clone)]
-pub enum TaskPre {
-    Embeddings(worlds::embeddings::EmbeddingsPluginPre<StoreState>),
-}
+pub type EmbedOutput = worlds::embeddings::exports::kiln::plugin::embeddings::Output;
+pub type TextClassOutput =
+    worlds::text_classification::exports::kiln::plugin::text_classification::Output;
+pub type Detection = worlds::object_detection::exports::kiln::plugin::object_detection::Detection;
+pub type Transcript = worlds::asr::exports::kiln::plugin::asr::Transcript;
+pub use worlds::text_generation::exports::kiln::plugin::text_generation::{
+    FinishReason, Input as GenerationInput, Message, Params as GenerationParams, Step,
+};
 
-impl TaskPre {
-    /// Checks that the plugin exports what the model's task needs.
-    pub fn new(task: crate::registry::Task, plugin: &super::Plugin) -> anyhow::Result<TaskPre> {
-        use crate::registry::Task;
-        match task {
-            Task::Embeddings => Ok(TaskPre::Embeddings(
-                worlds::embeddings::EmbeddingsPluginPre::new(plugin.pre.clone()).map_err(|e| {
-                    anyhow::anyhow!(
-                        "plugin {} does not implement the kiln:plugin/embeddings-plugin world: {e:#}",
-                        plugin.digest
-                    )
-                })?,
-            )),
-            other => anyhow::bail!("the {other} task is not supported by this server yet"),
-        }
-    }
+/// A call to an export of another task's world: the model's task and plugin were checked to
+/// match at load, so this is a host bug, reported as the plugin's internal error.
+fn wrong_world(task: &str) -> types::Error {
+    types::Error::Internal(format!("this instance does not implement the {task} task"))
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -262,22 +309,16 @@ impl PluginInstance {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_callback(on_epoch_deadline);
 
+        arm(&mut store, deadline);
+        let exports = pre
+            .instantiate(&mut store)
+            .map_err(|e| classify_trap(&mut store, e))?;
         let mut instance = PluginInstance {
-            exports: match pre {
-                TaskPre::Embeddings(pre) => {
-                    arm(&mut store, deadline);
-                    let exports = pre
-                        .instantiate(&mut store)
-                        .map_err(|e| classify_trap(&mut store, e))?;
-                    TaskExports::Embeddings(exports)
-                }
-            },
+            exports,
             store,
             poisoned: false,
         };
-        let report = instance.call(deadline, |store, exports| match exports {
-            TaskExports::Embeddings(e) => e.kiln_plugin_lifecycle().call_init(store),
-        });
+        let report = instance.call(deadline, |store, exports| exports.init(store));
         match report.result {
             Ok(()) => Ok(instance),
             Err(e) => Err(e),
@@ -289,14 +330,113 @@ impl PluginInstance {
     }
 
     /// Calls `embeddings.embed`.
-    pub fn embed(
+    pub fn embed(&mut self, inputs: &[String], deadline: Instant) -> CallReport<EmbedOutput> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::Embeddings(e) => e.kiln_plugin_embeddings().call_embed(store, inputs),
+            _ => Ok(Err(wrong_world("embeddings"))),
+        })
+    }
+
+    /// Calls `text-classification.classify`.
+    pub fn classify_texts(
         &mut self,
         inputs: &[String],
         deadline: Instant,
-    ) -> CallReport<worlds::embeddings::exports::kiln::plugin::embeddings::Output> {
+    ) -> CallReport<TextClassOutput> {
         self.call(deadline, |store, exports| match exports {
-            TaskExports::Embeddings(e) => e.kiln_plugin_embeddings().call_embed(store, inputs),
+            TaskExports::TextClassification(e) => e
+                .kiln_plugin_text_classification()
+                .call_classify(store, inputs),
+            _ => Ok(Err(wrong_world("text-classification"))),
         })
+    }
+
+    /// Calls `image-classification.classify`.
+    pub fn classify_image(
+        &mut self,
+        image: &types::Image,
+        top_k: u32,
+        deadline: Instant,
+    ) -> CallReport<Vec<types::ClassScore>> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::ImageClassification(e) => e
+                .kiln_plugin_image_classification()
+                .call_classify(store, image, top_k),
+            _ => Ok(Err(wrong_world("image-classification"))),
+        })
+    }
+
+    /// Calls `object-detection.detect`.
+    pub fn detect(
+        &mut self,
+        image: &types::Image,
+        threshold: f32,
+        deadline: Instant,
+    ) -> CallReport<Vec<Detection>> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::ObjectDetection(e) => e
+                .kiln_plugin_object_detection()
+                .call_detect(store, image, threshold),
+            _ => Ok(Err(wrong_world("object-detection"))),
+        })
+    }
+
+    /// Calls `asr.transcribe`.
+    pub fn transcribe(&mut self, audio: &types::Audio, deadline: Instant) -> CallReport<Transcript> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::Asr(e) => e.kiln_plugin_asr().call_transcribe(store, audio),
+            _ => Ok(Err(wrong_world("asr"))),
+        })
+    }
+
+    /// Calls `text-generation.start`: the generation resource, owned by the caller, who must
+    /// end it with [`Self::drop_generation`] (dropping the handle does not run the guest's
+    /// destructor, so the KV cache would stay alive).
+    pub fn start_generation(
+        &mut self,
+        input: &GenerationInput,
+        params: &GenerationParams,
+        deadline: Instant,
+    ) -> CallReport<ResourceAny> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::TextGeneration(e) => e
+                .kiln_plugin_text_generation()
+                .call_start(store, input, params),
+            _ => Ok(Err(wrong_world("text-generation"))),
+        })
+    }
+
+    /// Calls `generation.next`.
+    pub fn next_step(&mut self, generation: ResourceAny, deadline: Instant) -> CallReport<Step> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::TextGeneration(e) => e
+                .kiln_plugin_text_generation()
+                .generation()
+                .call_next(store, generation),
+            _ => Ok(Err(wrong_world("text-generation"))),
+        })
+    }
+
+    /// Calls `generation.usage`: the tokens so far.
+    pub fn generation_usage(
+        &mut self,
+        generation: ResourceAny,
+        deadline: Instant,
+    ) -> CallReport<types::Usage> {
+        self.call(deadline, |store, exports| match exports {
+            TaskExports::TextGeneration(e) => e
+                .kiln_plugin_text_generation()
+                .generation()
+                .call_usage(store, generation)
+                .map(Ok),
+            _ => Ok(Err(wrong_world("text-generation"))),
+        })
+    }
+
+    /// Drops the generation resource, running the guest's destructor (which frees its KV
+    /// cache) under the usual limits.
+    pub fn drop_generation(&mut self, generation: ResourceAny, deadline: Instant) -> CallReport<()> {
+        self.call(deadline, |store, _| generation.resource_drop(store).map(Ok))
     }
 
     /// Arms the limits, makes the call, and sorts out how it ended.
