@@ -167,7 +167,8 @@ fn source_models(repo: &Repo) -> Result<()> {
                 link_or_copy(&file, &to.join(entry.file_name()))?;
             }
         }
-        let toml = fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+        let toml =
+            fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
         write_if_changed(&to.join("model.toml"), &toml)?;
         println!("demo/{name} ready: {}", to.display());
     }
@@ -183,7 +184,8 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     }
     let _ = fs::remove_file(to);
     if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        fs::copy(from, to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     }
     Ok(())
 }

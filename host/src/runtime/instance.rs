@@ -18,14 +18,14 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::log::PluginLog;
-use crate::registry::Task;
-use wasmtime::component::ResourceAny;
 use super::worlds;
 use super::EPOCH_TICK;
 use crate::config::Limits;
 use crate::nn::bindings::kiln::plugin::host;
 use crate::nn::bindings::kiln::plugin::types;
 use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits};
+use crate::registry::Task;
+use wasmtime::component::ResourceAny;
 
 /// What an instance needs to know about its model.
 #[derive(Debug, Clone)]
@@ -382,7 +382,11 @@ impl PluginInstance {
     }
 
     /// Calls `asr.transcribe`.
-    pub fn transcribe(&mut self, audio: &types::Audio, deadline: Instant) -> CallReport<Transcript> {
+    pub fn transcribe(
+        &mut self,
+        audio: &types::Audio,
+        deadline: Instant,
+    ) -> CallReport<Transcript> {
         self.call(deadline, |store, exports| match exports {
             TaskExports::Asr(e) => e.kiln_plugin_asr().call_transcribe(store, audio),
             _ => Ok(Err(wrong_world("asr"))),
@@ -435,7 +439,11 @@ impl PluginInstance {
 
     /// Drops the generation resource, running the guest's destructor (which frees its KV
     /// cache) under the usual limits.
-    pub fn drop_generation(&mut self, generation: ResourceAny, deadline: Instant) -> CallReport<()> {
+    pub fn drop_generation(
+        &mut self,
+        generation: ResourceAny,
+        deadline: Instant,
+    ) -> CallReport<()> {
         self.call(deadline, |store, _| generation.resource_drop(store).map(Ok))
     }
 
