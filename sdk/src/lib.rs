@@ -45,6 +45,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "audio")]
+pub mod audio;
+pub mod detection;
+pub mod generate;
+#[cfg(feature = "image")]
+pub mod image;
+pub mod scores;
+
 /// Bindings of every interface a plugin may import (`kiln:plugin/imports`), generated once and
 /// shared by every task module.
 #[allow(missing_docs, clippy::all)]

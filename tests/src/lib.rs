@@ -54,24 +54,47 @@ pub fn fixture_onnx(file: &str) -> PathBuf {
     )
 }
 
-/// The demo models folder (`.kiln/models`, laid out by setup from PyPI packages). None (the
-/// test should return early) only when it is missing and `CI` is unset; under CI a missing
+/// The demo models folder (`.kiln/models`, laid out by setup) if `demo/<name>` is there. None
+/// (the test should return early) only when it is missing and `CI` is unset; under CI a missing
 /// model fails the test.
-pub fn demo_models_dir() -> Option<PathBuf> {
+pub fn demo_model(name: &str) -> Option<PathBuf> {
     let dir = repo_root().join(".kiln/models");
-    if dir.join("demo/minilm/model.toml").is_file() {
+    if dir.join("demo").join(name).join("model.toml").is_file() {
         return Some(dir);
     }
     if std::env::var_os("CI").is_some() {
         panic!(
-            "the demo model is missing at {} and CI is set: run `cargo xtask setup`",
+            "the demo model demo/{name} is missing under {} and CI is set: run `cargo xtask setup` \
+             (models other than minilm come from KILN_MODEL_SOURCE, default ../shared/models)",
             dir.display()
         );
     }
     eprintln!(
-        "SKIPPED: demo model not found at {} (run `cargo xtask setup`)",
+        "SKIPPED: demo/{name} not found under {} (run `cargo xtask setup`)",
         dir.display()
     );
+    None
+}
+
+/// [`demo_model`] for the embeddings model, `demo/minilm`.
+pub fn demo_models_dir() -> Option<PathBuf> {
+    demo_model("minilm")
+}
+
+/// A file of the shared test inputs (`<model source>/test-inputs/<name>`); same rules as
+/// [`demo_model`].
+pub fn test_input(name: &str) -> Option<PathBuf> {
+    let source = std::env::var_os("KILN_MODEL_SOURCE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/models"));
+    let path = source.join("test-inputs").join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("test input {} is missing and CI is set", path.display());
+    }
+    eprintln!("SKIPPED: test input {} not found", path.display());
     None
 }
 

@@ -19,6 +19,8 @@ const REQUIREMENTS: &[&str] = &[
     "numpy==2.2.6",
     "onnxruntime==1.31.1",
     "tokenizers==0.22.1",
+    "pillow==11.3.0",
+    "jinja2==3.1.6",
 ];
 
 const FIXTURES_SCRIPT: &str = "tests/fixtures/make_onnx_fixtures.py";

@@ -1,0 +1,1 @@
+//! First-party Kiln plugin for asr (being written).

@@ -1,0 +1,1 @@
+//! First-party Kiln plugin for object-detection (being written).

@@ -1,0 +1,1 @@
+//! First-party Kiln plugin for text-classification (being written).

@@ -1,0 +1,1 @@
+//! Audio: WAV decoding, resampling, Whisper-style log-mel features (being written).

@@ -1,0 +1,1 @@
+//! Object detection post-processing: boxes, IoU, non-maximum suppression (being written).

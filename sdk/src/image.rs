@@ -1,0 +1,1 @@
+//! Images: decode, resize, crop, normalise to NCHW/NHWC tensors (being written).

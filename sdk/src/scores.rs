@@ -1,0 +1,1 @@
+//! Scores: softmax, top-k (being written).
