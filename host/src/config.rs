@@ -30,9 +30,24 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "KILN_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Largest body of a request carrying an image or audio (base64), in bytes.
+    #[arg(long, env = "KILN_MAX_MEDIA_BODY_BYTES")]
+    pub max_media_body_bytes: Option<usize>,
     /// Plugin instances alive at once across all models and tenants.
     #[arg(long, env = "KILN_INSTANCE_SLOTS")]
     pub instance_slots: Option<u32>,
+    /// Let `image_url` / `audio_url` reach loopback addresses (tests, single-machine setups).
+    #[arg(long, env = "KILN_FETCH_ALLOW_LOOPBACK")]
+    pub fetch_allow_loopback: Option<bool>,
+    /// Let `image_url` / `audio_url` reach private (RFC 1918, CGNAT, ULA) addresses.
+    #[arg(long, env = "KILN_FETCH_ALLOW_PRIVATE")]
+    pub fetch_allow_private: Option<bool>,
+    /// Largest file fetched from a URL, in bytes.
+    #[arg(long, env = "KILN_FETCH_MAX_BYTES")]
+    pub fetch_max_bytes: Option<usize>,
+    /// Time limit of a URL fetch, ms.
+    #[arg(long, env = "KILN_FETCH_TIMEOUT_MS")]
+    pub fetch_timeout_ms: Option<u64>,
     /// How long a request may wait for a free instance before it gets 503.
     #[arg(long, env = "KILN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
@@ -90,6 +105,15 @@ pub struct LimitsArgs {
     /// Characters in one text input.
     #[arg(long, env = "KILN_MAX_INPUT_CHARS")]
     pub max_input_chars: Option<usize>,
+    /// Pixels (width x height) of an input image.
+    #[arg(long, env = "KILN_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
+    /// Seconds of input audio.
+    #[arg(long, env = "KILN_MAX_AUDIO_SECONDS")]
+    pub max_audio_seconds: Option<u32>,
+    /// Tokens a text generation may produce (`max_tokens` above it is refused).
+    #[arg(long, env = "KILN_MAX_NEW_TOKENS")]
+    pub max_new_tokens: Option<u32>,
 }
 
 /// Effective limits of one model (or the server's ceilings).
@@ -104,6 +128,9 @@ pub struct Limits {
     pub max_tensors: u32,
     pub max_inputs: usize,
     pub max_input_chars: usize,
+    pub max_image_pixels: u64,
+    pub max_audio_seconds: u32,
+    pub max_new_tokens: u32,
 }
 
 impl Default for Limits {
@@ -130,6 +157,15 @@ impl Default for Limits {
             // Inputs are truncated to the model's token window anyway; this bounds the
             // tokenizer's work and the request's memory.
             max_input_chars: 16_384,
+            // Decoded to RGB8 plus an f32 copy inside the plugin (~15 bytes a pixel): 24 MP
+            // (a 6000x4000 photo) fits the default memory cap; a decompression bomb's header
+            // claiming more is refused before any decoding.
+            max_image_pixels: 24_000_000,
+            // Whisper-style models work in 30 s windows; 10 minutes is 20 windows, well within
+            // the request timeout on a CPU.
+            max_audio_seconds: 600,
+            // Each token is one model step; this bounds a request's time and KV-cache memory.
+            max_new_tokens: 2048,
         }
     }
 }
@@ -165,6 +201,15 @@ impl Limits {
         if let Some(v) = args.max_input_chars {
             self.max_input_chars = v;
         }
+        if let Some(v) = args.max_image_pixels {
+            self.max_image_pixels = v;
+        }
+        if let Some(v) = args.max_audio_seconds {
+            self.max_audio_seconds = v;
+        }
+        if let Some(v) = args.max_new_tokens {
+            self.max_new_tokens = v;
+        }
         self
     }
 
@@ -187,7 +232,9 @@ impl Limits {
             memory_bytes => "memory_mb", cpu => "cpu_ms", request_timeout => "timeout_ms",
             run_timeout => "run_timeout_ms", max_instances => "max_instances",
             tensor_bytes => "tensor_mb", max_tensors => "max_tensors",
-            max_inputs => "max_inputs", max_input_chars => "max_input_chars"
+            max_inputs => "max_inputs", max_input_chars => "max_input_chars",
+            max_image_pixels => "max_image_pixels", max_audio_seconds => "max_audio_seconds",
+            max_new_tokens => "max_new_tokens"
         );
         (limits, raised)
     }
@@ -202,9 +249,20 @@ pub struct Config {
     pub ort_dylib: PathBuf,
     /// Request bodies are JSON text; 2 MiB holds 128 inputs of 16k characters.
     pub max_body_bytes: usize,
+    /// Image and audio requests: a 16 MiB file is ~21.4 MiB in base64, plus the JSON around it.
+    pub max_media_body_bytes: usize,
     /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
     pub instance_slots: u32,
     pub queue_timeout: Duration,
+    /// Where and how much `image_url` / `audio_url` may fetch (SSRF protection).
+    pub fetch_allow_loopback: bool,
+    pub fetch_allow_private: bool,
+    /// As a media body: a 16 MiB file.
+    pub fetch_max_bytes: usize,
+    pub fetch_timeout: Duration,
+    /// Fixed name -> address answers instead of DNS for URL fetches; not a flag (tests use it
+    /// to give a public-looking name to a loopback server).
+    pub fetch_static_hosts: Vec<(String, std::net::IpAddr)>,
     pub ort_sessions_per_graph: usize,
     pub ort_intra_threads: usize,
     pub ort_queue_capacity: usize,
@@ -221,8 +279,15 @@ impl Default for Config {
             cache_dir: PathBuf::from(".kiln/cache"),
             ort_dylib: PathBuf::from(".kiln/onnxruntime/libonnxruntime.so.1.31.1"),
             max_body_bytes: 2 << 20,
+            max_media_body_bytes: 24 << 20,
             instance_slots: 64,
             queue_timeout: Duration::from_secs(5),
+            fetch_allow_loopback: false,
+            fetch_allow_private: false,
+            fetch_max_bytes: 16 << 20,
+            // Well inside the request timeouts callers are told to set (30-60 s).
+            fetch_timeout: Duration::from_secs(15),
+            fetch_static_hosts: Vec::new(),
             ort_sessions_per_graph: sessions,
             // sessions x threads = cores: no oversubscription when every session runs.
             ort_intra_threads: (cores / sessions).max(1),
@@ -247,6 +312,17 @@ impl Config {
         Ok(config)
     }
 
+    /// The URL-fetching rules of this configuration.
+    pub fn fetch_policy(&self) -> crate::fetch::FetchPolicy {
+        crate::fetch::FetchPolicy {
+            allow_loopback: self.fetch_allow_loopback,
+            allow_private: self.fetch_allow_private,
+            max_bytes: self.fetch_max_bytes,
+            timeout: self.fetch_timeout,
+            static_hosts: self.fetch_static_hosts.clone(),
+        }
+    }
+
     fn apply(&mut self, a: &ServeArgs) {
         if let Some(v) = a.addr {
             self.addr = v;
@@ -263,8 +339,23 @@ impl Config {
         if let Some(v) = a.max_body_bytes {
             self.max_body_bytes = v;
         }
+        if let Some(v) = a.max_media_body_bytes {
+            self.max_media_body_bytes = v;
+        }
         if let Some(v) = a.instance_slots {
             self.instance_slots = v;
+        }
+        if let Some(v) = a.fetch_allow_loopback {
+            self.fetch_allow_loopback = v;
+        }
+        if let Some(v) = a.fetch_allow_private {
+            self.fetch_allow_private = v;
+        }
+        if let Some(v) = a.fetch_max_bytes {
+            self.fetch_max_bytes = v;
+        }
+        if let Some(v) = a.fetch_timeout_ms {
+            self.fetch_timeout = Duration::from_millis(v);
         }
         if let Some(v) = a.queue_timeout_ms {
             self.queue_timeout = Duration::from_millis(v);
@@ -311,6 +402,7 @@ mod tests {
         assert_eq!(config.limits, defaults.limits);
         assert_eq!(config.addr, defaults.addr);
         assert_eq!(config.max_body_bytes, defaults.max_body_bytes);
+        assert_eq!(config.max_media_body_bytes, defaults.max_media_body_bytes);
         assert_eq!(config.instance_slots, defaults.instance_slots);
         assert_eq!(
             config.ort_sessions_per_graph,

@@ -5,8 +5,10 @@
 //! and `config` beside them. See `docs/` and the README for the architecture.
 
 pub mod config;
+pub mod fetch;
 pub mod http;
 pub mod infer;
+pub mod media;
 pub mod nn;
 pub mod registry;
 pub mod runtime;
@@ -33,7 +35,9 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         .context("model loading thread failed")??;
     Ok(Arc::new(AppState {
         inference: Arc::new(inference),
+        fetcher: fetch::Fetcher::new(config.fetch_policy())?,
         max_body_bytes: config.max_body_bytes,
+        max_media_body_bytes: config.max_media_body_bytes,
     }))
 }
 

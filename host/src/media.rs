@@ -66,9 +66,8 @@ pub fn inspect_image(bytes: &[u8], max_pixels: u64) -> Result<ImageHeader, Media
             ))
         }
     };
-    let size = imagesize::blob_size(bytes).map_err(|e| {
-        MediaError::Unsupported(format!("could not read the {format} header: {e}"))
-    })?;
+    let size = imagesize::blob_size(bytes)
+        .map_err(|e| MediaError::Unsupported(format!("could not read the {format} header: {e}")))?;
     let (width, height) = (size.width as u64, size.height as u64);
     if width == 0 || height == 0 {
         return Err(MediaError::Unsupported(format!(
@@ -119,7 +118,8 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// Reads a RIFF/WAVE header: PCM 16-bit or IEEE float 32-bit, 1-8 channels, 8-384 kHz; refuses
 /// audio longer than `max_seconds`.
 pub fn inspect_wav(bytes: &[u8], max_seconds: u32) -> Result<WavHeader, MediaError> {
-    let not_wav = |why: &str| MediaError::Unsupported(format!("the data is not a usable WAV file: {why}"));
+    let not_wav =
+        |why: &str| MediaError::Unsupported(format!("the data is not a usable WAV file: {why}"));
     if bytes.get(0..4) != Some(b"RIFF") || bytes.get(8..12) != Some(b"WAVE") {
         return Err(not_wav("no RIFF/WAVE header"));
     }
@@ -133,7 +133,8 @@ pub fn inspect_wav(bytes: &[u8], max_seconds: u32) -> Result<WavHeader, MediaErr
                 let tag = u16_at(bytes, body).ok_or_else(|| not_wav("short fmt chunk"))?;
                 let channels = u16_at(bytes, body + 2).ok_or_else(|| not_wav("short fmt chunk"))?;
                 let rate = u32_at(bytes, body + 4).ok_or_else(|| not_wav("short fmt chunk"))?;
-                let block_align = u16_at(bytes, body + 12).ok_or_else(|| not_wav("short fmt chunk"))?;
+                let block_align =
+                    u16_at(bytes, body + 12).ok_or_else(|| not_wav("short fmt chunk"))?;
                 let bits = u16_at(bytes, body + 14).ok_or_else(|| not_wav("short fmt chunk"))?;
                 // WAVE_FORMAT_EXTENSIBLE keeps the real format in its sub-format GUID.
                 let tag = if tag == WAVE_FORMAT_EXTENSIBLE {
@@ -218,9 +219,17 @@ mod tests {
     fn base64_forms() {
         assert_eq!(decode_base64("image", "aGk=").unwrap(), b"hi");
         assert_eq!(decode_base64("image", "aGk").unwrap(), b"hi");
-        assert_eq!(decode_base64("image", "data:image/png;base64,aG\nk=").unwrap(), b"hi");
-        assert!(matches!(decode_base64("image", "data:image/png,aGk="), Err(MediaError::Encoding(_))));
-        let err = decode_base64("image", "not base64!").unwrap_err().to_string();
+        assert_eq!(
+            decode_base64("image", "data:image/png;base64,aG\nk=").unwrap(),
+            b"hi"
+        );
+        assert!(matches!(
+            decode_base64("image", "data:image/png,aGk="),
+            Err(MediaError::Encoding(_))
+        ));
+        let err = decode_base64("image", "not base64!")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`image` is not valid base64"), "{err}");
     }
 
@@ -233,22 +242,53 @@ mod tests {
         png.extend_from_slice(&100_000u32.to_be_bytes());
         png.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
         let err = inspect_image(&png, 50_000_000).unwrap_err();
-        assert!(matches!(err, MediaError::TooLarge(ref m) if m.contains("100000x100000")), "{err}");
+        assert!(
+            matches!(err, MediaError::TooLarge(ref m) if m.contains("100000x100000")),
+            "{err}"
+        );
         let header = inspect_image(&png, u64::MAX).unwrap();
-        assert_eq!((header.format, header.width, header.height), ("png", 100_000, 100_000));
-        assert!(matches!(inspect_image(b"hello world, not an image", 1), Err(MediaError::Unsupported(_))));
-        assert!(matches!(inspect_image(b"GIF89a\x01\x00\x01\x00", 100), Err(MediaError::Unsupported(ref m)) if m.contains("Gif")));
+        assert_eq!(
+            (header.format, header.width, header.height),
+            ("png", 100_000, 100_000)
+        );
+        assert!(matches!(
+            inspect_image(b"hello world, not an image", 1),
+            Err(MediaError::Unsupported(_))
+        ));
+        let mut gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00".to_vec();
+        gif.resize(64, 0);
+        let err = inspect_image(&gif, 100).unwrap_err();
+        assert!(
+            matches!(err, MediaError::Unsupported(ref m) if m.contains("Gif") && m.contains("JPEG or PNG")),
+            "{err}"
+        );
     }
 
     #[test]
     fn wav_headers() {
         let h = inspect_wav(&wav(1, 16, 1, 16_000, 32_000), 60).unwrap();
-        assert_eq!(h, WavHeader { encoding: WavEncoding::Pcm16, sample_rate: 16_000, channels: 1, duration_ms: 2000 });
+        assert_eq!(
+            h,
+            WavHeader {
+                encoding: WavEncoding::Pcm16,
+                sample_rate: 16_000,
+                channels: 1,
+                duration_ms: 2000
+            }
+        );
         let h = inspect_wav(&wav(3, 32, 2, 44_100, 44_100), 60).unwrap();
-        assert_eq!((h.encoding, h.channels, h.duration_ms), (WavEncoding::Float32, 2, 1000));
+        assert_eq!(
+            (h.encoding, h.channels, h.duration_ms),
+            (WavEncoding::Float32, 2, 1000)
+        );
         let err = inspect_wav(&wav(1, 16, 1, 8_000, 8_000 * 61), 60).unwrap_err();
-        assert!(matches!(err, MediaError::TooLarge(ref m) if m.contains("61.0 s")), "{err}");
-        let err = inspect_wav(&wav(1, 8, 1, 16_000, 10), 60).unwrap_err().to_string();
+        assert!(
+            matches!(err, MediaError::TooLarge(ref m) if m.contains("61.0 s")),
+            "{err}"
+        );
+        let err = inspect_wav(&wav(1, 8, 1, 16_000, 10), 60)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("8-bit"), "{err}");
         assert!(inspect_wav(b"RIFF\x00\x00\x00\x00WAVE", 60).is_err());
         assert!(inspect_wav(b"not a wav", 60).is_err());

@@ -265,3 +265,92 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 /// Loop iterations of `slow.onnx` that take a few hundred ms on a 2-core machine.
 pub const SLOW_ITERATIONS: i64 = 1200;
+
+/// A tiny HTTP/1.1 server on a loopback port for URL-fetch tests: each path answers a fixed
+/// status, extra headers and body; every request path is recorded.
+pub struct StaticServer {
+    pub port: u16,
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// One canned answer of a [`StaticServer`].
+#[derive(Clone)]
+pub struct Canned {
+    pub status: &'static str,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl StaticServer {
+    pub async fn start(routes: Vec<(&'static str, Canned)>) -> StaticServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let routes = Arc::new(routes);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let routes = Arc::clone(&routes);
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut len = 0;
+                    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+                        match socket.read(&mut buf[len..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => len += n,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&buf[..len]).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    log.lock().unwrap().push(path.clone());
+                    let canned = routes
+                        .iter()
+                        .find(|(p, _)| *p == path)
+                        .map(|(_, c)| c.clone());
+                    let canned = canned.unwrap_or(Canned {
+                        status: "404 Not Found",
+                        headers: Vec::new(),
+                        body: b"not found".to_vec(),
+                    });
+                    let mut response = format!(
+                        "HTTP/1.1 {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        canned.status,
+                        canned.body.len()
+                    );
+                    for (k, v) in &canned.headers {
+                        response.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    response.push_str("\r\n");
+                    let _ = socket.write_all(response.as_bytes()).await;
+                    let _ = socket.write_all(&canned.body).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        StaticServer { port, seen }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// A redirect answer.
+pub fn redirect_to(location: &str) -> Canned {
+    Canned {
+        status: "302 Found",
+        headers: vec![("Location".into(), location.to_owned())],
+        body: Vec::new(),
+    }
+}
+
+/// A 200 answer with this body.
+pub fn ok_body(body: Vec<u8>) -> Canned {
+    Canned {
+        status: "200 OK",
+        headers: Vec::new(),
+        body,
+    }
+}

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::request_id;
 use crate::infer::InferError;
+use crate::media::MediaError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,6 +48,13 @@ impl From<InferError> for ApiError {
             InferError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             InferError::WrongTask { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_task"),
             InferError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            InferError::Media(MediaError::Encoding(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            InferError::Media(MediaError::Unsupported(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_media")
+            }
+            InferError::Media(MediaError::TooLarge(_)) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "media_too_large")
+            }
             InferError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             InferError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             InferError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),

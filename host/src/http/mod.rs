@@ -3,6 +3,7 @@
 
 mod error;
 pub mod request_id;
+mod tasks;
 
 use std::sync::Arc;
 
@@ -22,17 +23,66 @@ use crate::infer::{Inference, Tenant};
 #[derive(Debug)]
 pub struct AppState {
     pub inference: Arc<Inference>,
+    pub fetcher: crate::fetch::Fetcher,
     pub max_body_bytes: usize,
+    pub max_media_body_bytes: usize,
 }
 
+impl AppState {
+    /// Fetches a caller's `image_url` / `audio_url` (named `field` in errors).
+    pub async fn fetch(&self, field: &str, url: &str) -> Result<Vec<u8>, ApiError> {
+        use crate::fetch::FetchError;
+        self.fetcher.get(url).await.map_err(|e| match e {
+            FetchError::Refused(why) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "url_refused",
+                format!("`{field}` was not fetched: {why}"),
+            ),
+            FetchError::Failed(why) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "fetch_failed",
+                format!("fetching `{field}` failed: {why}"),
+            ),
+            FetchError::TooLarge(why) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("`{field}`: {why}"),
+            ),
+        })
+    }
+}
+
+/// Routes whose bodies carry base64 images or audio, under `max_media_body_bytes`.
+const MEDIA_ROUTES: [&str; 3] = [
+    "/v1/inference/image-classification",
+    "/v1/inference/object-detection",
+    "/v1/inference/asr",
+];
+
 pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.max_body_bytes;
+    let media_limit = DefaultBodyLimit::max(state.max_media_body_bytes);
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/v1/inference/embeddings", post(embeddings))
+        .route(
+            "/v1/inference/text-classification",
+            post(tasks::text_classification),
+        )
+        .route(
+            "/v1/inference/text-generation",
+            post(tasks::text_generation),
+        )
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        // Image and audio requests carry base64 files: their own, larger limit.
+        .merge(
+            Router::new()
+                .route(MEDIA_ROUTES[0], post(tasks::image_classification))
+                .route(MEDIA_ROUTES[1], post(tasks::object_detection))
+                .route(MEDIA_ROUTES[2], post(tasks::asr))
+                .layer(media_limit),
+        )
         .fallback(|| async { ApiError::not_found_route() })
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
@@ -46,15 +96,17 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let limit = if MEDIA_ROUTES.contains(&req.uri().path()) {
+            state.max_media_body_bytes
+        } else {
+            state.max_body_bytes
+        };
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    format!(
-                        "request body is larger than the limit of {} bytes",
-                        state.max_body_bytes
-                    ),
+                    format!("request body is larger than the limit of {limit} bytes"),
                 )
             } else {
                 ApiError::bad_request(format!("could not read the request body: {rejection}"))
@@ -79,9 +131,13 @@ async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     }))
 }
 
-/// `"inputs"`: one string or a list of strings.
+/// `"inputs"`: one string or a list of strings (`single` remembers which, for the answer's
+/// shape).
 #[derive(Debug)]
-pub struct TextInputs(pub Vec<String>);
+pub struct TextInputs {
+    pub texts: Vec<String>,
+    pub single: bool,
+}
 
 impl<'de> Deserialize<'de> for TextInputs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -92,10 +148,16 @@ impl<'de> Deserialize<'de> for TextInputs {
                 f.write_str("a string or a list of strings")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TextInputs, E> {
-                Ok(TextInputs(vec![v.to_owned()]))
+                Ok(TextInputs {
+                    texts: vec![v.to_owned()],
+                    single: true,
+                })
             }
             fn visit_string<E: serde::de::Error>(self, v: String) -> Result<TextInputs, E> {
-                Ok(TextInputs(vec![v]))
+                Ok(TextInputs {
+                    texts: vec![v],
+                    single: true,
+                })
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -105,7 +167,10 @@ impl<'de> Deserialize<'de> for TextInputs {
                 while let Some(item) = seq.next_element::<String>()? {
                     items.push(item);
                 }
-                Ok(TextInputs(items))
+                Ok(TextInputs {
+                    texts: items,
+                    single: false,
+                })
             }
         }
         d.deserialize_any(Visitor)
@@ -130,7 +195,7 @@ async fn embeddings(
     let tenant = Tenant::anonymous();
     let result = state
         .inference
-        .embed(&tenant, &request.model, request.inputs.0)
+        .embed(&tenant, &request.model, request.inputs.texts)
         .await?;
     Ok(Json(EmbeddingsResponse {
         embeddings: result.vectors,

@@ -12,10 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::{Config, Limits};
+use crate::media::{self, MediaError};
 use crate::nn::bindings::kiln::plugin::types;
 use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal};
 use crate::registry::{self, ModelId, ModelSpec, Task};
-use crate::runtime::instance::{CallReport, TaskPre};
+use crate::runtime::instance::{
+    CallReport, Detection, FinishReason, GenerationInput, GenerationParams, TaskPre,
+};
 use crate::runtime::{
     CallFailure, InstancePool, InstanceSetup, PluginInstance, PluginRuntime, PoolKey,
     RuntimeOptions, TrapKind,
@@ -45,6 +48,9 @@ pub enum InferError {
     },
     #[error("{0}")]
     InvalidInput(String),
+    /// An image or audio input the host refused from its header.
+    #[error("{0}")]
+    Media(#[from] MediaError),
     /// The plugin's own `invalid-input` or `unsupported` message.
     #[error("{0}")]
     Rejected(String),
@@ -86,6 +92,27 @@ impl std::fmt::Debug for LoadedModel {
             .field("plugin", &self.plugin_digest)
             .finish_non_exhaustive()
     }
+}
+
+/// Labels with scores, best first.
+pub type Ranked = Vec<(String, f32)>;
+
+/// Text classification: one ranking per input, in order.
+#[derive(Debug, Clone)]
+pub struct TextClassification {
+    pub results: Vec<Ranked>,
+    pub input_tokens: u32,
+    pub compute: Duration,
+}
+
+/// A finished text generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    pub compute: Duration,
 }
 
 /// Embeddings, one vector per input, and the usage the plugin reported.
@@ -191,6 +218,141 @@ impl Inference {
         })
     }
 
+    /// `POST /v1/inference/text-classification`: every label, best first, per input.
+    pub async fn classify_texts(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        inputs: Vec<String>,
+    ) -> Result<TextClassification, InferError> {
+        let model = self.model(model, Task::TextClassification)?;
+        check_texts(&inputs, &model.limits)?;
+        let count = inputs.len();
+        let (output, compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.classify_texts(&inputs, deadline)
+            })
+            .await?;
+        if output.results.len() != count {
+            return Err(InferError::PluginFailed {
+                detail: format!(
+                    "plugin returned {} results for {count} inputs",
+                    output.results.len()
+                ),
+            });
+        }
+        Ok(TextClassification {
+            results: output.results.into_iter().map(ranked).collect(),
+            input_tokens: output.usage.input_tokens,
+            compute,
+        })
+    }
+
+    /// `POST /v1/inference/image-classification`: the `top_k` best labels.
+    pub async fn classify_image(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        image: Vec<u8>,
+        top_k: u32,
+    ) -> Result<(Ranked, Duration), InferError> {
+        let model = self.model(model, Task::ImageClassification)?;
+        let image = checked_image(image, &model.limits)?;
+        let (scores, compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.classify_image(&image, top_k, deadline)
+            })
+            .await?;
+        let mut ranked = ranked(scores);
+        ranked.truncate(top_k as usize);
+        Ok((ranked, compute))
+    }
+
+    /// `POST /v1/inference/object-detection`: boxes in the original image's pixels.
+    pub async fn detect(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        image: Vec<u8>,
+        threshold: f32,
+    ) -> Result<(Vec<Detection>, Duration), InferError> {
+        let model = self.model(model, Task::ObjectDetection)?;
+        let image = checked_image(image, &model.limits)?;
+        let (mut detections, compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.detect(&image, threshold, deadline)
+            })
+            .await?;
+        detections.retain(|d| d.score.is_finite() && d.score >= threshold);
+        detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok((detections, compute))
+    }
+
+    /// `POST /v1/inference/asr`: the transcript of a WAV file.
+    pub async fn transcribe(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        wav: Vec<u8>,
+    ) -> Result<(String, Duration), InferError> {
+        let model = self.model(model, Task::Asr)?;
+        let header = media::inspect_wav(&wav, model.limits.max_audio_seconds)?;
+        let audio = types::Audio {
+            bytes: wav,
+            sample_rate: header.sample_rate,
+            channels: header.channels,
+            duration_ms: header.duration_ms,
+        };
+        let (transcript, compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.transcribe(&audio, deadline)
+            })
+            .await?;
+        Ok((transcript.text, compute))
+    }
+
+    /// `POST /v1/inference/text-generation` (to the end, not streamed).
+    pub async fn generate(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        input: GenerationInput,
+        params: GenerationParams,
+    ) -> Result<Generated, InferError> {
+        let model = self.model(model, Task::TextGeneration)?;
+        if params.max_tokens > model.limits.max_new_tokens {
+            return Err(InferError::InvalidInput(format!(
+                "`max_tokens` must be between 1 and {} for this model, got {}",
+                model.limits.max_new_tokens, params.max_tokens
+            )));
+        }
+        let texts: Vec<&str> = match &input {
+            GenerationInput::Prompt(p) => vec![p.as_str()],
+            GenerationInput::Chat(messages) => {
+                messages.iter().map(|m| m.content.as_str()).collect()
+            }
+        };
+        let total: usize = texts.iter().map(|t| t.chars().count()).sum();
+        if total > model.limits.max_input_chars {
+            return Err(InferError::InvalidInput(format!(
+                "the prompt is {total} characters long; the limit is {}",
+                model.limits.max_input_chars
+            )));
+        }
+        let ((text, finish_reason, usage), compute) = self
+            .call(tenant, &model, move |instance, deadline| {
+                instance.generate_to_end(&input, &params, deadline)
+            })
+            .await?;
+        Ok(Generated {
+            text,
+            finish_reason,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            compute,
+        })
+    }
+
     /// Borrows an instance for (model, tenant), runs `f` on a blocking thread within the
     /// model's wall-clock timeout, and maps the outcome.
     async fn call<T: Send + 'static>(
@@ -285,6 +447,26 @@ fn load_model(
         limits,
         setup,
         pre,
+    })
+}
+
+/// The plugin's scores as (label, score), best first (NaN last), whatever order it used.
+fn ranked(scores: Vec<types::ClassScore>) -> Ranked {
+    let mut ranked: Ranked = scores.into_iter().map(|c| (c.label, c.score)).collect();
+    ranked.sort_by(|a, b| match (a.1.is_nan(), b.1.is_nan()) {
+        (false, false) => b.1.total_cmp(&a.1),
+        (x, y) => x.cmp(&y),
+    });
+    ranked
+}
+
+/// An image whose header passed the model's limits, as the plugin receives it.
+fn checked_image(bytes: Vec<u8>, limits: &Limits) -> Result<types::Image, InferError> {
+    let header = media::inspect_image(&bytes, limits.max_image_pixels)?;
+    Ok(types::Image {
+        bytes,
+        width: header.width,
+        height: header.height,
     })
 }
 

@@ -447,6 +447,64 @@ impl PluginInstance {
         self.call(deadline, |store, _| generation.resource_drop(store).map(Ok))
     }
 
+    /// Runs a whole generation: `start`, `next` until `done`, then drops the resource (always,
+    /// so the guest frees its KV cache). Text steps are concatenated as they come; the host
+    /// never interprets tokens.
+    pub fn generate_to_end(
+        &mut self,
+        input: &GenerationInput,
+        params: &GenerationParams,
+        deadline: Instant,
+    ) -> CallReport<(String, FinishReason, types::Usage)> {
+        let started = self.start_generation(input, params, deadline);
+        let mut compute = started.compute;
+        let mut refusal = started.refusal;
+        let generation = match started.result {
+            Ok(generation) => generation,
+            Err(failure) => {
+                return CallReport {
+                    result: Err(failure),
+                    refusal,
+                    compute,
+                }
+            }
+        };
+        let mut text = String::new();
+        let mut outcome = Err(CallFailure::Plugin(types::Error::Internal(
+            "generation stopped by the host".into(),
+        )));
+        while refusal.is_none() {
+            let step = self.next_step(generation, deadline);
+            compute += step.compute;
+            refusal = step.refusal;
+            match step.result {
+                Ok(Step::Text(piece)) => text.push_str(&piece),
+                Ok(Step::Done((reason, usage))) => {
+                    outcome = Ok((std::mem::take(&mut text), reason, usage));
+                    break;
+                }
+                Err(failure) => {
+                    outcome = Err(failure);
+                    break;
+                }
+            }
+        }
+        // A trapped instance is discarded whole, its resources with it; otherwise the
+        // generation is dropped now, inside the sandbox's limits.
+        if !self.poisoned {
+            let dropped = self.drop_generation(generation, deadline);
+            compute += dropped.compute;
+            if let Err(failure) = dropped.result {
+                tracing::warn!(?failure, "dropping the generation failed");
+            }
+        }
+        CallReport {
+            result: outcome,
+            refusal,
+            compute,
+        }
+    }
+
     /// Arms the limits, makes the call, and sorts out how it ended.
     fn call<T>(
         &mut self,

@@ -1,0 +1,401 @@
+//! The task endpoints other than embeddings: request DTOs, their validation into what `infer`
+//! takes (parse, don't validate: defaults resolved here, every range named in its message), and
+//! the response shapes of the public API.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{ApiError, ApiJson, AppState, TextInputs};
+use crate::infer::{InferError, Ranked, Tenant};
+use crate::media;
+use crate::runtime::instance::{FinishReason, GenerationInput, GenerationParams, Message};
+
+fn invalid(message: String) -> ApiError {
+    ApiError::from(InferError::InvalidInput(message))
+}
+
+/// `{"labels": [...], "scores": [...]}`.
+fn labels_and_scores(ranked: Ranked) -> Value {
+    let (labels, scores): (Vec<String>, Vec<f32>) = ranked.into_iter().unzip();
+    json!({"labels": labels, "scores": scores})
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TextClassificationRequest {
+    pub model: String,
+    pub inputs: TextInputs,
+    pub top_k: Option<usize>,
+}
+
+/// `POST /v1/inference/text-classification`: an object for a string input, a list of objects
+/// for a list input.
+pub async fn text_classification(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<TextClassificationRequest>,
+) -> Result<Json<Value>, ApiError> {
+    if request.top_k == Some(0) {
+        return Err(invalid("`top_k` must be at least 1, got 0".into()));
+    }
+    let single = request.inputs.single;
+    let result = state
+        .inference
+        .classify_texts(&Tenant::anonymous(), &request.model, request.inputs.texts)
+        .await?;
+    let mut answers = result.results.into_iter().map(|mut ranked| {
+        if let Some(k) = request.top_k {
+            ranked.truncate(k);
+        }
+        labels_and_scores(ranked)
+    });
+    Ok(Json(if single {
+        answers.next().unwrap_or(Value::Null)
+    } else {
+        Value::Array(answers.collect())
+    }))
+}
+
+/// Where an image (or audio) comes from: inline base64, or a URL the host fetches.
+#[derive(Debug, Deserialize)]
+pub struct MediaSource {
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<String>,
+}
+
+impl MediaSource {
+    async fn bytes(self, state: &AppState) -> Result<Vec<u8>, ApiError> {
+        match (self.image, self.image_url) {
+            (Some(data), None) => {
+                Ok(media::decode_base64("image", &data).map_err(InferError::from)?)
+            }
+            (None, Some(url)) => state.fetch("image_url", &url).await,
+            (Some(_), Some(_)) => Err(invalid(
+                "give either `image` or `image_url`, not both".into(),
+            )),
+            (None, None) => Err(ApiError::bad_request(
+                "missing field `image` (base64 or a data URL) or `image_url`",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImageClassificationRequest {
+    pub model: String,
+    #[serde(flatten)]
+    pub source: MediaSource,
+    pub top_k: Option<u32>,
+}
+
+/// Labels returned when the caller does not say `top_k`.
+const DEFAULT_IMAGE_TOP_K: u32 = 5;
+
+/// `POST /v1/inference/image-classification`.
+pub async fn image_classification(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<ImageClassificationRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let top_k = request.top_k.unwrap_or(DEFAULT_IMAGE_TOP_K);
+    if top_k == 0 {
+        return Err(invalid("`top_k` must be at least 1, got 0".into()));
+    }
+    let image = request.source.bytes(&state).await?;
+    let (ranked, _) = state
+        .inference
+        .classify_image(&Tenant::anonymous(), &request.model, image, top_k)
+        .await?;
+    Ok(Json(labels_and_scores(ranked)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ObjectDetectionRequest {
+    pub model: String,
+    #[serde(flatten)]
+    pub source: MediaSource,
+    pub threshold: Option<f32>,
+}
+
+/// Detections scoring below this are dropped when the caller does not say `threshold`.
+const DEFAULT_DETECTION_THRESHOLD: f32 = 0.35;
+
+#[derive(Debug, Serialize)]
+struct DetectionBox {
+    xmin: i64,
+    ymin: i64,
+    xmax: i64,
+    ymax: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct DetectionDto {
+    label: String,
+    score: f32,
+    #[serde(rename = "box")]
+    bbox: DetectionBox,
+}
+
+/// `POST /v1/inference/object-detection`: boxes in whole pixels of the original image.
+pub async fn object_detection(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<ObjectDetectionRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let threshold = request.threshold.unwrap_or(DEFAULT_DETECTION_THRESHOLD);
+    if !(0.0..=1.0).contains(&threshold) {
+        return Err(invalid(format!(
+            "`threshold` must be between 0.0 and 1.0, got {threshold}"
+        )));
+    }
+    let image = request.source.bytes(&state).await?;
+    let (detections, _) = state
+        .inference
+        .detect(&Tenant::anonymous(), &request.model, image, threshold)
+        .await?;
+    let detections: Vec<DetectionDto> = detections
+        .into_iter()
+        .map(|d| DetectionDto {
+            label: d.label,
+            score: d.score,
+            bbox: DetectionBox {
+                xmin: d.box_.xmin.round() as i64,
+                ymin: d.box_.ymin.round() as i64,
+                xmax: d.box_.xmax.round() as i64,
+                ymax: d.box_.ymax.round() as i64,
+            },
+        })
+        .collect();
+    Ok(Json(json!({ "detections": detections })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AsrRequest {
+    pub model: String,
+    #[serde(default)]
+    pub audio: Option<String>,
+    #[serde(default)]
+    pub audio_url: Option<String>,
+}
+
+/// `POST /v1/inference/asr`.
+pub async fn asr(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<AsrRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let wav = match (request.audio, request.audio_url) {
+        (Some(data), None) => media::decode_base64("audio", &data).map_err(InferError::from)?,
+        (None, Some(url)) => state.fetch("audio_url", &url).await?,
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "give either `audio` or `audio_url`, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "missing field `audio` (base64 or a data URL) or `audio_url`",
+            ))
+        }
+    };
+    let (text, _) = state
+        .inference
+        .transcribe(&Tenant::anonymous(), &request.model, wav)
+        .await?;
+    Ok(Json(json!({ "text": text })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessageDto {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TextGenerationRequest {
+    pub model: String,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<MessageDto>>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub frequency_penalty: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub stop_sequences: Option<Vec<String>>,
+    pub seed: Option<u64>,
+    pub return_full_text: Option<bool>,
+    pub stream: Option<bool>,
+}
+
+/// Tokens generated when the caller does not say `max_tokens` (the API's own example).
+const DEFAULT_MAX_TOKENS: u32 = 100;
+/// Stop sequences per request, and characters per stop sequence: each is matched against the
+/// text at every step, so both are bounded.
+const MAX_STOP_SEQUENCES: usize = 16;
+const MAX_STOP_CHARS: usize = 256;
+
+/// A generation request with defaults resolved and every parameter in range.
+#[derive(Debug)]
+pub struct ValidGenerateRequest {
+    pub model: String,
+    pub input: GenerationInput,
+    pub params: GenerationParams,
+    pub return_full_text: bool,
+}
+
+fn in_range(name: &str, value: f32, range: std::ops::RangeInclusive<f32>) -> Result<f32, ApiError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(format!(
+            "`{name}` must be between {:.1} and {:.1}, got {value}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
+impl TryFrom<TextGenerationRequest> for ValidGenerateRequest {
+    type Error = ApiError;
+
+    fn try_from(r: TextGenerationRequest) -> Result<Self, ApiError> {
+        let input = match (r.prompt, r.messages) {
+            (Some(prompt), None) => {
+                if prompt.is_empty() {
+                    return Err(invalid("`prompt` must not be empty".into()));
+                }
+                GenerationInput::Prompt(prompt)
+            }
+            (None, Some(messages)) => {
+                if messages.is_empty() {
+                    return Err(invalid("`messages` must not be empty".into()));
+                }
+                for (i, m) in messages.iter().enumerate() {
+                    if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                        return Err(invalid(format!(
+                            "`messages[{i}].role` must be \"system\", \"user\" or \"assistant\", got {:?}",
+                            m.role
+                        )));
+                    }
+                }
+                GenerationInput::Chat(
+                    messages
+                        .into_iter()
+                        .map(|m| Message {
+                            role: m.role,
+                            content: m.content,
+                        })
+                        .collect(),
+                )
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give either `prompt` or `messages`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::bad_request(
+                    "missing field `prompt` or `messages`",
+                ))
+            }
+        };
+        let max_tokens = r.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        if max_tokens == 0 {
+            return Err(invalid("`max_tokens` must be at least 1, got 0".into()));
+        }
+        let temperature = in_range("temperature", r.temperature.unwrap_or(1.0), 0.0..=2.0)?;
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(invalid(format!(
+                "`top_p` must be greater than 0.0 and at most 1.0, got {top_p}"
+            )));
+        }
+        let frequency_penalty = in_range(
+            "frequency_penalty",
+            r.frequency_penalty.unwrap_or(0.0),
+            -2.0..=2.0,
+        )?;
+        let presence_penalty = in_range(
+            "presence_penalty",
+            r.presence_penalty.unwrap_or(0.0),
+            -2.0..=2.0,
+        )?;
+        let stop_sequences = r.stop_sequences.unwrap_or_default();
+        if stop_sequences.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(format!(
+                "`stop_sequences` may hold at most {MAX_STOP_SEQUENCES} sequences, got {}",
+                stop_sequences.len()
+            )));
+        }
+        for (i, s) in stop_sequences.iter().enumerate() {
+            let chars = s.chars().count();
+            if chars == 0 || chars > MAX_STOP_CHARS {
+                return Err(invalid(format!(
+                    "`stop_sequences[{i}]` must be 1 to {MAX_STOP_CHARS} characters, got {chars}"
+                )));
+            }
+        }
+        if r.stream == Some(true) {
+            return Err(invalid(
+                "streaming (`\"stream\": true`) is not available yet on this server".into(),
+            ));
+        }
+        Ok(ValidGenerateRequest {
+            model: r.model,
+            input,
+            params: GenerationParams {
+                max_tokens,
+                temperature,
+                top_p,
+                top_k: r.top_k.unwrap_or(0),
+                frequency_penalty,
+                presence_penalty,
+                stop_sequences,
+                seed: r.seed,
+            },
+            return_full_text: r.return_full_text.unwrap_or(true),
+        })
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Eos => "eos",
+    }
+}
+
+/// `POST /v1/inference/text-generation`.
+pub async fn text_generation(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<TextGenerationRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let request = ValidGenerateRequest::try_from(request)?;
+    // As HF's API: the prompt leads the text unless the caller asks for the new text only; a
+    // chat's answer is only the assistant's new text.
+    let prefix = match (&request.input, request.return_full_text) {
+        (GenerationInput::Prompt(prompt), true) => prompt.clone(),
+        _ => String::new(),
+    };
+    let generated = state
+        .inference
+        .generate(
+            &Tenant::anonymous(),
+            &request.model,
+            request.input,
+            request.params,
+        )
+        .await?;
+    Ok(Json(json!({
+        "generated_text": prefix + &generated.text,
+        "tokens_used": generated.input_tokens + generated.output_tokens,
+        "usage": {
+            "input_tokens": generated.input_tokens,
+            "output_tokens": generated.output_tokens,
+        },
+        "finish_reason": finish_reason(generated.finish_reason),
+    })))
+}

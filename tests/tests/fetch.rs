@@ -1,0 +1,209 @@
+//! `image_url` / `audio_url` fetching over real HTTP, and its SSRF protections: a name that
+//! resolves to loopback, an IPv4-mapped IPv6 literal, a public-looking URL redirecting to a
+//! link-local or private one, redirect loops, size caps. Traffic goes only to loopback; the
+//! private and link-local destinations are refused before any connection.
+
+use kiln_tests::{ok_body, redirect_to, ModelsDir, Reply, StaticServer, TestServer};
+use serde_json::json;
+
+async fn classify_url(server: &TestServer, url: &str) -> Reply {
+    server
+        .post(
+            "/v1/inference/image-classification",
+            &json!({"model": "nobody/nothing", "image_url": url}),
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_names_and_literals_are_refused_by_default() {
+    let files = StaticServer::start(vec![("/a.png", ok_body(b"png".to_vec()))]).await;
+    let models = ModelsDir::new();
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let port = files.port;
+    for (url, why) in [
+        (
+            format!("http://localhost:{port}/a.png"),
+            "resolves to 127.0.0.1 (loopback)",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/a.png"),
+            "127.0.0.1 is a loopback address",
+        ),
+        (
+            format!("http://[::1]:{port}/a.png"),
+            "::1 is a loopback address",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data".into(),
+            "link-local",
+        ),
+        ("http://10.0.0.8/a.png".into(), "private"),
+        ("file:///etc/passwd".into(), "only http and https"),
+    ] {
+        let r = classify_url(&server, &url).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (422, "url_refused"),
+            "{url}: {:?}",
+            r.body
+        );
+        assert!(r.message().contains(why), "{url}: {}", r.message());
+        assert!(r.message().contains("`image_url`"), "{}", r.message());
+    }
+    assert!(
+        files.seen.lock().unwrap().is_empty(),
+        "nothing reached the file server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redirect_is_checked_again() {
+    let files = StaticServer::start(vec![
+        (
+            "/to-metadata",
+            redirect_to("http://169.254.169.254/latest/meta-data"),
+        ),
+        (
+            "/to-internal",
+            redirect_to("http://internal.example/secret"),
+        ),
+        ("/loop", redirect_to("/loop")),
+        ("/missing-here", redirect_to("/nothing")),
+        ("/big", ok_body(vec![0u8; 4096])),
+        ("/fine", ok_body(b"not an image".to_vec())),
+    ])
+    .await;
+    let models = ModelsDir::new();
+    let mut config = kiln_tests::config(models.path());
+    // The file server plays a public host; `internal.example` a private one.
+    config.fetch_allow_loopback = true;
+    config.fetch_max_bytes = 1024;
+    config.fetch_static_hosts = vec![
+        ("images.example.com".into(), "127.0.0.1".parse().unwrap()),
+        ("internal.example".into(), "10.0.0.5".parse().unwrap()),
+    ];
+    let server = TestServer::start(config).await;
+    let public = |path: &str| format!("http://images.example.com:{}{path}", files.port);
+
+    let r = classify_url(&server, &public("/to-metadata")).await;
+    assert_eq!(r.code(), "url_refused", "{:?}", r.body);
+    assert!(
+        r.message().contains("redirect refused") && r.message().contains("link-local"),
+        "{}",
+        r.message()
+    );
+
+    let r = classify_url(&server, &public("/to-internal")).await;
+    assert_eq!(r.code(), "url_refused", "{:?}", r.body);
+    assert!(
+        r.message()
+            .contains("internal.example resolves to 10.0.0.5 (private)"),
+        "{}",
+        r.message()
+    );
+
+    let r = classify_url(&server, &public("/loop")).await;
+    assert_eq!(r.code(), "url_refused", "{:?}", r.body);
+    assert!(
+        r.message().contains("more than 5 redirects"),
+        "{}",
+        r.message()
+    );
+
+    let r = classify_url(&server, &public("/missing-here")).await;
+    assert_eq!((r.status, r.code()), (422, "fetch_failed"), "{:?}", r.body);
+    assert!(r.message().contains("404"), "{}", r.message());
+
+    let r = classify_url(&server, &public("/big")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "payload_too_large"),
+        "{:?}",
+        r.body
+    );
+
+    // Fetched fine: the request goes on to the model (which does not exist here).
+    let r = classify_url(&server, &public("/fine")).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (404, "model_not_found"),
+        "{:?}",
+        r.body
+    );
+
+    let seen = files.seen.lock().unwrap().clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|p| p.contains("secret") || p.contains("meta-data")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_fields_are_validated_before_anything_runs() {
+    let models = ModelsDir::new();
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let r = server
+        .post(
+            "/v1/inference/image-classification",
+            &json!({"model": "a/b", "image": "data:image/png;base64,@@@"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, "bad_request"), "{:?}", r.body);
+    assert!(
+        r.message().contains("`image` is not valid base64"),
+        "{}",
+        r.message()
+    );
+    let r = server
+        .post("/v1/inference/object-detection", &json!({"model": "a/b"}))
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(r.message().contains("`image`"), "{}", r.message());
+    let r = server
+        .post(
+            "/v1/inference/asr",
+            &json!({"model": "a/b", "audio": "AAAA", "audio_url": "http://x/"}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    let r = server
+        .post(
+            "/v1/inference/text-generation",
+            &json!({"model": "a/b", "prompt": "hi", "temperature": 3.5}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(
+        r.message(),
+        "`temperature` must be between 0.0 and 2.0, got 3.5"
+    );
+    for (body, expected) in [
+        (
+            json!({"model": "a/b", "prompt": "hi", "top_p": 0.0}),
+            "`top_p` must be greater than 0.0 and at most 1.0, got 0",
+        ),
+        (
+            json!({"model": "a/b", "prompt": "hi", "max_tokens": 0}),
+            "`max_tokens` must be at least 1, got 0",
+        ),
+        (
+            json!({"model": "a/b", "prompt": "hi", "presence_penalty": -2.5}),
+            "`presence_penalty` must be between -2.0 and 2.0, got -2.5",
+        ),
+        (
+            json!({"model": "a/b", "messages": [{"role": "robot", "content": "x"}]}),
+            "`messages[0].role` must be",
+        ),
+        (
+            json!({"model": "a/b", "prompt": "hi", "stop_sequences": [""]}),
+            "`stop_sequences[0]` must be 1 to 256 characters, got 0",
+        ),
+    ] {
+        let r = server.post("/v1/inference/text-generation", &body).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert!(r.message().starts_with(expected), "{body}: {}", r.message());
+    }
+}
