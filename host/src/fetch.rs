@@ -98,12 +98,14 @@ fn blocked_v4(ip: Ipv4Addr, policy: &FetchPolicy) -> Option<&'static str> {
         Some("link-local")
     } else if ip.is_multicast() {
         Some("multicast")
-    } else if ip.is_broadcast() || a >= 240 {
-        Some("reserved")
-    } else if (a, b) == (198, 18)
+    } else if ip.is_broadcast()
+        || a >= 240
+        || (a, b) == (198, 18)
         || (a, b) == (198, 19)
-        || (a == 192 && b == 0 && ip.octets()[2] == 0)
+        || (a, b, ip.octets()[2]) == (192, 0, 0)
     {
+        // 240/4 future use and broadcast, 198.18/15 benchmarking, 192.0.0/24 IETF protocol
+        // assignments.
         Some("reserved")
     } else {
         None
@@ -117,9 +119,10 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     if let Some(v4) = v6.to_ipv4_mapped() {
         Some(v4)
-    } else if s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified() {
-        Some(tail)
-    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+    } else if (s[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_loopback() && !v6.is_unspecified())
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0])
+    {
+        // IPv4-compatible (deprecated) and NAT64: the IPv4 address is the last 32 bits.
         Some(tail)
     } else if s[0] == 0x2002 {
         Some(Ipv4Addr::new(

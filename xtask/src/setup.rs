@@ -54,6 +54,12 @@ const PLUGINS: &[(&str, &str, &str)] = &[
         "kiln_plugin_embeddings.wasm",
         "embeddings.wasm",
     ),
+    ("kiln-plugin-asr", "kiln_plugin_asr.wasm", "asr.wasm"),
+    (
+        "kiln-plugin-text-classification",
+        "kiln_plugin_text_classification.wasm",
+        "text-classification.wasm",
+    ),
     (
         "kiln-fixture-sandbox-probe",
         "kiln_fixture_sandbox_probe.wasm",
