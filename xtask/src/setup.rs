@@ -56,6 +56,16 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ),
     ("kiln-plugin-asr", "kiln_plugin_asr.wasm", "asr.wasm"),
     (
+        "kiln-plugin-image-classification",
+        "kiln_plugin_image_classification.wasm",
+        "image-classification.wasm",
+    ),
+    (
+        "kiln-plugin-object-detection",
+        "kiln_plugin_object_detection.wasm",
+        "object-detection.wasm",
+    ),
+    (
         "kiln-plugin-text-classification",
         "kiln_plugin_text_classification.wasm",
         "text-classification.wasm",
