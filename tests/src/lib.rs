@@ -54,26 +54,46 @@ pub fn fixture_onnx(file: &str) -> PathBuf {
     )
 }
 
-/// The demo models folder (`.kiln/models`, laid out by setup) if `demo/<name>` is there. None
-/// (the test should return early) only when it is missing and `CI` is unset; under CI a missing
-/// model fails the test.
+/// A models folder serving only `demo/<name>` (laid out by setup in `.kiln/models`), so a test
+/// server loads just the model it tests. None (the test should return early) only when the
+/// model is missing and `CI` is unset; under CI a missing model fails the test.
 pub fn demo_model(name: &str) -> Option<PathBuf> {
-    let dir = repo_root().join(".kiln/models");
-    if dir.join("demo").join(name).join("model.toml").is_file() {
-        return Some(dir);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "the demo model demo/{name} is missing under {} and CI is set: run `cargo xtask setup` \
-             (models other than minilm come from KILN_MODEL_SOURCE, default ../shared/models)",
-            dir.display()
+    demo_models(&[name])
+}
+
+/// [`demo_model`] for several models served together.
+pub fn demo_models(names: &[&str]) -> Option<PathBuf> {
+    let all = repo_root().join(".kiln/models");
+    for name in names {
+        if all.join("demo").join(name).join("model.toml").is_file() {
+            continue;
+        }
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "the demo model demo/{name} is missing under {} and CI is set: run `cargo xtask \
+                 setup` (models other than minilm come from KILN_MODEL_SOURCE, default \
+                 ../shared/models)",
+                all.display()
+            );
+        }
+        eprintln!(
+            "SKIPPED: demo/{name} not found under {} (run `cargo xtask setup`)",
+            all.display()
         );
+        return None;
     }
-    eprintln!(
-        "SKIPPED: demo/{name} not found under {} (run `cargo xtask setup`)",
-        dir.display()
-    );
-    None
+    // A folder of symbolic links to the chosen model folders (the server reads through them;
+    // files inside the model folders stay real files).
+    let dir = repo_root().join("target/test-models").join(names.join("+"));
+    std::fs::create_dir_all(dir.join("demo")).expect("test models folder");
+    for name in names {
+        let link = dir.join("demo").join(name);
+        if !link.exists() {
+            // Tests run in parallel: another may have made the link already.
+            let _ = std::os::unix::fs::symlink(all.join("demo").join(name), &link);
+        }
+    }
+    Some(dir)
 }
 
 /// [`demo_model`] for the embeddings model, `demo/minilm`.
@@ -353,4 +373,10 @@ pub fn ok_body(body: Vec<u8>) -> Canned {
         headers: Vec::new(),
         body,
     }
+}
+
+/// Standard base64 with padding, as API callers send files.
+pub fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

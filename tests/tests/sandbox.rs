@@ -363,6 +363,9 @@ async fn request_errors_have_the_documented_statuses() {
         "{:?}",
         r.body
     );
+    // The body was not read to its end: the server says so, and the client opens a new
+    // connection for the next request instead of reusing a half-read one.
+    assert_eq!(r.headers["connection"], "close");
 
     let r =
         kiln_tests::Reply::read(server.client.get(server.url("/nope")).send().await.unwrap()).await;

@@ -6,7 +6,7 @@
 //! The WAV files other than beckett.wav are written here from its samples: the same speech at
 //! 44.1 kHz stereo float, and a 65 s recording that needs three 30 s windows.
 
-use kiln_tests::{demo_model, repo_root, test_input, TestServer};
+use kiln_tests::{base64, demo_model, repo_root, test_input, TestServer};
 use serde_json::json;
 
 const MODEL: &str = "demo/whisper-tiny-en";
@@ -18,28 +18,6 @@ fn reference_text() -> String {
         serde_json::from_str(&std::fs::read_to_string(&path).expect("whisper_reference.json"))
             .unwrap();
     reference["text"].as_str().unwrap().trim().to_owned()
-}
-
-/// Standard base64 with padding (the tests crate has no base64 dependency).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// The samples of a 16-bit PCM mono WAV, in [-1, 1], and its rate.

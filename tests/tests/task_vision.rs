@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use kiln_tests::{demo_model, repo_root, test_input, TestServer};
+use kiln_tests::{base64, demo_models, repo_root, test_input, TestServer};
 use serde_json::{json, Value};
 
 const CLASSIFY: &str = "/v1/inference/image-classification";
@@ -34,28 +34,6 @@ fn reference() -> Value {
     .expect("reference JSON")
 }
 
-/// Standard base64 with padding (the test crate has no base64 dependency).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn data_url(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     format!("data:image/png;base64,{}", base64(&bytes))
@@ -64,8 +42,7 @@ fn data_url(path: &Path) -> String {
 /// The server with both vision models, and the three test images; None (skip) outside CI when
 /// the models or inputs are missing.
 async fn setup() -> Option<(TestServer, [String; 3])> {
-    let models = demo_model("efficientnet-lite0")?;
-    demo_model("nanodet")?;
+    let models = demo_models(&["efficientnet-lite0", "nanodet"])?;
     let astronaut = test_input("astronaut.png")?;
     let coffee = test_input("coffee.png")?;
     let motorcycle = test_input("motorcycle_left.png")?;

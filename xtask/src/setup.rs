@@ -66,6 +66,11 @@ const PLUGINS: &[(&str, &str, &str)] = &[
         "object-detection.wasm",
     ),
     (
+        "kiln-plugin-text-generation",
+        "kiln_plugin_text_generation.wasm",
+        "text-generation.wasm",
+    ),
+    (
         "kiln-plugin-text-classification",
         "kiln_plugin_text_classification.wasm",
         "text-classification.wasm",

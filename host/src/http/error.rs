@@ -16,6 +16,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Ask the client to close the connection (the request body was not read to its end, so
+    /// the connection cannot carry another request).
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -25,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            close_connection: false,
         }
     }
 
@@ -95,6 +99,11 @@ impl IntoResponse for ApiError {
             "request_id": request_id,
         });
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

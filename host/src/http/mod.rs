@@ -103,11 +103,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
         };
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request body is larger than the limit of {limit} bytes"),
-                )
+                ApiError {
+                    close_connection: true,
+                    ..ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("request body is larger than the limit of {limit} bytes"),
+                    )
+                }
             } else {
                 ApiError::bad_request(format!("could not read the request body: {rejection}"))
             }
