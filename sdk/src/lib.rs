@@ -52,6 +52,9 @@ pub mod generate;
 #[cfg(feature = "image")]
 pub mod image;
 pub mod scores;
+pub mod testing;
+#[cfg(feature = "text")]
+pub mod text;
 
 /// Bindings of every interface a plugin may import (`kiln:plugin/imports`), generated once and
 /// shared by every task module.

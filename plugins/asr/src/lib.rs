@@ -289,15 +289,9 @@ kiln_sdk::export_asr!(AsrPlugin);
 mod tests {
     use super::*;
 
-    const TOKENIZER: &str = "/work/shared/models/whisper-tiny-en/tokenizer.json";
-
     fn tokenizer() -> Option<Tokenizer> {
-        let path = std::path::Path::new(TOKENIZER);
-        if !path.exists() {
-            eprintln!("SKIPPED: {TOKENIZER} not found");
-            return None;
-        }
-        Some(load_tokenizer(path).unwrap())
+        let path = kiln_sdk::testing::model_source_file("whisper-tiny-en/tokenizer.json")?;
+        Some(load_tokenizer(&path).unwrap())
     }
 
     #[test]

@@ -22,11 +22,8 @@
 use std::sync::OnceLock;
 
 use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
+use kiln_sdk::text::Tokenizer;
 use kiln_sdk::{Error, Graph, Usage};
-use tokenizers::{
-    PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
-    TruncationStrategy,
-};
 
 pub mod pooling;
 
@@ -53,87 +50,9 @@ fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T,
     Ok(kiln_sdk::config(key)?.unwrap_or(default))
 }
 
-/// Loads the tokenizer from `path` and sets it to truncate to `max_length` tokens and pad each
-/// batch to its longest input.
-pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Tokenizer, String> {
-    // No threads in a wasm32-wasip2 instance: keep `encode_batch` on the calling thread.
-    tokenizers::utils::parallelism::set_parallelism(false);
-    let mut tokenizer =
-        Tokenizer::from_file(path).map_err(|e| format!("loading {}: {e}", path.display()))?;
-    tokenizer
-        .with_truncation(Some(TruncationParams {
-            max_length,
-            strategy: TruncationStrategy::LongestFirst,
-            direction: TruncationDirection::Right,
-            stride: 0,
-        }))
-        .map_err(|e| format!("max_length {max_length}: {e}"))?;
-    let padding = match tokenizer.get_padding() {
-        Some(existing) => PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_to_multiple_of: None,
-            ..existing.clone()
-        },
-        None => {
-            let pad_token = "[PAD]".to_owned();
-            let pad_id = tokenizer.token_to_id(&pad_token).unwrap_or(0);
-            PaddingParams {
-                strategy: PaddingStrategy::BatchLongest,
-                pad_id,
-                pad_token,
-                pad_type_id: 0,
-                ..PaddingParams::default()
-            }
-        }
-    };
-    tokenizer.with_padding(Some(padding));
-    Ok(tokenizer)
-}
-
-/// A tokenized batch, row-major `[batch, seq]`.
-pub struct Batch {
-    /// Inputs in the batch.
-    pub batch: usize,
-    /// Tokens per input, padding included.
-    pub seq: usize,
-    /// Token ids.
-    pub input_ids: Vec<i64>,
-    /// 1 for a real token, 0 for padding.
-    pub attention_mask: Vec<i64>,
-    /// Segment ids.
-    pub token_type_ids: Vec<i64>,
-}
-
-/// Tokenizes `inputs` as one batch (the tokenizer pads it to its longest input).
-pub fn tokenize(tokenizer: &Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
-    let encodings = tokenizer
-        .encode_batch(inputs.to_vec(), true)
-        .map_err(|e| format!("tokenizing: {e}"))?;
-    let batch = encodings.len();
-    let seq = encodings.first().map_or(0, |e| e.len());
-    let mut out = Batch {
-        batch,
-        seq,
-        input_ids: Vec::with_capacity(batch * seq),
-        attention_mask: Vec::with_capacity(batch * seq),
-        token_type_ids: Vec::with_capacity(batch * seq),
-    };
-    for encoding in &encodings {
-        if encoding.len() != seq {
-            return Err(format!(
-                "tokenizer padded unevenly: {} and {seq} tokens",
-                encoding.len()
-            ));
-        }
-        out.input_ids
-            .extend(encoding.get_ids().iter().map(|&v| i64::from(v)));
-        out.attention_mask
-            .extend(encoding.get_attention_mask().iter().map(|&v| i64::from(v)));
-        out.token_type_ids
-            .extend(encoding.get_type_ids().iter().map(|&v| i64::from(v)));
-    }
-    Ok(out)
-}
+// The batch tokenizer lives in kiln-sdk; re-exported for the native benchmark, which runs the
+// same code outside the sandbox.
+pub use kiln_sdk::text::{load_tokenizer, tokenize, Batch};
 
 impl Lifecycle for EmbeddingsPlugin {
     fn init() -> Result<(), Error> {
@@ -252,15 +171,9 @@ kiln_sdk::export_embeddings!(EmbeddingsPlugin);
 mod tests {
     use super::*;
 
-    const TOKENIZER: &str = "/work/shared/models/minilm/tokenizer.json";
-
     fn tokenizer(max_length: usize) -> Option<Tokenizer> {
-        let path = std::path::Path::new(TOKENIZER);
-        if !path.exists() {
-            eprintln!("skipping: {TOKENIZER} not found");
-            return None;
-        }
-        Some(load_tokenizer(path, max_length).unwrap())
+        let path = kiln_sdk::testing::model_source_file("minilm/tokenizer.json")?;
+        Some(load_tokenizer(&path, max_length).unwrap())
     }
 
     #[test]

@@ -23,12 +23,11 @@
 
 use std::sync::OnceLock;
 
+use kiln_sdk::text::Tokenizer;
 use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
 use kiln_sdk::{Error, Graph, Usage};
-use tokenizers::Tokenizer;
 
 pub mod classes;
-pub mod tokenize;
 
 use classes::ScoreSource;
 
@@ -78,7 +77,7 @@ impl Lifecycle for TextClassificationPlugin {
         let token_type_ids: String = config_or("token_type_ids", "token_type_ids".to_owned())?;
 
         let tokenizer =
-            tokenize::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
+            kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
                 .map_err(Error::internal)?;
         let labels = load_labels(&labels_file)?;
         let graph = Graph::load(&graph_name)?;
@@ -107,7 +106,7 @@ impl Guest for TextClassificationPlugin {
             return Err(Error::invalid_input("no inputs to classify"));
         }
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let batch = tokenize::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
+        let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
         let dims = [batch.batch as u32, batch.seq as u32];
 
         let mut graph_inputs = vec![

@@ -94,15 +94,14 @@ pub fn special_token(config: &serde_json::Value, key: &str) -> String {
 mod tests {
     use super::*;
 
-    const SMOLLM2: &str = "/work/shared/models/smollm2-135m-instruct";
-
     #[test]
     fn renders_the_smollm2_template_like_transformers() {
-        let path = std::path::Path::new(SMOLLM2).join("chat_template.jinja");
-        let Ok(source) = std::fs::read_to_string(&path) else {
-            eprintln!("skipping: {} not found", path.display());
+        let Some(path) =
+            kiln_sdk::testing::model_source_file("smollm2-135m-instruct/chat_template.jinja")
+        else {
             return;
         };
+        let source = std::fs::read_to_string(&path).unwrap();
         let template =
             ChatTemplate::new(source, "<|im_start|>".into(), "<|im_end|>".into()).expect("parses");
         let text = template

@@ -1,13 +1,13 @@
-//! Batch tokenizing for BERT-style encoders: truncation to `max_length`, padding to the longest
-//! input, and the `[batch, seq]` int64 rows the graph takes.
-//!
-//! TODO(move to kiln-sdk): a copy of the embeddings plugin's `load_tokenizer` and `tokenize`,
-//! kept here until they move into a kiln-sdk `text` module that both plugins share.
+//! Batch tokenizing for BERT-style encoders (feature `text`, the HF `tokenizers` crate):
+//! truncation to `max_length`, padding to the longest input, and the `[batch, seq]` int64 rows
+//! the graph takes. Shared by the embeddings and text-classification plugins.
 
 use tokenizers::{
-    PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
-    TruncationStrategy,
+    PaddingParams, PaddingStrategy, TruncationDirection, TruncationParams, TruncationStrategy,
 };
+
+/// The HF tokenizer type, re-exported so plugins need no direct dependency.
+pub use tokenizers::Tokenizer;
 
 /// Loads the tokenizer from `path` and sets it to truncate to `max_length` tokens and pad each
 /// batch to its longest input.
@@ -104,15 +104,9 @@ mod tests {
     use super::*;
 
     /// The sentiment model's tokenizer (BERT uncased, the same file as MiniLM's).
-    const TOKENIZER: &str = "/work/shared/models/sentiment/tokenizer.json";
-
     fn tokenizer(max_length: usize) -> Option<Tokenizer> {
-        let path = std::path::Path::new(TOKENIZER);
-        if !path.exists() {
-            eprintln!("SKIPPED: {TOKENIZER} not found");
-            return None;
-        }
-        Some(load_tokenizer(path, max_length).unwrap())
+        let path = crate::testing::model_source_file("sentiment/tokenizer.json")?;
+        Some(load_tokenizer(&path, max_length).unwrap())
     }
 
     #[test]
