@@ -23,7 +23,7 @@ commands:
   build-plugins  build the guest plugins for wasm32-wasip2 into .kiln/plugins/
   demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
   test           setup + Python venv + ONNX fixtures, then fmt, clippy and cargo test
-  bench          setup, then the embeddings benchmark
+  bench          setup, then the benchmarks: embeddings (criterion) and one line per task
   fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
   reference      demo model + Python venv, then regenerate tests/reference/minilm_embeddings.json";
 
@@ -112,11 +112,12 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
     steps.run("cargo test", || run(&mut cmd))
 }
 
-/// `cargo xtask bench`: the end-to-end embeddings benchmark.
+/// `cargo xtask bench`: the embeddings benchmark, then every task over HTTP against native.
 fn bench(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
     let mut cmd = repo.cargo();
     cmd.args(["bench", "-p", "kiln-host", "--bench", "embeddings"]);
+    cmd.args(["--bench", "tasks"]);
     repo.with_runtime_env(&mut cmd);
     steps.run("cargo bench", || run(&mut cmd))
 }
