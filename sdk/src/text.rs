@@ -61,7 +61,58 @@ pub struct Batch {
     pub token_type_ids: Vec<i64>,
 }
 
+/// The graph input names of a BERT-style encoder; `token_type_ids` is None for graphs without
+/// segment ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncoderInputs {
+    /// Token ids input, int64 `[batch, seq]`.
+    pub input_ids: String,
+    /// Attention mask input, int64 `[batch, seq]`.
+    pub attention_mask: String,
+    /// Segment ids input, int64 `[batch, seq]`, if the graph has one.
+    pub token_type_ids: Option<String>,
+}
+
+impl EncoderInputs {
+    /// The names from the plugin configuration (`input_ids`, `attention_mask`,
+    /// `token_type_ids`; `token_type_ids = ""` for a graph without segment ids), defaulting to
+    /// the usual Hugging Face export names.
+    pub fn from_config() -> Result<Self, crate::Error> {
+        let name = |key: &str| -> Result<String, crate::Error> {
+            Ok(crate::config::<String>(key)?.unwrap_or_else(|| key.to_owned()))
+        };
+        let token_type_ids = name("token_type_ids")?;
+        Ok(Self {
+            input_ids: name("input_ids")?,
+            attention_mask: name("attention_mask")?,
+            token_type_ids: (!token_type_ids.is_empty()).then_some(token_type_ids),
+        })
+    }
+}
+
 impl Batch {
+    /// The batch as the encoder's named int64 `[batch, seq]` input tensors.
+    pub fn graph_inputs<'a>(&self, names: &'a EncoderInputs) -> Vec<(&'a str, crate::Tensor)> {
+        let dims = [self.batch as u32, self.seq as u32];
+        let mut inputs = vec![
+            (
+                names.input_ids.as_str(),
+                crate::tensor_i64(&dims, &self.input_ids),
+            ),
+            (
+                names.attention_mask.as_str(),
+                crate::tensor_i64(&dims, &self.attention_mask),
+            ),
+        ];
+        if let Some(name) = &names.token_type_ids {
+            inputs.push((
+                name.as_str(),
+                crate::tensor_i64(&dims, &self.token_type_ids),
+            ));
+        }
+        inputs
+    }
+
     /// Real (non-padding) tokens in the batch: what the request is billed.
     pub fn real_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m == 1).count()

@@ -22,7 +22,7 @@
 use std::sync::OnceLock;
 
 use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
-use kiln_sdk::text::Tokenizer;
+use kiln_sdk::text::{EncoderInputs, Tokenizer};
 use kiln_sdk::{Error, Graph, Usage};
 
 pub mod pooling;
@@ -37,9 +37,7 @@ struct State {
     graph: Graph,
     pooling: Pooling,
     normalize: bool,
-    input_ids: String,
-    attention_mask: String,
-    token_type_ids: Option<String>,
+    inputs: EncoderInputs,
     output: String,
 }
 
@@ -74,7 +72,6 @@ impl Lifecycle for EmbeddingsPlugin {
         };
         let normalize = config_or("normalize", true)?;
         let graph_name: String = config_or("graph", "model".to_owned())?;
-        let token_type_ids: String = config_or("token_type_ids", "token_type_ids".to_owned())?;
 
         let tokenizer = load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
             .map_err(Error::internal)?;
@@ -84,9 +81,7 @@ impl Lifecycle for EmbeddingsPlugin {
             graph,
             pooling,
             normalize,
-            input_ids: config_or("input_ids", "input_ids".to_owned())?,
-            attention_mask: config_or("attention_mask", "attention_mask".to_owned())?,
-            token_type_ids: (!token_type_ids.is_empty()).then_some(token_type_ids),
+            inputs: EncoderInputs::from_config()?,
             output: config_or("output", "last_hidden_state".to_owned())?,
         };
         // A second `init` (the host calls it once per instance) keeps the first state.
@@ -105,25 +100,7 @@ impl Guest for EmbeddingsPlugin {
         }
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
         let batch = tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let dims = [batch.batch as u32, batch.seq as u32];
-
-        let mut graph_inputs = vec![
-            (
-                state.input_ids.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.input_ids),
-            ),
-            (
-                state.attention_mask.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.attention_mask),
-            ),
-        ];
-        if let Some(name) = &state.token_type_ids {
-            graph_inputs.push((
-                name.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.token_type_ids),
-            ));
-        }
-        let mut outputs = state.graph.compute(graph_inputs)?;
+        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
         let hidden_states = outputs.take(&state.output)?;
         let shape = hidden_states.dimensions();
         let values = kiln_sdk::to_f32_vec(&hidden_states)?;
@@ -154,7 +131,7 @@ impl Guest for EmbeddingsPlugin {
         if state.normalize {
             vectors.iter_mut().for_each(|v| pooling::l2_normalize(v));
         }
-        let input_tokens = batch.attention_mask.iter().filter(|&&m| m == 1).count();
+        let input_tokens = batch.real_tokens();
         Ok(Output {
             vectors,
             usage: Usage {

@@ -321,15 +321,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn shared(path: &str) -> Option<PathBuf> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models")
-            .join(path);
-        if path.exists() {
-            Some(path)
-        } else {
-            eprintln!("SKIPPED: {} not found", path.display());
-            None
-        }
+        kiln_sdk::testing::model_source_file(path)
     }
 
     /// See the image-classification plugin: Pillow's 8-bit intermediate against our f32 one.

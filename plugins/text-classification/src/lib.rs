@@ -23,7 +23,7 @@
 
 use std::sync::OnceLock;
 
-use kiln_sdk::text::Tokenizer;
+use kiln_sdk::text::{EncoderInputs, Tokenizer};
 use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
 use kiln_sdk::{Error, Graph, Usage};
 
@@ -40,9 +40,7 @@ struct State {
     graph: Graph,
     source: ScoreSource,
     output: String,
-    input_ids: String,
-    attention_mask: String,
-    token_type_ids: Option<String>,
+    inputs: EncoderInputs,
 }
 
 /// The plugin (exported as `kiln:plugin/text-classification-plugin`).
@@ -74,7 +72,6 @@ impl Lifecycle for TextClassificationPlugin {
         let source = ScoreSource::parse(&config_or("scores", "softmax".to_owned())?)?;
         let output: String = config_or("output", source.default_output().to_owned())?;
         let graph_name: String = config_or("graph", "model".to_owned())?;
-        let token_type_ids: String = config_or("token_type_ids", "token_type_ids".to_owned())?;
 
         let tokenizer =
             kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
@@ -87,9 +84,7 @@ impl Lifecycle for TextClassificationPlugin {
             graph,
             source,
             output,
-            input_ids: config_or("input_ids", "input_ids".to_owned())?,
-            attention_mask: config_or("attention_mask", "attention_mask".to_owned())?,
-            token_type_ids: (!token_type_ids.is_empty()).then_some(token_type_ids),
+            inputs: EncoderInputs::from_config()?,
         };
         // A second `init` (the host calls it once per instance) keeps the first state.
         let _ = STATE.set(state);
@@ -107,25 +102,7 @@ impl Guest for TextClassificationPlugin {
         }
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
         let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let dims = [batch.batch as u32, batch.seq as u32];
-
-        let mut graph_inputs = vec![
-            (
-                state.input_ids.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.input_ids),
-            ),
-            (
-                state.attention_mask.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.attention_mask),
-            ),
-        ];
-        if let Some(name) = &state.token_type_ids {
-            graph_inputs.push((
-                name.as_str(),
-                kiln_sdk::tensor_i64(&dims, &batch.token_type_ids),
-            ));
-        }
-        let mut outputs = state.graph.compute(graph_inputs)?;
+        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
         let scores = outputs.take(&state.output)?;
         let values = kiln_sdk::to_f32_vec(&scores)?;
         let results = classes::rank_rows(
