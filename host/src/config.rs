@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// How long a request may wait for a free instance before it gets 503.
     #[arg(long, env = "KILN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
+    /// Interval of keep-alive comments in a streamed response while no token comes, ms.
+    #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
+    pub stream_keepalive_ms: Option<u64>,
     #[command(flatten)]
     #[serde(default)]
     pub ort: OrtArgs,
@@ -84,7 +87,8 @@ pub struct LimitsArgs {
     /// Guest CPU time per call between two wasi:nn calls, ms.
     #[arg(long, env = "KILN_CPU_MS")]
     pub cpu_ms: Option<u64>,
-    /// Wall-clock limit of a whole request, ms.
+    /// Wall-clock limit of a whole request (of each step of a stream, and of a stream's
+    /// client taking an event), ms.
     #[arg(long, env = "KILN_TIMEOUT_MS")]
     pub timeout_ms: Option<u64>,
     /// Limit of one ONNX Runtime run, ms.
@@ -145,8 +149,11 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(60),
             // One ORT run longer than this starves other requests of the session.
             run_timeout: Duration::from_secs(30),
-            // Instances are reused sequentially; a few cover a 2-core machine's concurrency.
-            max_instances: 4,
+            // An instance serves one request at a time, and a streamed generation holds its
+            // instance for the whole stream, mostly waiting on the model or the client: 32
+            // concurrent streams per (model, tenant). Instances are created only under that
+            // much concurrency; a model.toml lowers this where its plugin is large.
+            max_instances: 32,
             // Largest step of the demo models (whisper's encoder outputs, a 2k-token KV cache)
             // is well under this.
             tensor_bytes: 1 << 30,
@@ -254,6 +261,7 @@ pub struct Config {
     /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
     pub instance_slots: u32,
     pub queue_timeout: Duration,
+    pub stream_keepalive: Duration,
     /// Where and how much `image_url` / `audio_url` may fetch (SSRF protection).
     pub fetch_allow_loopback: bool,
     pub fetch_allow_private: bool,
@@ -282,6 +290,8 @@ impl Default for Config {
             max_media_body_bytes: 24 << 20,
             instance_slots: 64,
             queue_timeout: Duration::from_secs(5),
+            // Well under the 60 s idle timeouts of common proxies and load balancers.
+            stream_keepalive: Duration::from_secs(15),
             fetch_allow_loopback: false,
             fetch_allow_private: false,
             fetch_max_bytes: 16 << 20,
@@ -360,6 +370,9 @@ impl Config {
         if let Some(v) = a.queue_timeout_ms {
             self.queue_timeout = Duration::from_millis(v);
         }
+        if let Some(v) = a.stream_keepalive_ms {
+            self.stream_keepalive = Duration::from_millis(v);
+        }
         if let Some(v) = a.ort.sessions_per_graph {
             self.ort_sessions_per_graph = v;
         }
@@ -409,6 +422,9 @@ mod tests {
             defaults.ort_sessions_per_graph
         );
         assert_eq!(config.ort_queue_capacity, defaults.ort_queue_capacity);
+        assert_eq!(config.queue_timeout, defaults.queue_timeout);
+        assert_eq!(config.stream_keepalive, defaults.stream_keepalive);
+        assert_eq!(config.fetch_timeout, defaults.fetch_timeout);
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         fetcher: fetch::Fetcher::new(config.fetch_policy())?,
         max_body_bytes: config.max_body_bytes,
         max_media_body_bytes: config.max_media_body_bytes,
+        stream_keepalive: config.stream_keepalive,
     }))
 }
 

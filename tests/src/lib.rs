@@ -242,6 +242,101 @@ impl Drop for TestServer {
     }
 }
 
+/// A streamed (Server-Sent Events) response, read to its end.
+#[derive(Debug)]
+pub struct StreamReply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    /// The body as sent.
+    pub raw: String,
+    /// The JSON of each `data:` event, in order.
+    pub events: Vec<serde_json::Value>,
+    /// Keep-alive comment lines (`:` ...).
+    pub comments: usize,
+}
+
+impl StreamReply {
+    /// The concatenated `token`s.
+    pub fn text(&self) -> String {
+        self.events
+            .iter()
+            .filter_map(|e| e["token"].as_str())
+            .collect()
+    }
+
+    /// The last event.
+    pub fn last(&self) -> &serde_json::Value {
+        self.events.last().expect("at least one event")
+    }
+}
+
+impl TestServer {
+    /// POSTs JSON and reads the whole response as Server-Sent Events (a JSON error body, for a
+    /// non-200 status, is the one event).
+    pub async fn stream(&self, path: &str, body: &serde_json::Value) -> StreamReply {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let raw = response.text().await.expect("body");
+        if status != 200 {
+            let error = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{e}: {raw}"));
+            return StreamReply {
+                status,
+                headers,
+                raw,
+                events: vec![error],
+                comments: 0,
+            };
+        }
+        let mut events = Vec::new();
+        let mut comments = 0;
+        // SSE: events are separated by a blank line; each of ours is one `data:` line.
+        for block in raw.split("\n\n").filter(|b| !b.is_empty()) {
+            for line in block.lines() {
+                if let Some(data) = line.strip_prefix("data: ") {
+                    events.push(
+                        serde_json::from_str(data)
+                            .unwrap_or_else(|e| panic!("event {data:?} is not JSON: {e}")),
+                    );
+                } else if line.starts_with(':') {
+                    comments += 1;
+                } else {
+                    panic!("unexpected SSE line {line:?} in {raw:?}");
+                }
+            }
+        }
+        StreamReply {
+            status,
+            headers,
+            raw,
+            events,
+            comments,
+        }
+    }
+
+    /// The value of a counter or gauge at `/metrics`.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    }
+}
+
 /// A response, read whole.
 #[derive(Debug)]
 pub struct Reply {

@@ -15,7 +15,7 @@ use kiln_host::nn::bindings::wasi::nn::inference::HostGraphExecutionContext;
 use kiln_host::nn::bindings::wasi::nn::tensor::{HostTensor, TensorType};
 use kiln_host::nn::{
     self, ExecutorOptions, GraphExecutor, ModelGraphs, NnCtx, NnError, NnView, Refusal, Tensor,
-    TensorBudgetLimits,
+    TensorBudgetLimits, TensorGauge,
 };
 use kiln_tests::{fixture_onnx, ort_dylib};
 use wasmtime::component::{Resource, ResourceTable};
@@ -72,6 +72,7 @@ impl Harness {
                     max_bytes,
                     max_live,
                 },
+                TensorGauge::default(),
                 run_timeout,
             ),
             table: ResourceTable::new(),

@@ -80,6 +80,11 @@ const PLUGINS: &[(&str, &str, &str)] = &[
         "kiln_fixture_sandbox_probe.wasm",
         "sandbox-probe.wasm",
     ),
+    (
+        "kiln-fixture-gen-probe",
+        "kiln_fixture_gen_probe.wasm",
+        "gen-probe.wasm",
+    ),
 ];
 
 /// A file inside a wheel on PyPI, with its pinned digest.

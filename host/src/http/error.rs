@@ -85,19 +85,25 @@ impl From<InferError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let request_id = request_id::current();
+impl ApiError {
+    /// The JSON body: `{"error": {"code", "message"}, "request_id"}`.
+    pub fn body(&self, request_id: &str) -> serde_json::Value {
         // A 5xx message carries the request id: it is what an operator greps the log for.
         let message = if self.status.is_server_error() {
             format!("{} (request id {request_id})", self.message)
         } else {
-            self.message
+            self.message.clone()
         };
-        let body = json!({
+        json!({
             "error": {"code": self.code, "message": message},
             "request_id": request_id,
-        });
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body(&request_id::current());
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.close_connection {
             response

@@ -19,6 +19,12 @@ pub fn current() -> String {
         .unwrap_or_else(|_| "-".to_owned())
 }
 
+/// Runs `f` as part of request `id` (for work done outside the request's task, such as the
+/// events of a streamed response).
+pub fn scope<T>(id: String, f: impl FnOnce() -> T) -> T {
+    REQUEST_ID.sync_scope(id, f)
+}
+
 fn fresh() -> String {
     format!("req_{:032x}", rand::random::<u128>())
 }

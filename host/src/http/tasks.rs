@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -243,6 +244,8 @@ pub struct ValidGenerateRequest {
     pub input: GenerationInput,
     pub params: GenerationParams,
     pub return_full_text: bool,
+    /// Answer with Server-Sent Events (`"stream": true`).
+    pub stream: bool,
 }
 
 fn in_range(name: &str, value: f32, range: std::ops::RangeInclusive<f32>) -> Result<f32, ApiError> {
@@ -337,11 +340,6 @@ impl TryFrom<TextGenerationRequest> for ValidGenerateRequest {
                 )));
             }
         }
-        if r.stream == Some(true) {
-            return Err(invalid(
-                "streaming (`\"stream\": true`) is not available yet on this server".into(),
-            ));
-        }
         Ok(ValidGenerateRequest {
             model: r.model,
             input,
@@ -356,11 +354,12 @@ impl TryFrom<TextGenerationRequest> for ValidGenerateRequest {
                 seed: r.seed,
             },
             return_full_text: r.return_full_text.unwrap_or(true),
+            stream: r.stream.unwrap_or(false),
         })
     }
 }
 
-fn finish_reason(reason: FinishReason) -> &'static str {
+pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::Stop => "stop",
@@ -368,12 +367,25 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-/// `POST /v1/inference/text-generation`.
+/// `POST /v1/inference/text-generation/stream`: always streamed (a `"stream"` field in the body
+/// is accepted, as the API's own example sends it, and does not change that).
+pub async fn text_generation_stream(
+    State(state): State<Arc<AppState>>,
+    ApiJson(request): ApiJson<TextGenerationRequest>,
+) -> Result<Response, ApiError> {
+    let request = ValidGenerateRequest::try_from(request)?;
+    super::stream::respond(&state, request).await
+}
+
+/// `POST /v1/inference/text-generation`: the whole text, or a stream with `"stream": true`.
 pub async fn text_generation(
     State(state): State<Arc<AppState>>,
     ApiJson(request): ApiJson<TextGenerationRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let request = ValidGenerateRequest::try_from(request)?;
+    if request.stream {
+        return super::stream::respond(&state, request).await;
+    }
     // As HF's API: the prompt leads the text unless the caller asks for the new text only; a
     // chat's answer is only the assistant's new text.
     let prefix = match (&request.input, request.return_full_text) {
@@ -397,5 +409,6 @@ pub async fn text_generation(
             "output_tokens": generated.output_tokens,
         },
         "finish_reason": finish_reason(generated.finish_reason),
-    })))
+    }))
+    .into_response())
 }

@@ -11,17 +11,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+mod stream;
+pub use stream::{Finish, StreamEvent, StreamStats, TokenStream};
+
 use crate::config::{Config, Limits};
 use crate::media::{self, MediaError};
 use crate::nn::bindings::kiln::plugin::types;
-use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal};
+use crate::nn::{self, ExecutorOptions, GraphExecutor, ModelGraphs, Refusal, TensorGauge};
 use crate::registry::{self, ModelId, ModelSpec, Task};
 use crate::runtime::instance::{
     CallReport, Detection, FinishReason, GenerationInput, GenerationParams, TaskPre,
 };
 use crate::runtime::{
     CallFailure, InstancePool, InstanceSetup, PluginInstance, PluginRuntime, PoolKey,
-    RuntimeOptions, TrapKind,
+    PooledInstance, RuntimeOptions, TrapKind,
 };
 
 /// Who is calling. Until tenancy exists every caller is one anonymous tenant, but instance pools
@@ -128,6 +131,9 @@ pub struct Inference {
     runtime: Arc<PluginRuntime>,
     pool: Arc<InstancePool>,
     queue_timeout: Duration,
+    pub stream_stats: Arc<StreamStats>,
+    /// Host tensor bytes of all this server's instances.
+    pub tensor_gauge: TensorGauge,
 }
 
 impl std::fmt::Debug for Inference {
@@ -147,11 +153,12 @@ impl Inference {
             instance_slots: config.instance_slots,
             max_memory_bytes: config.limits.memory_bytes,
         })?);
+        let tensor_gauge = TensorGauge::default();
         let mut models = BTreeMap::new();
         for spec in registry::discover(&config.models_dir)? {
             let id = spec.id.clone();
             let started = Instant::now();
-            let model = load_model(config, &runtime, spec)
+            let model = load_model(config, &runtime, &tensor_gauge, spec)
                 .with_context(|| format!("loading model {id}"))?;
             tracing::info!(model = %id, task = %model.spec.task, plugin = %model.plugin_digest,
                 ms = started.elapsed().as_millis() as u64, "model loaded");
@@ -162,6 +169,8 @@ impl Inference {
             runtime,
             pool: InstancePool::new(config.instance_slots),
             queue_timeout: config.queue_timeout,
+            stream_stats: Arc::default(),
+            tensor_gauge,
         })
     }
 
@@ -320,25 +329,7 @@ impl Inference {
         params: GenerationParams,
     ) -> Result<Generated, InferError> {
         let model = self.model(model, Task::TextGeneration)?;
-        if params.max_tokens > model.limits.max_new_tokens {
-            return Err(InferError::InvalidInput(format!(
-                "`max_tokens` must be between 1 and {} for this model, got {}",
-                model.limits.max_new_tokens, params.max_tokens
-            )));
-        }
-        let texts: Vec<&str> = match &input {
-            GenerationInput::Prompt(p) => vec![p.as_str()],
-            GenerationInput::Chat(messages) => {
-                messages.iter().map(|m| m.content.as_str()).collect()
-            }
-        };
-        let total: usize = texts.iter().map(|t| t.chars().count()).sum();
-        if total > model.limits.max_input_chars {
-            return Err(InferError::InvalidInput(format!(
-                "the prompt is {total} characters long; the limit is {}",
-                model.limits.max_input_chars
-            )));
-        }
+        check_generation(&model, &input, &params)?;
         let ((text, finish_reason, usage), compute) = self
             .call(tenant, &model, move |instance, deadline| {
                 instance.generate_to_end(&input, &params, deadline)
@@ -361,60 +352,106 @@ impl Inference {
         model: &Arc<LoadedModel>,
         f: impl FnOnce(&mut PluginInstance, Instant) -> CallReport<T> + Send + 'static,
     ) -> Result<(T, Duration), InferError> {
-        let limits = &model.limits;
-        let deadline = Instant::now() + limits.request_timeout;
+        let lease = self.lease(tenant, model).await?;
+        let deadline = Instant::now() + model.limits.request_timeout;
+        let ran = run_on(self.runtime.engine(), model, lease, deadline, f).await;
+        ran.result.map(|value| (value, ran.compute))
+    }
+
+    /// An instance of `model` for `tenant`: an idle one, or a slot to create one in (the first
+    /// call on the lease creates it), waiting up to the queue timeout.
+    async fn lease(
+        &self,
+        tenant: &Tenant,
+        model: &Arc<LoadedModel>,
+    ) -> Result<PooledInstance, InferError> {
         let key = PoolKey {
             model: model.spec.id.to_string(),
             tenant: tenant.0.clone(),
         };
-        let mut lease = self
-            .pool
-            .acquire(key, limits.max_instances, self.queue_timeout)
+        self.pool
+            .acquire(key, model.limits.max_instances, self.queue_timeout)
             .await
             .map_err(|_| InferError::Overloaded {
                 retry_after: Duration::from_secs(1),
-            })?;
-        let engine = self.runtime.engine().clone();
-        let model = Arc::clone(model);
-        let task = tokio::task::spawn_blocking(move || {
-            let instance = match lease.get() {
-                Some(instance) => instance,
-                None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
-                    Ok(instance) => lease.set(instance),
-                    Err(failure) => return Err(failure_to_error(&model, failure)),
-                },
-            };
-            let report = f(instance, deadline);
-            let compute = report.compute;
-            match (report.result, report.refusal) {
-                // What the host refused decides the status, whatever the plugin made of it.
-                (result, Some(refusal)) => {
-                    let failure = result.err();
-                    Err(refusal_to_error(refusal, failure))
+            })
+    }
+}
+
+/// What [`run_on`] hands back.
+struct Ran<T> {
+    /// The lease, unless the call outlived its deadline (the blocking thread still has it and
+    /// drops it when done; an instance left with a live generation is then discarded).
+    lease: Option<PooledInstance>,
+    result: Result<T, InferError>,
+    /// ORT time of the call, also when it failed (it is billed either way).
+    compute: Duration,
+}
+
+/// Runs `f` on the lease's instance (created first if the lease has none) on a blocking thread,
+/// within `deadline`, and maps the outcome: what the host refused decides the error, then the
+/// plugin's own failure.
+async fn run_on<T: Send + 'static>(
+    engine: &wasmtime::Engine,
+    model: &Arc<LoadedModel>,
+    mut lease: PooledInstance,
+    deadline: Instant,
+    f: impl FnOnce(&mut PluginInstance, Instant) -> CallReport<T> + Send + 'static,
+) -> Ran<T> {
+    let engine = engine.clone();
+    let model = Arc::clone(model);
+    let timeout = model.limits.request_timeout;
+    let task = tokio::task::spawn_blocking(move || {
+        let instance = match lease.get() {
+            Some(instance) => instance,
+            None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
+                Ok(instance) => lease.set(instance),
+                Err(failure) => {
+                    let error = failure_to_error(&model, failure);
+                    return (lease, Err(error), Duration::ZERO);
                 }
-                (Ok(value), None) => Ok((value, compute)),
-                (Err(failure), None) => Err(failure_to_error(&model, failure)),
-            }
-        });
-        // The plugin's own deadlines end the call; this outer bound only guards the host
-        // against a call that somehow outlives them (the blocking thread finishes later).
-        let grace = Duration::from_secs(5);
-        match tokio::time::timeout_at((deadline + grace).into(), task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(InferError::Internal(anyhow::anyhow!(
+            },
+        };
+        let report = f(instance, deadline);
+        let result = match (report.result, report.refusal) {
+            // What the host refused decides the status, whatever the plugin made of it.
+            (result, Some(refusal)) => Err(refusal_to_error(refusal, result.err())),
+            (Ok(value), None) => Ok(value),
+            (Err(failure), None) => Err(failure_to_error(&model, failure)),
+        };
+        (lease, result, report.compute)
+    });
+    // The plugin's own deadlines end the call; this outer bound only guards the host against a
+    // call that somehow outlives them (the blocking thread finishes later).
+    let grace = Duration::from_secs(5);
+    match tokio::time::timeout_at((deadline + grace).into(), task).await {
+        Ok(Ok((lease, result, compute))) => Ran {
+            lease: Some(lease),
+            result,
+            compute,
+        },
+        Ok(Err(join)) => Ran {
+            lease: None,
+            result: Err(InferError::Internal(anyhow::anyhow!(
                 "plugin call thread failed: {join}"
             ))),
-            Err(_) => Err(InferError::Timeout(format!(
+            compute: Duration::ZERO,
+        },
+        Err(_) => Ran {
+            lease: None,
+            result: Err(InferError::Timeout(format!(
                 "the request did not finish within its timeout of {} ms",
-                limits.request_timeout.as_millis()
+                timeout.as_millis()
             ))),
-        }
+            compute: Duration::ZERO,
+        },
     }
 }
 
 fn load_model(
     config: &Config,
     runtime: &PluginRuntime,
+    tensor_gauge: &TensorGauge,
     spec: ModelSpec,
 ) -> anyhow::Result<LoadedModel> {
     let (limits, raised) = config.limits.lowered_by(&spec.limits);
@@ -440,6 +477,7 @@ fn load_model(
         plugin_config: Arc::new(spec.plugin_config.clone()),
         graphs: Arc::new(ModelGraphs::new(graphs)),
         limits: limits.clone(),
+        tensor_gauge: tensor_gauge.clone(),
     };
     Ok(LoadedModel {
         plugin_digest: plugin.digest.clone(),
@@ -468,6 +506,31 @@ fn checked_image(bytes: Vec<u8>, limits: &Limits) -> Result<types::Image, InferE
         width: header.width,
         height: header.height,
     })
+}
+
+/// A generation request against the model's limits.
+fn check_generation(
+    model: &LoadedModel,
+    input: &GenerationInput,
+    params: &GenerationParams,
+) -> Result<(), InferError> {
+    if params.max_tokens > model.limits.max_new_tokens {
+        return Err(InferError::InvalidInput(format!(
+            "`max_tokens` must be between 1 and {} for this model, got {}",
+            model.limits.max_new_tokens, params.max_tokens
+        )));
+    }
+    let total: usize = match input {
+        GenerationInput::Prompt(p) => p.chars().count(),
+        GenerationInput::Chat(messages) => messages.iter().map(|m| m.content.chars().count()).sum(),
+    };
+    if total > model.limits.max_input_chars {
+        return Err(InferError::InvalidInput(format!(
+            "the prompt is {total} characters long; the limit is {}",
+            model.limits.max_input_chars
+        )));
+    }
+    Ok(())
 }
 
 /// Inputs against the model's limits; messages name the limit and the value.

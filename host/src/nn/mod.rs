@@ -19,6 +19,7 @@ pub mod executor;
 pub mod tensor;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,18 +102,32 @@ pub struct TensorBudgetLimits {
     pub max_live: u32,
 }
 
+/// Bytes of host tensors alive in all the instances that share it (one per server): an
+/// operator's gauge (`/metrics`), and how tests see that a cancelled generation's KV cache was
+/// freed.
+#[derive(Debug, Clone, Default)]
+pub struct TensorGauge(Arc<AtomicU64>);
+
+impl TensorGauge {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Running totals against [`TensorBudgetLimits`].
 #[derive(Debug)]
 pub struct TensorBudget {
     limits: TensorBudgetLimits,
+    gauge: TensorGauge,
     bytes: u64,
     live: u32,
 }
 
 impl TensorBudget {
-    pub fn new(limits: TensorBudgetLimits) -> Self {
+    pub fn new(limits: TensorBudgetLimits, gauge: TensorGauge) -> Self {
         Self {
             limits,
+            gauge,
             bytes: 0,
             live: 0,
         }
@@ -135,12 +150,15 @@ impl TensorBudget {
         }
         self.live += 1;
         self.bytes = total;
+        self.gauge.0.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
     fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.bytes);
         self.live = self.live.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(bytes);
+        self.bytes -= bytes;
+        self.gauge.0.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     pub fn bytes(&self) -> u64 {
@@ -149,6 +167,13 @@ impl TensorBudget {
 
     pub fn live(&self) -> u32 {
         self.live
+    }
+}
+
+impl Drop for TensorBudget {
+    /// A discarded instance frees its tensors with its resource table, without `release`.
+    fn drop(&mut self) {
+        self.gauge.0.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -187,11 +212,12 @@ impl NnCtx {
     pub fn new(
         graphs: Arc<ModelGraphs>,
         budget: TensorBudgetLimits,
+        gauge: TensorGauge,
         run_timeout: Duration,
     ) -> Self {
         Self {
             graphs,
-            budget: TensorBudget::new(budget),
+            budget: TensorBudget::new(budget, gauge),
             run_timeout,
             request: RequestNnState::default(),
         }
@@ -568,10 +594,14 @@ mod tests {
 
     #[test]
     fn budget_counts_bytes_and_resources() {
-        let mut b = TensorBudget::new(TensorBudgetLimits {
-            max_bytes: 100,
-            max_live: 3,
-        });
+        let gauge = TensorGauge::default();
+        let mut b = TensorBudget::new(
+            TensorBudgetLimits {
+                max_bytes: 100,
+                max_live: 3,
+            },
+            gauge.clone(),
+        );
         b.reserve(60).unwrap();
         let err = b.reserve(41).unwrap_err();
         assert!(
@@ -584,5 +614,16 @@ mod tests {
         b.release(60);
         assert_eq!((b.bytes(), b.live()), (40, 2));
         b.reserve(60).unwrap();
+        assert_eq!(gauge.bytes(), 100);
+        let other = TensorBudget::new(
+            TensorBudgetLimits {
+                max_bytes: 100,
+                max_live: 3,
+            },
+            gauge.clone(),
+        );
+        drop(b);
+        assert_eq!(gauge.bytes(), 0, "a dropped budget gives back what it held");
+        drop(other);
     }
 }

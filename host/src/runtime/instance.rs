@@ -23,7 +23,7 @@ use super::EPOCH_TICK;
 use crate::config::Limits;
 use crate::nn::bindings::kiln::plugin::host;
 use crate::nn::bindings::kiln::plugin::types;
-use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits};
+use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits, TensorGauge};
 use crate::registry::Task;
 use wasmtime::component::ResourceAny;
 
@@ -37,6 +37,8 @@ pub struct InstanceSetup {
     pub plugin_config: Arc<serde_json::Map<String, serde_json::Value>>,
     pub graphs: Arc<ModelGraphs>,
     pub limits: Limits,
+    /// The server's gauge of host tensor bytes.
+    pub tensor_gauge: TensorGauge,
 }
 
 /// The `kiln:plugin/host` interface's state.
@@ -232,6 +234,9 @@ pub struct PluginInstance {
     exports: TaskExports,
     /// Set after a trap: the instance may hold broken state and must not serve again.
     poisoned: bool,
+    /// Generation resources started and not yet dropped. An instance holding one is not
+    /// reusable: its KV cache would stay alive (and billable to nobody) in the pool.
+    open_generations: u32,
 }
 
 impl std::fmt::Debug for PluginInstance {
@@ -290,6 +295,7 @@ impl PluginInstance {
                     max_bytes: limits.tensor_bytes,
                     max_live: limits.max_tensors,
                 },
+                setup.tensor_gauge.clone(),
                 limits.run_timeout,
             ),
             host: PluginHost {
@@ -317,6 +323,7 @@ impl PluginInstance {
             exports,
             store,
             poisoned: false,
+            open_generations: 0,
         };
         let report = instance.call(deadline, |store, exports| exports.init(store));
         match report.result {
@@ -327,6 +334,17 @@ impl PluginInstance {
 
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Whether the instance may go back to its pool: it has not trapped and holds no guest
+    /// resource (a generation whose caller vanished before dropping it).
+    pub fn is_reusable(&self) -> bool {
+        !self.poisoned && self.open_generations == 0
+    }
+
+    /// Bytes of host tensors this instance holds (its KV caches, outputs not yet dropped).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.store.data().nn.budget().bytes()
     }
 
     /// Calls `embeddings.embed`.
@@ -402,12 +420,16 @@ impl PluginInstance {
         params: &GenerationParams,
         deadline: Instant,
     ) -> CallReport<ResourceAny> {
-        self.call(deadline, |store, exports| match exports {
+        let report = self.call(deadline, |store, exports| match exports {
             TaskExports::TextGeneration(e) => e
                 .kiln_plugin_text_generation()
                 .call_start(store, input, params),
             _ => Ok(Err(wrong_world("text-generation"))),
-        })
+        });
+        if report.result.is_ok() {
+            self.open_generations += 1;
+        }
+        report
     }
 
     /// Calls `generation.next`.
@@ -444,6 +466,7 @@ impl PluginInstance {
         generation: ResourceAny,
         deadline: Instant,
     ) -> CallReport<()> {
+        self.open_generations = self.open_generations.saturating_sub(1);
         self.call(deadline, |store, _| generation.resource_drop(store).map(Ok))
     }
 

@@ -129,7 +129,8 @@ impl std::fmt::Debug for InstancePool {
 }
 
 /// A lease on an instance of one key. Dropping it returns the instance to the pool, unless it
-/// was poisoned (trapped) or the thread is panicking, in which case it is discarded.
+/// is not reusable (it trapped, or still holds a generation) or the thread is panicking, in
+/// which case it is discarded.
 pub struct PooledInstance {
     pool: Arc<InstancePool>,
     key: PoolKey,
@@ -161,7 +162,7 @@ impl Drop for PooledInstance {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
         match self.instance.take() {
-            Some(instance) if !instance.is_poisoned() && !std::thread::panicking() => {
+            Some(instance) if instance.is_reusable() && !std::thread::panicking() => {
                 state.put_back(self.key.clone(), instance);
             }
             other => {

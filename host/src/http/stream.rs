@@ -1,0 +1,95 @@
+//! Server-Sent Events for streamed text generation: one `data: {json}` event per piece of text,
+//! keep-alive comments while a step is slow, and errors after the first token as a last event.
+//!
+//! The response is started only once the first piece exists: an error before it (an unknown
+//! model, a prompt over the limit, a plugin that fails on the prompt) is an ordinary JSON error
+//! with its status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::http::HeaderValue;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use super::tasks::{finish_reason, ValidGenerateRequest};
+use super::{request_id, ApiError, AppState};
+use crate::infer::{InferError, StreamEvent, Tenant, TokenStream};
+
+/// Streams a validated generation request.
+pub async fn respond(
+    state: &Arc<AppState>,
+    request: ValidGenerateRequest,
+) -> Result<Response, ApiError> {
+    let id = request_id::current();
+    let mut tokens = state
+        .inference
+        .generate_stream(
+            &Tenant::anonymous(),
+            &request.model,
+            request.input,
+            request.params,
+            id.clone(),
+        )
+        .await?;
+    let first = match tokens.next().await {
+        Some(StreamEvent::Failed(error)) => return Err(error.into()),
+        Some(event) => event,
+        None => {
+            return Err(InferError::Internal(anyhow::anyhow!(
+                "the generation ended without an event"
+            ))
+            .into())
+        }
+    };
+    let events = futures_util::stream::unfold(
+        Some((Some(first), tokens, id)),
+        |state: Option<(Option<StreamEvent>, TokenStream, String)>| async move {
+            let (first, mut tokens, id) = state?;
+            let event = match first {
+                Some(event) => event,
+                None => tokens.next().await?,
+            };
+            let last = event.is_last();
+            let data = event_json(event, &id).to_string();
+            let next = (!last).then_some((None, tokens, id));
+            Some((Ok::<_, Infallible>(Event::default().data(data)), next))
+        },
+    );
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(state.stream_keepalive))
+        .into_response();
+    // nginx and similar proxies buffer responses unless told not to: tokens would arrive in lumps.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The JSON of one event (one line: serde_json escapes newlines inside strings).
+fn event_json(event: StreamEvent, request_id: &str) -> Value {
+    match event {
+        StreamEvent::Token { text, finish: None } => json!({"token": text, "finished": false}),
+        StreamEvent::Token {
+            text,
+            finish: Some(finish),
+        } => json!({
+            "token": text,
+            "finished": true,
+            "finish_reason": finish_reason(finish.reason),
+            "tokens_used": finish.input_tokens + finish.output_tokens,
+            "usage": {
+                "input_tokens": finish.input_tokens,
+                "output_tokens": finish.output_tokens,
+            },
+        }),
+        StreamEvent::Failed(error) => {
+            // Mapped inside the request's scope so its log lines carry the request id.
+            let error = request_id::scope(request_id.to_owned(), || ApiError::from(error));
+            let mut body = error.body(request_id);
+            body["finished"] = json!(true);
+            body
+        }
+    }
+}

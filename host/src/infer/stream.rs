@@ -1,0 +1,342 @@
+//! Streamed text generation (`/v1/inference/text-generation/stream`).
+//!
+//! A driver task owns the instance lease and the plugin's `generation` resource and pulls
+//! `next` one step at a time on a blocking thread. Its events reach the HTTP body through a
+//! channel of capacity one, and the driver reserves the channel's slot BEFORE it computes a
+//! step: step k+1 is computed only once the event of step k-1 has been taken for writing. So
+//! the host is never more than the one step ahead that it needs to know whether the text it
+//! holds is the last (and send it with `finished: true`), and no token is produced that a slow
+//! reader has not asked for.
+//!
+//! When the client goes away the HTTP layer drops the receiver; the driver sees the channel
+//! closed before its next step, reads the generation's `usage()` (what the stream is billed),
+//! calls `resource_drop` on it (a Rust drop of the handle would not run the guest's destructor,
+//! which frees the KV cache), logs the cancellation and counts it in [`StreamStats`]. A client
+//! that stops reading for the model's request timeout is treated the same way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use wasmtime::component::ResourceAny;
+
+use super::{check_generation, run_on, InferError, Inference, LoadedModel, Tenant};
+use crate::nn::bindings::kiln::plugin::types::Usage;
+use crate::registry::Task;
+use crate::runtime::instance::{CallReport, FinishReason, GenerationInput, GenerationParams, Step};
+use crate::runtime::{PluginInstance, PooledInstance};
+
+/// How a stream ended, on its last token.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    /// ORT time of the whole generation.
+    pub compute: Duration,
+}
+
+/// One event of a streamed generation.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// A non-empty piece of text (empty only when nothing at all was generated); `finish` is
+    /// set on the last one.
+    Token {
+        text: String,
+        finish: Option<Finish>,
+    },
+    /// The generation failed; always the last event. As the first event it means nothing was
+    /// sent yet, and the HTTP layer answers with an ordinary error response.
+    Failed(InferError),
+}
+
+impl StreamEvent {
+    /// Whether nothing follows this event.
+    pub fn is_last(&self) -> bool {
+        matches!(
+            self,
+            StreamEvent::Failed(_)
+                | StreamEvent::Token {
+                    finish: Some(_),
+                    ..
+                }
+        )
+    }
+}
+
+/// The receiving end of a streamed generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct TokenStream {
+    rx: mpsc::Receiver<StreamEvent>,
+}
+
+impl TokenStream {
+    /// The next event; None once the driver has ended.
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        self.rx.recv().await
+    }
+}
+
+/// Process-wide counters of streamed generations (served at `/metrics`).
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub started: AtomicU64,
+    pub finished: AtomicU64,
+    pub failed: AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Output tokens of cancelled streams, from their generation's `usage()`.
+    pub cancelled_output_tokens: AtomicU64,
+}
+
+impl Inference {
+    /// Starts a streamed generation. Errors found before the plugin runs (unknown model, limits,
+    /// no free instance) are returned here; later ones arrive as [`StreamEvent::Failed`].
+    pub async fn generate_stream(
+        &self,
+        tenant: &Tenant,
+        model: &str,
+        input: GenerationInput,
+        params: GenerationParams,
+        request_id: String,
+    ) -> Result<TokenStream, InferError> {
+        let model = self.model(model, Task::TextGeneration)?;
+        check_generation(&model, &input, &params)?;
+        let lease = self.lease(tenant, &model).await?;
+        // Capacity one: see the module comment for why that bounds the host's lead.
+        let (tx, rx) = mpsc::channel(1);
+        self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
+        let driver = Driver {
+            engine: self.runtime.engine().clone(),
+            model,
+            lease: Some(lease),
+            stats: Arc::clone(&self.stream_stats),
+            request_id,
+            compute: Duration::ZERO,
+            steps: 0,
+        };
+        tokio::spawn(driver.run(tx, input, params));
+        Ok(TokenStream { rx })
+    }
+}
+
+/// What pulling `next` until there is something to send gave.
+enum Pulled {
+    Piece(String),
+    Done(FinishReason, Usage),
+}
+
+/// How the pulling ended.
+enum End {
+    /// The plugin said `done`; the last token was sent.
+    Done,
+    Failed(InferError),
+    /// The client went away (or stopped reading).
+    Cancelled(&'static str),
+}
+
+struct Driver {
+    engine: wasmtime::Engine,
+    model: Arc<LoadedModel>,
+    /// None only after a call outlived its deadline (the blocking thread kept the lease).
+    lease: Option<PooledInstance>,
+    stats: Arc<StreamStats>,
+    request_id: String,
+    compute: Duration,
+    /// `next` calls that returned text: the output tokens of an instance that trapped.
+    steps: u32,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        tx: mpsc::Sender<StreamEvent>,
+        input: GenerationInput,
+        params: GenerationParams,
+    ) {
+        let started = self
+            .call(move |instance, deadline| instance.start_generation(&input, &params, deadline))
+            .await;
+        let generation = match started {
+            Ok(generation) => generation,
+            Err(error) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(StreamEvent::Failed(error)).await;
+                return;
+            }
+        };
+        let end = self.pump(&tx, generation).await;
+        self.end(&tx, generation, end).await;
+    }
+
+    /// Pulls steps and sends pieces until the generation ends, fails, or the client leaves.
+    async fn pump(&mut self, tx: &mpsc::Sender<StreamEvent>, generation: ResourceAny) -> End {
+        // The latest non-empty piece, not sent until the next step says whether it is the last.
+        let mut held: Option<String> = None;
+        let mut sent = 0usize;
+        loop {
+            // Before computing a step, wait until the event before `held` has been taken.
+            let permit = match &held {
+                None => None,
+                Some(_) => match reserve(tx, self.model.limits.request_timeout).await {
+                    Ok(permit) => Some(permit),
+                    Err(why) => return End::Cancelled(why),
+                },
+            };
+            let step = loop {
+                if tx.is_closed() {
+                    return End::Cancelled("client disconnected");
+                }
+                match self
+                    .call(move |instance, deadline| instance.next_step(generation, deadline))
+                    .await
+                {
+                    Ok(Step::Text(piece)) => {
+                        self.steps += 1;
+                        // "" means the plugin holds text back (a partial character, the
+                        // possible start of a stop sequence): nothing to send, pull again.
+                        if !piece.is_empty() {
+                            break Ok(Pulled::Piece(piece));
+                        }
+                    }
+                    Ok(Step::Done((reason, usage))) => break Ok(Pulled::Done(reason, usage)),
+                    Err(error) => break Err(error),
+                }
+            };
+            match step {
+                Ok(Pulled::Piece(piece)) => {
+                    if let (Some(previous), Some(permit)) = (held.replace(piece), permit) {
+                        permit.send(StreamEvent::Token {
+                            text: previous,
+                            finish: None,
+                        });
+                        sent += 1;
+                    }
+                }
+                Ok(Pulled::Done(reason, usage)) => {
+                    let permit = match permit {
+                        Some(permit) => permit,
+                        None => match reserve(tx, self.model.limits.request_timeout).await {
+                            Ok(permit) => permit,
+                            Err(why) => return End::Cancelled(why),
+                        },
+                    };
+                    permit.send(StreamEvent::Token {
+                        // Nothing generated at all: one empty final token.
+                        text: held.take().unwrap_or_default(),
+                        finish: Some(Finish {
+                            reason,
+                            input_tokens: usage.input_tokens,
+                            output_tokens: usage.output_tokens,
+                            compute: self.compute,
+                        }),
+                    });
+                    return End::Done;
+                }
+                Err(error) => {
+                    // Text already produced reaches the client before the error, unless
+                    // nothing was sent yet: then the error is the whole (JSON) answer.
+                    if let (true, Some(text), Some(permit)) = (sent > 0, held.take(), permit) {
+                        permit.send(StreamEvent::Token { text, finish: None });
+                    }
+                    return End::Failed(error);
+                }
+            }
+        }
+    }
+
+    /// Ends the generation: the guest's resource is dropped (freeing its KV cache) unless the
+    /// instance trapped (then it is discarded whole); a failure is sent as the last event.
+    async fn end(mut self, tx: &mpsc::Sender<StreamEvent>, generation: ResourceAny, end: End) {
+        match end {
+            End::Done => {
+                self.drop_generation(generation).await;
+                self.stats.finished.fetch_add(1, Ordering::Relaxed);
+            }
+            End::Failed(error) => {
+                self.drop_generation(generation).await;
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let timeout = self.model.limits.request_timeout;
+                let _ = tokio::time::timeout(timeout, tx.send(StreamEvent::Failed(error))).await;
+            }
+            End::Cancelled(why) => {
+                let usage = self
+                    .call(move |instance, deadline| instance.generation_usage(generation, deadline))
+                    .await
+                    .unwrap_or(Usage {
+                        input_tokens: 0,
+                        output_tokens: self.steps,
+                    });
+                let held_after = self.drop_generation(generation).await;
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .cancelled_output_tokens
+                    .fetch_add(usage.output_tokens.into(), Ordering::Relaxed);
+                tracing::info!(
+                    request_id = %self.request_id,
+                    model = %self.model.spec.id,
+                    input_tokens = usage.input_tokens,
+                    output_tokens = usage.output_tokens,
+                    compute_ms = self.compute.as_millis() as u64,
+                    tensor_bytes_after_drop = held_after,
+                    "stream cancelled ({why}): generation dropped"
+                );
+            }
+        }
+    }
+
+    /// Drops the guest's generation; returns the host tensor bytes its instance still holds.
+    async fn drop_generation(&mut self, generation: ResourceAny) -> Option<u64> {
+        let dropped = self
+            .call(move |instance, deadline| {
+                let report = instance.drop_generation(generation, deadline);
+                let bytes = instance.tensor_bytes();
+                CallReport {
+                    result: report.result.map(|()| bytes),
+                    refusal: report.refusal,
+                    compute: report.compute,
+                }
+            })
+            .await;
+        match dropped {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                // A trapped instance is discarded with everything it holds.
+                tracing::debug!(request_id = %self.request_id, "generation not dropped: {error}");
+                None
+            }
+        }
+    }
+
+    /// One call on the generation's instance, bounded by the model's request timeout (each step
+    /// gets the whole timeout: a stream's length is bounded by `max_tokens`, not by one clock).
+    async fn call<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut PluginInstance, Instant) -> CallReport<T> + Send + 'static,
+    ) -> Result<T, InferError> {
+        let Some(lease) = self.lease.take() else {
+            return Err(InferError::Internal(anyhow::anyhow!(
+                "the generation's instance was lost to an earlier timeout"
+            )));
+        };
+        let deadline = Instant::now() + self.model.limits.request_timeout;
+        let ran = run_on(&self.engine, &self.model, lease, deadline, f).await;
+        self.lease = ran.lease;
+        self.compute += ran.compute;
+        ran.result
+    }
+}
+
+/// The channel's slot, once the previous event has been taken for writing; a client that has not
+/// taken it within `timeout` is treated as gone. (A free function: the driver is Send but not
+/// Sync, so its methods cannot hold `&self` across an await.)
+async fn reserve(
+    tx: &mpsc::Sender<StreamEvent>,
+    timeout: Duration,
+) -> Result<mpsc::Permit<'_, StreamEvent>, &'static str> {
+    match tokio::time::timeout(timeout, tx.reserve()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err("client disconnected"),
+        Err(_) => Err("client stopped reading"),
+    }
+}
