@@ -319,6 +319,10 @@ impl Config {
             config.apply(&from_file);
         }
         config.apply(args);
+        if config.stream_keepalive.is_zero() {
+            // Zero would send comments back to back, forever.
+            anyhow::bail!("stream_keepalive_ms must be at least 1");
+        }
         Ok(config)
     }
 
@@ -445,6 +449,12 @@ mod tests {
         assert_eq!(config.addr.port(), 9000);
         assert_eq!(config.max_body_bytes, 20);
         assert_eq!(config.limits.cpu, Duration::from_millis(7));
+
+        std::fs::write(&file, "stream_keepalive_ms = 0\n").unwrap();
+        let err = Config::load(Some(&file), &ServeArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stream_keepalive_ms"), "{err}");
 
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
         let err = Config::load(Some(&file), &ServeArgs::default())
