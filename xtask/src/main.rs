@@ -22,9 +22,10 @@ commands:
   setup          wasm32-wasip2 target, ONNX Runtime library, demo model, guest plugins
   build-plugins  build the guest plugins for wasm32-wasip2 into .kiln/plugins/
   demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
-  test           setup + Python venv + ONNX fixtures, then fmt, clippy and cargo test
+  test           setup + Python venv + ONNX fixtures + browser, then fmt, clippy and cargo test
   bench          setup, then the benchmarks: embeddings (criterion) and one line per task
   fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
+  browser        Chromium (apt-get) and the npm packages of tests/browser/, for the client tests
   reference      demo model + Python venv, then regenerate tests/reference/minilm_embeddings.json";
 
 fn main() -> ExitCode {
@@ -49,6 +50,7 @@ fn main() -> ExitCode {
         "test" => test(&repo, &mut steps),
         "bench" => bench(&repo, &mut steps),
         "fixtures" => fixtures(&repo, &mut steps),
+        "browser" => setup::browser(&repo, &mut steps),
         "reference" => reference(&repo, &mut steps),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
@@ -93,6 +95,7 @@ fn demo(repo: &Repo, steps: &mut Steps) -> Result<()> {
 fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
     fixtures(repo, steps)?;
+    setup::browser(repo, steps)?;
     steps.run("cargo fmt --check", || {
         run(repo.cargo().args(["fmt", "--all", "--", "--check"]))
     })?;

@@ -1,7 +1,9 @@
 //! The Python side of testing: a venv in `.kiln/venv` with pinned `onnx`, `numpy`,
 //! `onnxruntime` and `tokenizers`, used to write the synthetic ONNX fixtures
 //! (`tests/fixtures/make_onnx_fixtures.py`) and the independent embeddings reference
-//! (`tests/reference/embeddings_reference.py`). Not needed by `demo` or `bench`.
+//! (`tests/reference/embeddings_reference.py`), and `requests` for the streaming client example
+//! (`examples/clients/stream.py`, run by `tests/tests/stream_clients.rs`). Not needed by `demo`
+//! or `bench`.
 
 use std::fs;
 use std::path::PathBuf;
@@ -21,6 +23,7 @@ const REQUIREMENTS: &[&str] = &[
     "tokenizers==0.22.1",
     "pillow==11.3.0",
     "jinja2==3.1.6",
+    "requests==2.34.2",
 ];
 
 const FIXTURES_SCRIPT: &str = "tests/fixtures/make_onnx_fixtures.py";

