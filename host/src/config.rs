@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// Interval of keep-alive comments in a streamed response while no token comes, ms.
     #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
     pub stream_keepalive_ms: Option<u64>,
+    /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
+    #[arg(long, env = "KILN_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// `[plans.<name>]` in kiln.toml: rate limits and monthly compute per plan (file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub plans: Option<std::collections::BTreeMap<String, crate::tenancy::Plan>>,
     #[command(flatten)]
     #[serde(default)]
     pub ort: OrtArgs,
@@ -262,6 +269,9 @@ pub struct Config {
     pub instance_slots: u32,
     pub queue_timeout: Duration,
     pub stream_keepalive: Duration,
+    pub database_url: String,
+    /// Plans by name; `[plans.<name>]` in kiln.toml replaces or adds one.
+    pub plans: std::collections::BTreeMap<String, crate::tenancy::Plan>,
     /// Where and how much `image_url` / `audio_url` may fetch (SSRF protection).
     pub fetch_allow_loopback: bool,
     pub fetch_allow_private: bool,
@@ -292,6 +302,8 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(5),
             // Well under the 60 s idle timeouts of common proxies and load balancers.
             stream_keepalive: Duration::from_secs(15),
+            database_url: "sqlite:.kiln/kiln.db".into(),
+            plans: crate::tenancy::default_plans(),
             fetch_allow_loopback: false,
             fetch_allow_private: false,
             fetch_max_bytes: 16 << 20,
@@ -319,6 +331,17 @@ impl Config {
             config.apply(&from_file);
         }
         config.apply(args);
+        for (name, plan) in &config.plans {
+            if plan.requests_per_minute == 0
+                || plan.compute_hours.is_nan()
+                || plan.compute_hours < 0.0
+            {
+                anyhow::bail!(
+                    "plan {name:?}: requests_per_minute must be at least 1 and compute_hours \
+                     at least 0"
+                );
+            }
+        }
         if config.stream_keepalive.is_zero() {
             // Zero would send comments back to back, forever.
             anyhow::bail!("stream_keepalive_ms must be at least 1");
@@ -373,6 +396,14 @@ impl Config {
         }
         if let Some(v) = a.queue_timeout_ms {
             self.queue_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = &a.database_url {
+            self.database_url = v.clone();
+        }
+        if let Some(plans) = &a.plans {
+            for (name, plan) in plans {
+                self.plans.insert(name.clone(), plan.clone());
+            }
         }
         if let Some(v) = a.stream_keepalive_ms {
             self.stream_keepalive = Duration::from_millis(v);
@@ -429,6 +460,8 @@ mod tests {
         assert_eq!(config.queue_timeout, defaults.queue_timeout);
         assert_eq!(config.stream_keepalive, defaults.stream_keepalive);
         assert_eq!(config.fetch_timeout, defaults.fetch_timeout);
+        assert_eq!(config.database_url, defaults.database_url);
+        assert_eq!(config.plans, defaults.plans);
     }
 
     #[test]

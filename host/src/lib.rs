@@ -4,6 +4,7 @@
 //! Layers call only downward: `http -> infer -> runtime -> nn`, with `registry` (model folders)
 //! and `config` beside them. See `docs/` and the README for the architecture.
 
+pub mod cli;
 pub mod config;
 pub mod fetch;
 pub mod http;
@@ -12,6 +13,7 @@ pub mod media;
 pub mod nn;
 pub mod registry;
 pub mod runtime;
+pub mod tenancy;
 
 use std::sync::Arc;
 
@@ -33,12 +35,22 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let inference = tokio::task::spawn_blocking(move || Inference::load(&load_config))
         .await
         .context("model loading thread failed")??;
+    let database_url = config.database_url.clone();
+    let plans = config.plans.clone();
+    let tenancy = tokio::task::spawn_blocking(move || {
+        let store: Arc<dyn tenancy::Store> = Arc::from(tenancy::store::open(&database_url)?);
+        tenancy::Tenancy::start(store, plans)
+    })
+    .await
+    .context("database thread failed")?
+    .context("opening the database")?;
     Ok(Arc::new(AppState {
         inference: Arc::new(inference),
         fetcher: fetch::Fetcher::new(config.fetch_policy())?,
         max_body_bytes: config.max_body_bytes,
         max_media_body_bytes: config.max_media_body_bytes,
         stream_keepalive: config.stream_keepalive,
+        tenancy,
     }))
 }
 

@@ -26,7 +26,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the HTTP API (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Manage users, tokens, model visibility and sharing; show usage.
+    Admin(kiln_host::cli::AdminArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,7 +40,16 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
+        Some(Command::Serve(args)) => *args,
+        Some(Command::Admin(admin)) => {
+            let config = Config::load(cli.config.as_deref(), &ServeArgs::default())?;
+            if let Err(e) = kiln_host::cli::run(&config, admin) {
+                // A message to act on, not a backtrace.
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+            return Ok(());
+        }
         None => cli.serve,
     };
     // Configuration errors surface here, before any model loads or port is bound.

@@ -1,6 +1,7 @@
 // Drives the playground page in headless Chromium as a person would:
 //   node tests/browser/playground.mjs <base_url> <model> <prompt> <max_tokens> <screenshot.png>
-// opens <base_url>/playground, picks the model, types a token and the prompt, sets max tokens and
+// with the API token in the environment (KILN_TOKEN): opens <base_url>/playground, types the
+// token (which lists the models), picks the model, types the prompt, sets max tokens and
 // temperature 0, clicks Generate, waits for #status "done", takes a full-page screenshot and
 // prints one JSON line {"text": <#output's text>}. On "error: ..." or a timeout it exits with 1
 // (after a screenshot of what the page showed).
@@ -29,13 +30,14 @@ try {
   const url = baseUrl.replace(/\/+$/, '') + '/playground';
   const response = await page.goto(url);
   if (!response.ok()) throw new Error(`GET ${url} answered ${response.status()}`);
+  await page.fill('#token', process.env.KILN_TOKEN || '');
+  await page.dispatchEvent('#token', 'change');
   // The model list has loaded (or failed) once #status leaves "loading models…".
   await page.waitForFunction(() => !document.querySelector('#status').textContent.startsWith('loading'));
   const listed = await page.$$eval('#model option', (options) => options.map((o) => o.value));
   if (listed.includes(model)) await page.selectOption('#model', model);
   else await page.fill('#model-other', model);
 
-  await page.fill('#token', 'playground-test-token');
   await page.fill('#prompt', prompt);
   await page.fill('#max-tokens', String(maxTokens));
   await page.fill('#temperature', '0');

@@ -153,9 +153,41 @@ impl ModelsDir {
     }
 }
 
-/// Server configuration for tests: the given models, this repo's ORT and cache, port 0.
+/// A fresh SQLite database for one test server (under `target/test-db/`).
+pub fn fresh_database() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = repo_root().join("target/test-db");
+    std::fs::create_dir_all(&dir).expect("test-db folder");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{}-{n}-{}.db", std::process::id(), rand_suffix()));
+    format!("sqlite:{}", path.display())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos().into())
+}
+
+/// The plan of the default test user: limits no functional test reaches.
+pub const TEST_PLAN: &str = "test-unlimited";
+
+/// Server configuration for tests: the given models, this repo's ORT and cache, port 0, a fresh
+/// database, and a plan without practical limits for the default test user.
 pub fn config(models_dir: &Path) -> Config {
+    let mut plans = kiln_host::tenancy::default_plans();
+    plans.insert(
+        TEST_PLAN.into(),
+        kiln_host::tenancy::Plan {
+            requests_per_minute: 1_000_000,
+            burst: Some(100_000),
+            compute_hours: 1e9,
+            tasks: Default::default(),
+        },
+    );
     Config {
+        database_url: fresh_database(),
+        plans,
         addr: ([127, 0, 0, 1], 0).into(),
         models_dir: models_dir.to_owned(),
         cache_dir: repo_root().join(".kiln/cache"),
@@ -177,11 +209,16 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// A Kiln server running in this process on a free loopback port.
+/// A Kiln server running in this process on a free loopback port. Its `client` sends the token
+/// of user `tester` (plan [`TEST_PLAN`]), and every model it serves is public.
 pub struct TestServer {
     pub base: String,
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
+    /// The inference token `client` sends.
+    pub token: String,
+    /// An admin token.
+    pub admin_token: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -196,6 +233,31 @@ impl TestServer {
             .await
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (token, admin_token) = {
+            use kiln_host::tenancy::{admin, Scope};
+            let tenancy = &state.tenancy;
+            let store = tenancy.store().as_ref();
+            let plans = tenancy.plans();
+            admin::create_user(store, plans, "tester", TEST_PLAN).expect("test user");
+            admin::create_user(store, plans, "admin", TEST_PLAN).expect("admin user");
+            for model in state.inference.models() {
+                admin::set_visibility(store, &model.spec.id.to_string(), "public")
+                    .expect("visibility");
+            }
+            let token = admin::create_token(store, "tester", Scope::Inference, None)
+                .expect("token")
+                .token;
+            let admin_token = admin::create_token(store, "admin", Scope::Admin, None)
+                .expect("admin token")
+                .token;
+            tenancy.refresh().expect("refresh");
+            (token, admin_token)
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let serve_state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -211,8 +273,11 @@ impl TestServer {
             state,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                .default_headers(headers)
                 .build()
                 .expect("client"),
+            token,
+            admin_token,
             shutdown: Some(tx),
         }
     }

@@ -3,8 +3,25 @@
 //! link-local or private one, redirect loops, size caps. Traffic goes only to loopback; the
 //! private and link-local destinations are refused before any connection.
 
-use kiln_tests::{ok_body, redirect_to, ModelsDir, Reply, StaticServer, TestServer};
+use kiln_tests::{
+    fixture_onnx, ok_body, plugin, redirect_to, ModelsDir, Reply, StaticServer, TestServer,
+};
 use serde_json::json;
+
+/// Models `nobody/nothing` and `a/b`: the access check runs before any fetch or validation, so
+/// the named models must exist. They serve embeddings (the sandbox probe), so a request that gets
+/// past fetching and validation ends in 422 `wrong_task`.
+fn probe_models() -> ModelsDir {
+    let models = ModelsDir::new();
+    let toml = format!(
+        "task = \"embeddings\"\n[plugin]\npath = {:?}\n[graphs]\nmain = \"main.onnx\"\n",
+        plugin("sandbox-probe")
+    );
+    for id in ["nobody/nothing", "a/b"] {
+        models.add(id, &toml, &[("main.onnx", &fixture_onnx("main.onnx"))]);
+    }
+    models
+}
 
 async fn classify_url(server: &TestServer, url: &str) -> Reply {
     server
@@ -18,7 +35,7 @@ async fn classify_url(server: &TestServer, url: &str) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_names_and_literals_are_refused_by_default() {
     let files = StaticServer::start(vec![("/a.png", ok_body(b"png".to_vec()))]).await;
-    let models = ModelsDir::new();
+    let models = probe_models();
     let server = TestServer::start(kiln_tests::config(models.path())).await;
     let port = files.port;
     for (url, why) in [
@@ -74,7 +91,7 @@ async fn every_redirect_is_checked_again() {
         ("/fine", ok_body(b"not an image".to_vec())),
     ])
     .await;
-    let models = ModelsDir::new();
+    let models = probe_models();
     let mut config = kiln_tests::config(models.path());
     // The file server plays a public host; `internal.example` a private one.
     config.fetch_allow_loopback = true;
@@ -123,14 +140,9 @@ async fn every_redirect_is_checked_again() {
         r.body
     );
 
-    // Fetched fine: the request goes on to the model (which does not exist here).
+    // Fetched fine: the request goes on to the model (which serves another task).
     let r = classify_url(&server, &public("/fine")).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (404, "model_not_found"),
-        "{:?}",
-        r.body
-    );
+    assert_eq!((r.status, r.code()), (422, "wrong_task"), "{:?}", r.body);
 
     let seen = files.seen.lock().unwrap().clone();
     assert!(
@@ -143,7 +155,7 @@ async fn every_redirect_is_checked_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_fields_are_validated_before_anything_runs() {
-    let models = ModelsDir::new();
+    let models = probe_models();
     let server = TestServer::start(kiln_tests::config(models.path())).await;
     let r = server
         .post(

@@ -162,7 +162,11 @@ async fn wrong_dtype_is_a_wasi_nn_error_not_a_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tensor_flood_hits_the_budget() {
-    let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    // A CPU limit the flood cannot reach first, even on a loaded machine.
+    let (_models, server) = probe_server(
+        "memory_mb = 64\ncpu_ms = 5000\ntimeout_ms = 20000\ntensor_mb = 32\nmax_instances = 2",
+    )
+    .await;
     let r = probe(&server, "test/probe", "flood").await;
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert_eq!(r.code(), "tensor_budget_exceeded");

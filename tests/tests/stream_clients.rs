@@ -64,8 +64,10 @@ fn venv_python() -> PathBuf {
 
 /// Runs `program args` in the repository root under `timeout`, off the async runtime (the server
 /// runs in this process).
-async fn run(program: impl AsRef<Path>, args: Vec<String>) -> Output {
+/// Runs a client (with `KILN_TOKEN` set to `token`, for the playground harness).
+async fn run(program: impl AsRef<Path>, args: Vec<String>, token: &str) -> Output {
     let program = program.as_ref().to_owned();
+    let token = token.to_owned();
     let shown = format!("{} {}", program.display(), args.join(" "));
     tokio::task::spawn_blocking(move || {
         Command::new("timeout")
@@ -73,6 +75,7 @@ async fn run(program: impl AsRef<Path>, args: Vec<String>) -> Output {
             .arg(&program)
             .args(&args)
             .current_dir(repo_root())
+            .env("KILN_TOKEN", token)
             .output()
             .unwrap_or_else(|e| panic!("could not start `{shown}`: {e}"))
     })
@@ -99,7 +102,7 @@ fn client_args(server: &TestServer) -> Vec<String> {
         "--url",
         &server.base,
         "--token",
-        "test-token",
+        &server.token,
         "--model",
         MODEL,
         "--prompt",
@@ -155,7 +158,7 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
     if node {
         let mut args = vec!["examples/clients/stream.js".to_owned()];
         args.extend(client_args(&server));
-        let out = run("node", args.clone()).await;
+        let out = run("node", args.clone(), &server.token).await;
         let result = json_line("stream.js", &out);
         if let Ok(v) = &result {
             // One event per piece, the last one with the finish reason and usage.
@@ -173,7 +176,7 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
         // (exit 0, or 1 with its error message, never a hang or a signal); its text is reported,
         // not asserted.
         args.push("--naive".to_owned());
-        let out = run("node", args).await;
+        let out = run("node", args, &server.token).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
             Some(0) => {
@@ -199,7 +202,7 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
     ) {
         let mut args = vec!["examples/clients/stream.py".to_owned()];
         args.extend(client_args(&server));
-        let out = run(&python, args).await;
+        let out = run(&python, args, &server.token).await;
         failures.extend(check("stream.py", json_line("stream.py", &out)));
     }
 
@@ -229,7 +232,7 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
             MAX_TOKENS.to_string(),
             screenshot.to_string_lossy().into_owned(),
         ];
-        let out = run("node", args).await;
+        let out = run("node", args, &server.token).await;
         failures.extend(check("the playground", json_line("playground.mjs", &out)));
         let size = std::fs::metadata(&screenshot).map_or(0, |m| m.len());
         if size == 0 {

@@ -188,7 +188,8 @@ async fn read_then_disconnect(server: &TestServer, body: &Value, events: usize) 
     let body = body.to_string();
     let request = format!(
         "POST {STREAM} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
+         Authorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        server.token,
         body.len()
     );
     socket.write_all(request.as_bytes()).await.expect("write");
@@ -268,6 +269,7 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
             GenerationInput::Prompt("words:1000".into()),
             params,
             "req-ahead-test".into(),
+            None,
         )
         .await
         .expect("stream");

@@ -74,21 +74,71 @@ fn main() -> ExitCode {
 /// `cargo xtask demo`: the server on `.kiln/models`, in the foreground until Ctrl-C.
 fn demo(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
-    let mut cmd = repo.cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "kiln-host",
-        "--bin",
-        "kiln",
-        "--",
-        "serve",
-    ])
-    .env("KILN_MODELS_DIR", repo.path(".kiln/models"))
-    .env("KILN_CACHE_DIR", repo.path(".kiln/cache"));
+    steps.run("build kiln (release)", || {
+        run(repo
+            .cargo()
+            .args(["build", "--release", "-p", "kiln-host", "--bin", "kiln"]))
+    })?;
+    let kiln = repo.target_dir().join("release/kiln");
+    steps.run("demo user and token", || demo_tenant(repo, &kiln))?;
+    let mut cmd = Command::new(&kiln);
+    cmd.arg("serve")
+        .current_dir(repo.path(""))
+        .env("KILN_MODELS_DIR", repo.path(".kiln/models"))
+        .env("KILN_CACHE_DIR", repo.path(".kiln/cache"))
+        .env("KILN_DATABASE_URL", repo.path(DEMO_DATABASE));
     repo.with_runtime_env(&mut cmd);
     steps.run("kiln serve", || run(&mut cmd))
+}
+
+const DEMO_DATABASE: &str = ".kiln/kiln.db";
+/// The demo user's inference token, one line: `$(cat .kiln/demo-token)` in the README's curls.
+const DEMO_TOKEN: &str = ".kiln/demo-token";
+
+/// The demo user (`demo`, plan pro, owner of the `demo/` models, which are made public) and a
+/// token in `.kiln/demo-token`, made with `kiln admin` as an operator would. A new token is made
+/// when the user is new (a fresh database) or the token file is missing.
+fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
+    let admin = |args: &[&str]| -> Result<std::process::Output> {
+        let mut cmd = Command::new(kiln);
+        cmd.arg("admin")
+            .args(args)
+            .env("KILN_DATABASE_URL", repo.path(DEMO_DATABASE));
+        cmd.output()
+            .with_context(|| format!("running {} admin {}", kiln.display(), args.join(" ")))
+    };
+    let created = admin(&["user", "create", "demo", "--plan", "pro"])?;
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    let new_user = created.status.success();
+    if !new_user && !stderr.contains("already exists") {
+        bail!("creating the demo user failed: {stderr}");
+    }
+    let token_file = repo.path(DEMO_TOKEN);
+    if new_user || !token_file.is_file() {
+        let out = admin(&["token", "create", "demo"])?;
+        if !out.status.success() {
+            bail!(
+                "creating the demo token failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::write(&token_file, &out.stdout)
+            .with_context(|| format!("writing {}", token_file.display()))?;
+    }
+    let models = repo.path(".kiln/models/demo");
+    for entry in std::fs::read_dir(&models).with_context(|| format!("{}", models.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let out = admin(&["model", "set-visibility", &format!("demo/{name}"), "public"])?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    println!(
+        "demo token (user demo, plan pro) in {}: {}",
+        DEMO_TOKEN,
+        std::fs::read_to_string(&token_file)?.trim()
+    );
+    Ok(())
 }
 
 /// `cargo xtask test`: what CI runs (`.ci/run`).

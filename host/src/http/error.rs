@@ -19,6 +19,8 @@ pub struct ApiError {
     /// Ask the client to close the connection (the request body was not read to its end, so
     /// the connection cannot carry another request).
     pub close_connection: bool,
+    /// `WWW-Authenticate` (401s).
+    pub www_authenticate: Option<&'static str>,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             close_connection: false,
+            www_authenticate: None,
         }
     }
 
@@ -45,10 +48,14 @@ impl ApiError {
     }
 }
 
-impl From<InferError> for ApiError {
-    fn from(e: InferError) -> Self {
-        let message = e.to_string();
-        let (status, code) = match &e {
+impl ApiError {
+    /// The status an inference error is answered with.
+    pub fn status_of(e: &InferError) -> StatusCode {
+        Self::classify(e).0
+    }
+
+    fn classify(e: &InferError) -> (StatusCode, &'static str) {
+        match e {
             InferError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             InferError::WrongTask { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "wrong_task"),
             InferError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
@@ -68,15 +75,25 @@ impl From<InferError> for ApiError {
             InferError::PluginMemory { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "plugin_memory_exceeded")
             }
+            InferError::PluginFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed"),
+            InferError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        let message = e.to_string();
+        let (status, code) = ApiError::classify(&e);
+        match &e {
             InferError::PluginFailed { detail } => {
                 tracing::error!(request_id = %request_id::current(), "plugin failed: {detail}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed")
             }
             InferError::Internal(detail) => {
                 tracing::error!(request_id = %request_id::current(), "internal error: {detail:#}");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
-        };
+            _ => {}
+        }
         let mut error = ApiError::new(status, code, message);
         if let InferError::Overloaded { retry_after } = e {
             error.retry_after = Some(retry_after.as_secs().max(1));
@@ -109,6 +126,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(value) = self.www_authenticate {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(value));
         }
         if let Some(secs) = self.retry_after {
             response

@@ -1,6 +1,8 @@
 //! HTTP: routes, request/response DTOs, the JSON extractor, errors. Handlers parse and shape
 //! the request, call [`crate::infer`], and shape the answer; they never touch wasmtime or ORT.
 
+pub mod admin;
+pub mod auth;
 mod error;
 pub mod request_id;
 mod stream;
@@ -11,14 +13,14 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use error::ApiError;
 
-use crate::infer::{Inference, Tenant};
+use crate::infer::Inference;
 
 /// What handlers share.
 #[derive(Debug)]
@@ -29,6 +31,7 @@ pub struct AppState {
     pub max_media_body_bytes: usize,
     /// Interval of keep-alive comments in streamed responses.
     pub stream_keepalive: std::time::Duration,
+    pub tenancy: Arc<crate::tenancy::Tenancy>,
 }
 
 impl AppState {
@@ -64,12 +67,8 @@ const MEDIA_ROUTES: [&str; 3] = [
 
 pub fn router(state: Arc<AppState>) -> Router {
     let media_limit = DefaultBodyLimit::max(state.max_media_body_bytes);
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/playground", get(playground))
-        .route("/v1/models", get(models))
+    // Everything under /v1/inference/ passes the gate: token, rate limit, quota, usage record.
+    let inference = Router::new()
         .route("/v1/inference/embeddings", post(embeddings))
         .route(
             "/v1/inference/text-classification",
@@ -92,6 +91,19 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .route(MEDIA_ROUTES[2], post(tasks::asr))
                 .layer(media_limit),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::inference_gate,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/playground", get(playground))
+        .route("/v1/models", get(models))
+        .route("/v1/usage", get(usage))
+        .merge(inference)
+        .merge(admin::routes())
         .fallback(|| async { ApiError::not_found_route() })
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
@@ -149,15 +161,54 @@ async fn playground() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("playground.html"))
 }
 
-/// `GET /v1/models`: the models a caller can use, with their task (for clients and the
+/// `GET /v1/models`: the models the caller can use, with their task (for clients and the
 /// playground's model picker).
-async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = auth::authenticate(&state, &headers, crate::tenancy::Scope::Inference)?;
     let models: Vec<_> = state
         .inference
         .models()
+        .filter(|m| state.tenancy.can_use(&caller, &m.spec.id.to_string()))
         .map(|m| serde_json::json!({"id": m.spec.id.to_string(), "task": m.spec.task.to_string()}))
         .collect();
-    Json(serde_json::json!({ "models": models }))
+    Ok(Json(serde_json::json!({ "models": models })))
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageQuery {
+    user: Option<String>,
+}
+
+/// `GET /v1/usage`: the caller's usage this month, per model and per day; an admin token may
+/// name any user (`?user=name`).
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<UsageQuery>,
+) -> Result<Json<crate::tenancy::admin::UsageReport>, ApiError> {
+    use crate::tenancy::Scope;
+    let name = match auth::authenticate(&state, &headers, Scope::Inference) {
+        Ok(caller) => {
+            if query.user.as_ref().is_some_and(|u| *u != caller.user.name) {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "only an admin token may read another user's usage",
+                ));
+            }
+            caller.user.name
+        }
+        Err(_) => {
+            auth::authenticate(&state, &headers, Scope::Admin)?;
+            query.user.ok_or_else(|| {
+                ApiError::bad_request("an admin token must name the user: /v1/usage?user=<name>")
+            })?
+        }
+    };
+    admin::report(&state, &name).await.map(Json)
 }
 
 /// `GET /metrics`: process-wide counters in the Prometheus text format. No model or tenant
@@ -277,12 +328,13 @@ pub struct EmbeddingsResponse {
 
 async fn embeddings(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<auth::Authed>,
     ApiJson(request): ApiJson<EmbeddingsRequest>,
 ) -> Result<Json<EmbeddingsResponse>, ApiError> {
-    let tenant = Tenant::anonymous();
+    authed.use_model(&state, &request.model)?;
     let result = state
         .inference
-        .embed(&tenant, &request.model, request.inputs.texts)
+        .embed(&authed.tenant, &request.model, request.inputs.texts)
         .await?;
     Ok(Json(EmbeddingsResponse {
         embeddings: result.vectors,

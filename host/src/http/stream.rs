@@ -13,24 +13,51 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use super::auth::{Authed, UsageDeferred};
 use super::tasks::{finish_reason, ValidGenerateRequest};
 use super::{request_id, ApiError, AppState};
-use crate::infer::{InferError, StreamEvent, Tenant, TokenStream};
+use crate::infer::{InferError, StreamEvent, StreamHook, TokenStream};
+use crate::tenancy::{self, UsageRecord};
 
 /// Streams a validated generation request.
 pub async fn respond(
     state: &Arc<AppState>,
+    authed: &Authed,
     request: ValidGenerateRequest,
 ) -> Result<Response, ApiError> {
     let id = request_id::current();
+    // The stream's usage record, committed by the driver before the last event is sent (or
+    // when the client has gone).
+    let tenancy = Arc::clone(&state.tenancy);
+    let (user_id, model, record_id) = (authed.caller.user.id, request.model.clone(), id.clone());
+    let on_end: StreamHook = Box::new(move |usage, error| {
+        let status = error.map_or(200, |e| ApiError::status_of(e).as_u16());
+        let record = UsageRecord {
+            at_ms: tenancy::store::now_ms(),
+            user_id,
+            model,
+            task: "text-generation".into(),
+            status,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            compute_us: usage.compute.as_micros() as u64,
+            request_id: record_id,
+        };
+        Box::pin(async move {
+            if let Err(e) = tenancy.record(record).await {
+                tracing::error!("usage record of a stream lost: {e}");
+            }
+        })
+    });
     let mut tokens = state
         .inference
         .generate_stream(
-            &Tenant::anonymous(),
+            &authed.tenant,
             &request.model,
             request.input,
             request.params,
             id.clone(),
+            Some(on_end),
         )
         .await?;
     let first = match tokens.next().await {
@@ -64,6 +91,7 @@ pub async fn respond(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response.extensions_mut().insert(UsageDeferred);
     Ok(response)
 }
 

@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::auth::Authed;
 use super::{ApiError, ApiJson, AppState, TextInputs};
-use crate::infer::{InferError, Ranked, Tenant};
+use crate::infer::{InferError, Ranked};
 use crate::media;
 use crate::runtime::instance::{FinishReason, GenerationInput, GenerationParams, Message};
 
@@ -36,15 +38,17 @@ pub struct TextClassificationRequest {
 /// for a list input.
 pub async fn text_classification(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<TextClassificationRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    authed.use_model(&state, &request.model)?;
     if request.top_k == Some(0) {
         return Err(invalid("`top_k` must be at least 1, got 0".into()));
     }
     let single = request.inputs.single;
     let result = state
         .inference
-        .classify_texts(&Tenant::anonymous(), &request.model, request.inputs.texts)
+        .classify_texts(&authed.tenant, &request.model, request.inputs.texts)
         .await?;
     let mut answers = result.results.into_iter().map(|mut ranked| {
         if let Some(k) = request.top_k {
@@ -99,8 +103,10 @@ const DEFAULT_IMAGE_TOP_K: u32 = 5;
 /// `POST /v1/inference/image-classification`.
 pub async fn image_classification(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<ImageClassificationRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    authed.use_model(&state, &request.model)?;
     let top_k = request.top_k.unwrap_or(DEFAULT_IMAGE_TOP_K);
     if top_k == 0 {
         return Err(invalid("`top_k` must be at least 1, got 0".into()));
@@ -108,7 +114,7 @@ pub async fn image_classification(
     let image = request.source.bytes(&state).await?;
     let (ranked, _) = state
         .inference
-        .classify_image(&Tenant::anonymous(), &request.model, image, top_k)
+        .classify_image(&authed.tenant, &request.model, image, top_k)
         .await?;
     Ok(Json(labels_and_scores(ranked)))
 }
@@ -143,8 +149,10 @@ struct DetectionDto {
 /// `POST /v1/inference/object-detection`: boxes in whole pixels of the original image.
 pub async fn object_detection(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<ObjectDetectionRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    authed.use_model(&state, &request.model)?;
     let threshold = request.threshold.unwrap_or(DEFAULT_DETECTION_THRESHOLD);
     if !(0.0..=1.0).contains(&threshold) {
         return Err(invalid(format!(
@@ -154,7 +162,7 @@ pub async fn object_detection(
     let image = request.source.bytes(&state).await?;
     let (detections, _) = state
         .inference
-        .detect(&Tenant::anonymous(), &request.model, image, threshold)
+        .detect(&authed.tenant, &request.model, image, threshold)
         .await?;
     let detections: Vec<DetectionDto> = detections
         .into_iter()
@@ -184,8 +192,10 @@ pub struct AsrRequest {
 /// `POST /v1/inference/asr`.
 pub async fn asr(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<AsrRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    authed.use_model(&state, &request.model)?;
     let wav = match (request.audio, request.audio_url) {
         (Some(data), None) => media::decode_base64("audio", &data).map_err(InferError::from)?,
         (None, Some(url)) => state.fetch("audio_url", &url).await?,
@@ -202,7 +212,7 @@ pub async fn asr(
     };
     let (text, _) = state
         .inference
-        .transcribe(&Tenant::anonymous(), &request.model, wav)
+        .transcribe(&authed.tenant, &request.model, wav)
         .await?;
     Ok(Json(json!({ "text": text })))
 }
@@ -371,20 +381,24 @@ pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
 /// is accepted, as the API's own example sends it, and does not change that).
 pub async fn text_generation_stream(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<TextGenerationRequest>,
 ) -> Result<Response, ApiError> {
+    authed.use_model(&state, &request.model)?;
     let request = ValidGenerateRequest::try_from(request)?;
-    super::stream::respond(&state, request).await
+    super::stream::respond(&state, &authed, request).await
 }
 
 /// `POST /v1/inference/text-generation`: the whole text, or a stream with `"stream": true`.
 pub async fn text_generation(
     State(state): State<Arc<AppState>>,
+    Extension(authed): Extension<Authed>,
     ApiJson(request): ApiJson<TextGenerationRequest>,
 ) -> Result<Response, ApiError> {
+    authed.use_model(&state, &request.model)?;
     let request = ValidGenerateRequest::try_from(request)?;
     if request.stream {
-        return super::stream::respond(&state, request).await;
+        return super::stream::respond(&state, &authed, request).await;
     }
     // As HF's API: the prompt leads the text unless the caller asks for the new text only; a
     // chat's answer is only the assistant's new text.
@@ -395,7 +409,7 @@ pub async fn text_generation(
     let generated = state
         .inference
         .generate(
-            &Tenant::anonymous(),
+            &authed.tenant,
             &request.model,
             request.input,
             request.params,

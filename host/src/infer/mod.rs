@@ -6,13 +6,14 @@
 //! once, and compiles each plugin once; a model that fails to load stops startup.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 mod stream;
-pub use stream::{Finish, StreamEvent, StreamStats, TokenStream};
+pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
 
 use crate::config::{Config, Limits};
 use crate::media::{self, MediaError};
@@ -27,14 +28,58 @@ use crate::runtime::{
     PooledInstance, RuntimeOptions, TrapKind,
 };
 
-/// Who is calling. Until tenancy exists every caller is one anonymous tenant, but instance pools
-/// are already keyed by it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Tenant(pub String);
+/// Who is calling (instance pools are keyed by it), and the meter their request's usage is
+/// counted on.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    pub meter: Arc<Meter>,
+}
 
 impl Tenant {
+    pub fn new(id: impl Into<String>) -> Self {
+        Tenant {
+            id: id.into(),
+            meter: Arc::default(),
+        }
+    }
+
+    /// A caller outside tenancy (benchmarks, in-process tests).
     pub fn anonymous() -> Self {
-        Tenant("anonymous".into())
+        Tenant::new("anonymous")
+    }
+}
+
+/// What one request used: ONNX Runtime time of every call (also of calls that failed) and the
+/// plugin's token counts.
+#[derive(Debug, Default)]
+pub struct Meter {
+    compute_us: AtomicU64,
+    input_tokens: AtomicU32,
+    output_tokens: AtomicU32,
+}
+
+impl Meter {
+    pub fn add_compute(&self, compute: Duration) {
+        self.compute_us
+            .fetch_add(compute.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_tokens(&self, input: u32, output: u32) {
+        self.input_tokens.store(input, Ordering::Relaxed);
+        self.output_tokens.store(output, Ordering::Relaxed);
+    }
+
+    pub fn compute(&self) -> Duration {
+        Duration::from_micros(self.compute_us.load(Ordering::Relaxed))
+    }
+
+    /// (input, output) tokens.
+    pub fn tokens(&self) -> (u32, u32) {
+        (
+            self.input_tokens.load(Ordering::Relaxed),
+            self.output_tokens.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -220,6 +265,7 @@ impl Inference {
                 ),
             });
         }
+        tenant.meter.set_tokens(output.usage.input_tokens, 0);
         Ok(Embeddings {
             vectors: output.vectors,
             input_tokens: output.usage.input_tokens,
@@ -250,6 +296,7 @@ impl Inference {
                 ),
             });
         }
+        tenant.meter.set_tokens(output.usage.input_tokens, 0);
         Ok(TextClassification {
             results: output.results.into_iter().map(ranked).collect(),
             input_tokens: output.usage.input_tokens,
@@ -317,6 +364,10 @@ impl Inference {
                 instance.transcribe(&audio, deadline)
             })
             .await?;
+        let usage = &transcript.usage;
+        tenant
+            .meter
+            .set_tokens(usage.input_tokens, usage.output_tokens);
         Ok((transcript.text, compute))
     }
 
@@ -335,6 +386,9 @@ impl Inference {
                 instance.generate_to_end(&input, &params, deadline)
             })
             .await?;
+        tenant
+            .meter
+            .set_tokens(usage.input_tokens, usage.output_tokens);
         Ok(Generated {
             text,
             finish_reason,
@@ -355,6 +409,7 @@ impl Inference {
         let lease = self.lease(tenant, model).await?;
         let deadline = Instant::now() + model.limits.request_timeout;
         let ran = run_on(self.runtime.engine(), model, lease, deadline, f).await;
+        tenant.meter.add_compute(ran.compute);
         ran.result.map(|value| (value, ran.compute))
     }
 
@@ -367,7 +422,7 @@ impl Inference {
     ) -> Result<PooledInstance, InferError> {
         let key = PoolKey {
             model: model.spec.id.to_string(),
-            tenant: tenant.0.clone(),
+            tenant: tenant.id.clone(),
         };
         self.pool
             .acquire(key, model.limits.max_instances, self.queue_timeout)

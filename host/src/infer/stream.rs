@@ -14,6 +14,8 @@
 //! which frees the KV cache), logs the cancellation and counts it in [`StreamStats`]. A client
 //! that stops reading for the model's request timeout is treated the same way.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +80,23 @@ impl TokenStream {
     }
 }
 
+/// What a stream used, for its usage record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamUsage {
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    /// ORT time of the whole generation.
+    pub compute: Duration,
+}
+
+/// Called once when a stream that has sent events ends (finished, failed after its first token,
+/// or cancelled), with the error if it failed. The driver awaits the future before it sends the
+/// last event, so a client that saw the end has a committed usage record. (A stream that fails
+/// before its first token is answered, and recorded, as an ordinary error response.)
+pub type StreamHook = Box<
+    dyn FnOnce(StreamUsage, Option<&InferError>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
+>;
+
 /// Process-wide counters of streamed generations (served at `/metrics`).
 #[derive(Debug, Default)]
 pub struct StreamStats {
@@ -99,6 +118,7 @@ impl Inference {
         input: GenerationInput,
         params: GenerationParams,
         request_id: String,
+        on_end: Option<StreamHook>,
     ) -> Result<TokenStream, InferError> {
         let model = self.model(model, Task::TextGeneration)?;
         check_generation(&model, &input, &params)?;
@@ -114,6 +134,8 @@ impl Inference {
             request_id,
             compute: Duration::ZERO,
             steps: 0,
+            sent_any: false,
+            on_end,
         };
         tokio::spawn(driver.run(tx, input, params));
         Ok(TokenStream { rx })
@@ -145,6 +167,9 @@ struct Driver {
     compute: Duration,
     /// `next` calls that returned text: the output tokens of an instance that trapped.
     steps: u32,
+    /// Whether a token event was sent (the response has started).
+    sent_any: bool,
+    on_end: Option<StreamHook>,
 }
 
 impl Driver {
@@ -211,6 +236,7 @@ impl Driver {
                             finish: None,
                         });
                         sent += 1;
+                        self.sent_any = true;
                     }
                 }
                 Ok(Pulled::Done(reason, usage)) => {
@@ -221,6 +247,12 @@ impl Driver {
                             Err(why) => return End::Cancelled(why),
                         },
                     };
+                    let used = StreamUsage {
+                        input_tokens: usage.input_tokens,
+                        output_tokens: usage.output_tokens,
+                        compute: self.compute,
+                    };
+                    self.ended(used, None).await;
                     permit.send(StreamEvent::Token {
                         // Nothing generated at all: one empty final token.
                         text: held.take().unwrap_or_default(),
@@ -254,19 +286,18 @@ impl Driver {
                 self.stats.finished.fetch_add(1, Ordering::Relaxed);
             }
             End::Failed(error) => {
+                if self.sent_any {
+                    let usage = self.usage_so_far(generation).await;
+                    self.ended(usage, Some(&error)).await;
+                }
                 self.drop_generation(generation).await;
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 let timeout = self.model.limits.request_timeout;
                 let _ = tokio::time::timeout(timeout, tx.send(StreamEvent::Failed(error))).await;
             }
             End::Cancelled(why) => {
-                let usage = self
-                    .call(move |instance, deadline| instance.generation_usage(generation, deadline))
-                    .await
-                    .unwrap_or(Usage {
-                        input_tokens: 0,
-                        output_tokens: self.steps,
-                    });
+                let usage = self.usage_so_far(generation).await;
+                self.ended(usage, None).await;
                 let held_after = self.drop_generation(generation).await;
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -282,6 +313,31 @@ impl Driver {
                     "stream cancelled ({why}): generation dropped"
                 );
             }
+        }
+    }
+
+    /// The generation's usage so far (what a cancelled or failed stream is billed); the steps
+    /// received when the instance cannot answer (it trapped).
+    async fn usage_so_far(&mut self, generation: ResourceAny) -> StreamUsage {
+        let steps = self.steps;
+        let usage = self
+            .call(move |instance, deadline| instance.generation_usage(generation, deadline))
+            .await
+            .unwrap_or(Usage {
+                input_tokens: 0,
+                output_tokens: steps,
+            });
+        StreamUsage {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            compute: self.compute,
+        }
+    }
+
+    /// Runs the end hook (once).
+    async fn ended(&mut self, usage: StreamUsage, error: Option<&InferError>) {
+        if let Some(hook) = self.on_end.take() {
+            hook(usage, error).await;
         }
     }
 

@@ -1,0 +1,166 @@
+//! `kiln admin ...`: the admin operations on the database directly (no server needed; a running
+//! server sees each change within a second).
+
+use clap::{Args, Subcommand};
+
+use crate::config::Config;
+use crate::tenancy::admin::{self, AdminError};
+use crate::tenancy::{parse_duration, store, Scope};
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The database (default from the config file, else sqlite:.kiln/kiln.db).
+    #[arg(long, env = "KILN_DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Users (a user owns the namespace of its name).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Model visibility and sharing.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// A user's usage this month, per model and per day (JSON).
+    Usage { user: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Creates a user.
+    Create {
+        name: String,
+        #[arg(long, default_value = "free")]
+        plan: String,
+    },
+    /// Moves a user to another plan.
+    SetPlan { name: String, plan: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Creates a token and prints it (the only time it is shown).
+    Create {
+        user: String,
+        /// Lifetime: 30d, 12h, 90m, ...
+        #[arg(long)]
+        expires: Option<String>,
+        /// An admin token (for /admin/... and any user's usage) instead of an inference token.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Revokes a token by its id (tok_...).
+    Revoke { id: String },
+    /// Lists a user's tokens (ids, scope, expiry; never the tokens).
+    List { user: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// public: every valid token may call it; private: its owner and the users it is shared with.
+    SetVisibility { model: String, visibility: String },
+    /// Lets a user call a private model.
+    Share { model: String, user: String },
+    /// Takes that back.
+    Unshare { model: String, user: String },
+}
+
+/// Runs an admin command; the error says what to fix.
+pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
+    let url = args
+        .database_url
+        .unwrap_or_else(|| config.database_url.clone());
+    let store = store::open(&url)?;
+    let store = store.as_ref();
+    let plans = &config.plans;
+    let result: Result<(), AdminError> = (|| {
+        match args.command {
+            AdminCommand::User(UserCommand::Create { name, plan }) => {
+                let user = admin::create_user(store, plans, &name, &plan)?;
+                println!("created user {} (plan {})", user.name, user.plan);
+            }
+            AdminCommand::User(UserCommand::SetPlan { name, plan }) => {
+                admin::set_plan(store, plans, &name, &plan)?;
+                println!("user {name} is on plan {plan}");
+            }
+            AdminCommand::Token(TokenCommand::Create {
+                user,
+                expires,
+                admin: is_admin,
+            }) => {
+                let expires = expires
+                    .as_deref()
+                    .map(parse_duration)
+                    .transpose()
+                    .map_err(AdminError::Invalid)?;
+                let scope = if is_admin {
+                    Scope::Admin
+                } else {
+                    Scope::Inference
+                };
+                let token = admin::create_token(store, &user, scope, expires)?;
+                eprintln!(
+                    "created {} token {} for {}{} (shown once: store it now)",
+                    token.scope,
+                    token.id,
+                    token.user,
+                    token
+                        .expires
+                        .as_ref()
+                        .map_or(String::new(), |d| format!(", expires {d}"))
+                );
+                println!("{}", token.token);
+            }
+            AdminCommand::Token(TokenCommand::Revoke { id }) => {
+                admin::revoke_token(store, &id)?;
+                println!("revoked {id}");
+            }
+            AdminCommand::Token(TokenCommand::List { user }) => {
+                let snapshot = store.snapshot()?;
+                let u = snapshot
+                    .user_by_name(&user)
+                    .ok_or_else(|| AdminError::NotFound(format!("no user named {user:?}")))?;
+                for t in store.tokens(u.id)? {
+                    println!(
+                        "{}\t{}\tcreated {}\t{}\t{}",
+                        t.id,
+                        t.scope.as_str(),
+                        crate::tenancy::date(t.created_at_ms),
+                        t.expires_at_ms.map_or("no expiry".into(), |e| format!(
+                            "expires {}",
+                            crate::tenancy::date(e)
+                        )),
+                        if t.revoked { "revoked" } else { "active" }
+                    );
+                }
+            }
+            AdminCommand::Model(ModelCommand::SetVisibility { model, visibility }) => {
+                let v = admin::set_visibility(store, &model, &visibility)?;
+                println!("{model} is {}", v.as_str());
+            }
+            AdminCommand::Model(ModelCommand::Share { model, user }) => {
+                admin::share(store, &model, &user, true)?;
+                println!("{model} is shared with {user}");
+            }
+            AdminCommand::Model(ModelCommand::Unshare { model, user }) => {
+                admin::share(store, &model, &user, false)?;
+                println!("{model} is no longer shared with {user}");
+            }
+            AdminCommand::Usage { user } => {
+                let report = admin::usage(store, plans, &user)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
+                );
+            }
+        }
+        Ok(())
+    })();
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}

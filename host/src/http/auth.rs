@@ -1,0 +1,220 @@
+//! The gate in front of `/v1/inference/*`: the bearer token (401), the plan's rate limit and
+//! monthly compute quota (429), then the handler; afterwards the request's usage record is
+//! committed before the response leaves (a stream commits its own when it ends). Every answer
+//! carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{request_id, ApiError, AppState};
+use crate::infer::{InferError, Tenant};
+use crate::tenancy::{self, AuthError, Caller, Decision, Refused, Scope, UsageRecord};
+
+/// The authenticated caller of an inference request (a request extension).
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub caller: Caller,
+    /// The instance-pool key and usage meter of this request.
+    pub tenant: Tenant,
+    /// The model the request named, once the handler has checked it.
+    model: Arc<Mutex<Option<String>>>,
+}
+
+impl Authed {
+    /// Checks that `model` exists (404) and that the caller may use it (403), and labels the
+    /// request's usage record with it.
+    pub fn use_model(&self, state: &AppState, model: &str) -> Result<(), ApiError> {
+        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model.to_owned());
+        if state.inference.get(model).is_none() {
+            return Err(InferError::ModelNotFound(model.to_owned()).into());
+        }
+        if !state.tenancy.can_use(&self.caller, model) {
+            // 403 tells a caller that a private model of that name exists (404 would not): the
+            // published API asks for 403, and model names are not secrets on a hub.
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "No access to this model: it is private",
+            ));
+        }
+        Ok(())
+    }
+
+    fn model(&self) -> String {
+        self.model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// Marks a response whose usage record the handler commits itself (a stream, at its end).
+#[derive(Debug, Clone, Copy)]
+pub struct UsageDeferred;
+
+pub fn auth_error(e: AuthError) -> ApiError {
+    let status = match e {
+        AuthError::WrongScope(_) => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    let code = if status == StatusCode::FORBIDDEN {
+        "forbidden"
+    } else {
+        "unauthorized"
+    };
+    let mut error = ApiError::new(status, code, e.to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        error.www_authenticate = Some(match e {
+            AuthError::Missing => "Bearer",
+            _ => "Bearer error=\"invalid_token\"",
+        });
+    }
+    error
+}
+
+/// The caller of any route that needs `scope` (for routes outside the inference gate).
+pub fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    state
+        .tenancy
+        .authenticate(header, scope)
+        .map_err(auth_error)
+}
+
+/// `task` of `/v1/inference/<task>[/stream]`.
+fn task_of(path: &str) -> String {
+    path.trim_start_matches("/v1/inference/")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(d.reset_secs()));
+}
+
+fn refused(refusal: &Refused, plan: &str) -> (ApiError, Decision) {
+    match refusal {
+        Refused::RateLimited(d) => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "rate limit of {} requests per minute (plan {plan}) exceeded: retry after {} s",
+                    d.limit,
+                    d.retry_after_secs()
+                ),
+            );
+            e.retry_after = Some(d.retry_after_secs().max(1));
+            (e, *d)
+        }
+        Refused::QuotaExceeded {
+            used_hours,
+            limit_hours,
+            resets,
+            decision,
+        } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!(
+                    "monthly compute quota of {limit_hours} hours (plan {plan}) is used up \
+                     ({used_hours:.4} h): it resets on {resets}"
+                ),
+            );
+            let reset_ms = tenancy::next_month_start(tenancy::store::now_ms());
+            let secs = (reset_ms - tenancy::store::now_ms()).max(1000) as u64 / 1000;
+            e.retry_after = Some(secs);
+            (e, *decision)
+        }
+    }
+}
+
+/// The model a refused request named, for its usage record (its body is read only on this rare
+/// path, within the route's body limit).
+async fn model_of(request: Request, limit: usize) -> String {
+    #[derive(serde::Deserialize)]
+    struct ModelOnly {
+        model: String,
+    }
+    let Ok(bytes) = axum::body::to_bytes(request.into_body(), limit).await else {
+        return String::new();
+    };
+    serde_json::from_slice::<ModelOnly>(&bytes)
+        .map(|m| m.model)
+        .unwrap_or_default()
+}
+
+pub async fn inference_gate(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = match authenticate(&state, request.headers(), Scope::Inference) {
+        Ok(caller) => caller,
+        Err(error) => return error.into_response(),
+    };
+    let task = task_of(request.uri().path());
+    let record = |status: u16, model: String, tenant: Option<&Tenant>| {
+        let (input_tokens, output_tokens) = tenant.map_or((0, 0), |t| t.meter.tokens());
+        UsageRecord {
+            at_ms: tenancy::store::now_ms(),
+            user_id: caller.user.id,
+            model,
+            task: task.clone(),
+            status,
+            input_tokens,
+            output_tokens,
+            compute_us: tenant.map_or(0, |t| t.meter.compute().as_micros() as u64),
+            request_id: request_id::current(),
+        }
+    };
+    let decision = match state.tenancy.admit(&caller, &task) {
+        Ok(decision) => decision,
+        Err(refusal) => {
+            let (error, decision) = refused(&refusal, &caller.user.plan);
+            let status = error.status.as_u16();
+            let limit = state.max_media_body_bytes;
+            let model = model_of(request, limit).await;
+            commit(&state, record(status, model, None)).await;
+            let mut response = error.into_response();
+            rate_headers(response.headers_mut(), &decision);
+            return response;
+        }
+    };
+    let authed = Authed {
+        tenant: Tenant::new(format!("user:{}", caller.user.id)),
+        caller: caller.clone(),
+        model: Arc::default(),
+    };
+    request.extensions_mut().insert(authed.clone());
+    let mut response = next.run(request).await;
+    rate_headers(response.headers_mut(), &decision);
+    if response.extensions().get::<UsageDeferred>().is_none() {
+        let status = response.status().as_u16();
+        commit(&state, record(status, authed.model(), Some(&authed.tenant))).await;
+    }
+    response
+}
+
+/// Commits a usage record; a failure is logged (the answer is still sent: the caller's request
+/// did run), and counted nowhere else.
+pub async fn commit(state: &AppState, record: UsageRecord) {
+    if let Err(e) = state.tenancy.record(record).await {
+        tracing::error!(request_id = %request_id::current(), "usage record lost: {e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Admin operations, shared by the `kiln admin` CLI (which opens the database directly) and the
+//! admin HTTP API (`/admin/...`). Every wrong argument is an [`AdminError::Invalid`] or
+//! [`AdminError::NotFound`] whose message says what to fix.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::store::{now_ms, Store, TokenRecord, UsageRow, User};
+use super::{date, month, month_start, new_token, next_month_start, Plan, Scope, Visibility};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+type Result<T> = std::result::Result<T, AdminError>;
+
+/// A user or namespace name: what may appear before the `/` of a model id.
+fn check_name(name: &str) -> Result<()> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "invalid user name {name:?}: 1-64 characters of letters, digits, '-', '_' and '.' \
+             (it is also the namespace of the user's models)"
+        )))
+    }
+}
+
+fn check_model(model: &str) -> Result<()> {
+    match model.split_once('/') {
+        Some((ns, name)) if check_name(ns).is_ok() && check_name(name).is_ok() => Ok(()),
+        _ => Err(AdminError::Invalid(format!(
+            "invalid model id {model:?}: expected <namespace>/<name>"
+        ))),
+    }
+}
+
+fn user(store: &dyn Store, name: &str) -> Result<User> {
+    store
+        .snapshot()?
+        .user_by_name(name)
+        .cloned()
+        .ok_or_else(|| AdminError::NotFound(format!("no user named {name:?}")))
+}
+
+pub fn create_user(
+    store: &dyn Store,
+    plans: &BTreeMap<String, Plan>,
+    name: &str,
+    plan: &str,
+) -> Result<User> {
+    check_name(name)?;
+    if !plans.contains_key(plan) {
+        return Err(AdminError::Invalid(format!(
+            "unknown plan {plan:?}: one of {}",
+            plans.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if store.snapshot()?.user_by_name(name).is_some() {
+        return Err(AdminError::Invalid(format!(
+            "a user named {name:?} already exists"
+        )));
+    }
+    Ok(store.create_user(name, plan)?)
+}
+
+pub fn set_plan(
+    store: &dyn Store,
+    plans: &BTreeMap<String, Plan>,
+    name: &str,
+    plan: &str,
+) -> Result<()> {
+    user(store, name)?;
+    if !plans.contains_key(plan) {
+        return Err(AdminError::Invalid(format!("unknown plan {plan:?}")));
+    }
+    Ok(store.set_plan(name, plan)?)
+}
+
+/// A token just created: the only time its secret is shown.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewToken {
+    pub id: String,
+    pub user: String,
+    pub token: String,
+    pub scope: &'static str,
+    /// `YYYY-MM-DD` (UTC), if it expires.
+    pub expires: Option<String>,
+}
+
+pub fn create_token(
+    store: &dyn Store,
+    name: &str,
+    scope: Scope,
+    expires_in: Option<Duration>,
+) -> Result<NewToken> {
+    let user = user(store, name)?;
+    let (token, hash, id) = new_token();
+    let now = now_ms();
+    let expires_at_ms = expires_in.map(|d| now + d.as_millis() as i64);
+    store.insert_token(&TokenRecord {
+        id: id.clone(),
+        user_id: user.id,
+        hash,
+        scope,
+        created_at_ms: now,
+        expires_at_ms,
+        revoked: false,
+    })?;
+    Ok(NewToken {
+        id,
+        user: user.name,
+        token,
+        scope: scope.as_str(),
+        expires: expires_at_ms.map(date),
+    })
+}
+
+pub fn revoke_token(store: &dyn Store, id: &str) -> Result<()> {
+    if store.revoke_token(id)? {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!(
+            "no token with id {id:?} (ids look like tok_0123456789ab)"
+        )))
+    }
+}
+
+pub fn set_visibility(store: &dyn Store, model: &str, visibility: &str) -> Result<Visibility> {
+    check_model(model)?;
+    let visibility = Visibility::parse(visibility).ok_or_else(|| {
+        AdminError::Invalid(format!(
+            "invalid visibility {visibility:?}: public or private"
+        ))
+    })?;
+    store.set_visibility(model, visibility)?;
+    Ok(visibility)
+}
+
+pub fn share(store: &dyn Store, model: &str, with: &str, shared: bool) -> Result<()> {
+    check_model(model)?;
+    let user = user(store, with)?;
+    Ok(store.share(model, user.id, shared)?)
+}
+
+/// Usage numbers, as `/v1/usage` and `kiln admin usage` report them.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub errors: u64,
+    pub rate_limited: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub compute_seconds: f64,
+}
+
+impl Totals {
+    fn add(&mut self, row: &UsageRow) {
+        self.requests += row.requests;
+        self.errors += row.errors;
+        self.rate_limited += row.rate_limited;
+        self.input_tokens += row.input_tokens;
+        self.output_tokens += row.output_tokens;
+        self.compute_seconds += row.compute_us as f64 / 1e6;
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub date: String,
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Named {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Day {
+    pub date: String,
+    #[serde(flatten)]
+    pub totals: Totals,
+}
+
+/// A user's usage for the current month (UTC).
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageReport {
+    pub user: String,
+    pub plan: String,
+    /// `YYYY-MM`.
+    pub month: String,
+    pub compute_hours_limit: f64,
+    /// First day of next month: when the compute quota starts again.
+    pub resets: String,
+    pub total: Totals,
+    pub by_model: Vec<Named>,
+    pub by_day: Vec<Day>,
+    /// Per (day, model).
+    pub entries: Vec<Entry>,
+}
+
+pub fn usage(store: &dyn Store, plans: &BTreeMap<String, Plan>, name: &str) -> Result<UsageReport> {
+    let user = user(store, name)?;
+    let now = now_ms();
+    let (from, to) = (month_start(now), next_month_start(now));
+    let rows = store.usage(user.id, from, to)?;
+    let mut total = Totals::default();
+    let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
+    let mut by_day: BTreeMap<String, Totals> = BTreeMap::new();
+    for row in &rows {
+        total.add(row);
+        by_model.entry(row.model.clone()).or_default().add(row);
+        by_day.entry(row.date.clone()).or_default().add(row);
+    }
+    let entries = rows
+        .iter()
+        .map(|row| {
+            let mut totals = Totals::default();
+            totals.add(row);
+            Entry {
+                date: row.date.clone(),
+                model: row.model.clone(),
+                totals,
+            }
+        })
+        .collect();
+    Ok(UsageReport {
+        compute_hours_limit: plans.get(&user.plan).map_or(0.0, |p| p.compute_hours),
+        user: user.name,
+        plan: user.plan,
+        month: month(now),
+        resets: date(to),
+        total,
+        by_model: by_model
+            .into_iter()
+            .map(|(model, totals)| Named { model, totals })
+            .collect(),
+        by_day: by_day
+            .into_iter()
+            .map(|(date, totals)| Day { date, totals })
+            .collect(),
+        entries,
+    })
+}

@@ -1,0 +1,525 @@
+//! Tenancy: who is calling (API tokens), what they may call (namespaces, visibility, shares),
+//! how much (plans: rate limits and monthly compute quotas), and what they used (usage records).
+//!
+//! State lives in a [`store::Store`] (SQLite by default). The request path reads an in-memory
+//! [`Snapshot`] that a background thread reloads within 250 ms of any committed change (the
+//! `kiln admin` CLI writes the database directly), rate-limits with lock-free GCRA
+//! ([`limiter`]), and commits one usage record per request through the group-commit writer
+//! ([`usage`]) before the response is sent.
+
+pub mod admin;
+pub mod limiter;
+pub mod store;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use limiter::{Decision, Rate, RateLimiter};
+pub use store::{Snapshot, Store, TokenRecord, UsageRecord, UsageRow, User};
+pub use usage::UsageWriter;
+
+/// What a token may do. Admin tokens manage the platform and cannot run inference; inference
+/// tokens cannot manage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Inference,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Inference => "inference",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    Public,
+    Private,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Public => "public",
+            Visibility::Private => "private",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Visibility> {
+        match s {
+            "public" => Some(Visibility::Public),
+            "private" => Some(Visibility::Private),
+            _ => None,
+        }
+    }
+}
+
+/// A plan's limits (config `[plans.<name>]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub requests_per_minute: u32,
+    /// Requests admitted at once by a rested tenant; default a tenth of the per-minute rate.
+    pub burst: Option<u32>,
+    /// Compute (ONNX Runtime time) per calendar month (UTC), hours.
+    pub compute_hours: f64,
+    /// Per-task rates that replace the plan's for that task (heavy tasks get less).
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskRate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRate {
+    pub requests_per_minute: u32,
+    pub burst: Option<u32>,
+}
+
+fn rate(per_minute: u32, burst: Option<u32>) -> Rate {
+    Rate {
+        per_minute,
+        burst: burst.unwrap_or(per_minute / 10).max(1),
+    }
+}
+
+impl Plan {
+    fn new(requests_per_minute: u32, compute_hours: f64) -> Plan {
+        Plan {
+            requests_per_minute,
+            burst: None,
+            compute_hours,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    /// The rate for `task`, and the limiter key suffix that separates a task override.
+    fn rate_for(&self, task: &str) -> (Rate, &'static str) {
+        match self.tasks.get(task) {
+            Some(t) => (rate(t.requests_per_minute, t.burst), "task"),
+            None => (rate(self.requests_per_minute, self.burst), ""),
+        }
+    }
+}
+
+/// The published plans (API.md): free 100/min and 10 h a month, pro 1,000/min and 100 h, team
+/// 5,000/min and 500 h; enterprise is custom (these are placeholders to override in config).
+pub fn default_plans() -> BTreeMap<String, Plan> {
+    BTreeMap::from([
+        ("free".to_owned(), Plan::new(100, 10.0)),
+        ("pro".to_owned(), Plan::new(1_000, 100.0)),
+        ("team".to_owned(), Plan::new(5_000, 500.0)),
+        ("enterprise".to_owned(), Plan::new(20_000, 5_000.0)),
+    ])
+}
+
+/// A new token: `kiln_` and 32 random bytes in hex (256 bits), its SHA-256, and a public id.
+pub fn new_token() -> (String, [u8; 32], String) {
+    let secret: [u8; 32] = rand::random();
+    let token = format!("kiln_{}", hex::encode(secret));
+    let id = format!("tok_{}", hex::encode(rand::random::<[u8; 6]>()));
+    (token.clone(), hash_token(&token), id)
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: User,
+    pub token_id: String,
+    pub scope: Scope,
+}
+
+/// Why a request was not authenticated (401) or not allowed (403).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing API token: send the header `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("malformed Authorization header: expected `Bearer <token>`")]
+    Malformed,
+    #[error("invalid API token")]
+    Invalid,
+    #[error("this API token was revoked")]
+    Revoked,
+    #[error("this API token expired")]
+    Expired,
+    #[error("{0}")]
+    WrongScope(&'static str),
+}
+
+/// Why a request was refused before it ran (429).
+#[derive(Debug, Clone)]
+pub enum Refused {
+    RateLimited(Decision),
+    QuotaExceeded {
+        used_hours: f64,
+        limit_hours: f64,
+        /// `YYYY-MM-DD`: the first day of next month (UTC).
+        resets: String,
+        decision: Decision,
+    },
+}
+
+/// The tenancy layer of one server.
+pub struct Tenancy {
+    store: Arc<dyn Store>,
+    snapshot: RwLock<Arc<Snapshot>>,
+    plans: BTreeMap<String, Plan>,
+    limiter: RateLimiter,
+    /// The limiter's clock: nanoseconds since this instant.
+    epoch: Instant,
+    /// Compute microseconds used this month per user (committed records only).
+    compute: Arc<Mutex<MonthCompute>>,
+    writer: UsageWriter,
+}
+
+impl std::fmt::Debug for Tenancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenancy")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct MonthCompute {
+    month_start_ms: i64,
+    used_us: HashMap<i64, u64>,
+}
+
+/// How often the server looks for changes made by `kiln admin` (or another server).
+const REFRESH: Duration = Duration::from_millis(250);
+
+impl Tenancy {
+    /// Opens the store, loads the snapshot and the month's compute, and starts the refresher and
+    /// the usage writer. Blocking.
+    pub fn start(
+        store: Arc<dyn Store>,
+        plans: BTreeMap<String, Plan>,
+    ) -> anyhow::Result<Arc<Tenancy>> {
+        let snapshot = store.snapshot()?;
+        let month_start_ms = month_start(store::now_ms());
+        let compute = Arc::new(Mutex::new(MonthCompute {
+            month_start_ms,
+            used_us: store.compute_since(month_start_ms)?,
+        }));
+        let counters = Arc::clone(&compute);
+        let writer = UsageWriter::start(Arc::clone(&store), move |records| {
+            let mut c = counters.lock().unwrap_or_else(|e| e.into_inner());
+            for r in records {
+                if r.at_ms >= c.month_start_ms {
+                    *c.used_us.entry(r.user_id).or_default() += r.compute_us;
+                }
+            }
+        });
+        let tenancy = Arc::new(Tenancy {
+            store,
+            snapshot: RwLock::new(Arc::new(snapshot)),
+            plans,
+            limiter: RateLimiter::new(),
+            epoch: Instant::now(),
+            compute,
+            writer,
+        });
+        spawn_refresher(Arc::downgrade(&tenancy));
+        Ok(tenancy)
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.snapshot.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reloads the snapshot now (after this server's own admin writes).
+    pub fn refresh(&self) -> anyhow::Result<()> {
+        let fresh = Arc::new(self.store.snapshot()?);
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    pub fn plans(&self) -> &BTreeMap<String, Plan> {
+        &self.plans
+    }
+
+    /// The caller of an `Authorization` header value, for a route that needs `scope`.
+    pub fn authenticate(&self, header: Option<&str>, scope: Scope) -> Result<Caller, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AuthError::Malformed)?;
+        let hash = hash_token(token);
+        let snapshot = self.snapshot();
+        // Looked up by its hash (no scan); the stored hash is compared again in constant time.
+        let record = snapshot
+            .tokens
+            .get(&hash)
+            .filter(|r| bool::from(r.hash.ct_eq(&hash)))
+            .ok_or(AuthError::Invalid)?;
+        if record.revoked {
+            return Err(AuthError::Revoked);
+        }
+        if record.expires_at_ms.is_some_and(|at| store::now_ms() >= at) {
+            return Err(AuthError::Expired);
+        }
+        if record.scope != scope {
+            return Err(AuthError::WrongScope(match scope {
+                Scope::Inference => "this is an admin token: inference needs an inference token",
+                Scope::Admin => "this route needs an admin token",
+            }));
+        }
+        let user = snapshot
+            .users
+            .get(&record.user_id)
+            .cloned()
+            .ok_or(AuthError::Invalid)?;
+        Ok(Caller {
+            user,
+            token_id: record.id.clone(),
+            scope: record.scope,
+        })
+    }
+
+    /// Counts one request of `caller` for `task` against its plan's rate, then checks its
+    /// monthly compute quota.
+    pub fn admit(&self, caller: &Caller, task: &str) -> Result<Decision, Refused> {
+        let plan = self
+            .plans
+            .get(&caller.user.plan)
+            .or_else(|| self.plans.get("free"))
+            .cloned()
+            .unwrap_or_else(|| Plan::new(100, 10.0));
+        let (rate, scope) = plan.rate_for(task);
+        let key = if scope.is_empty() {
+            caller.user.id.to_string()
+        } else {
+            format!("{}/{task}", caller.user.id)
+        };
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let decision = self.limiter.check(&key, rate, now);
+        if !decision.allowed {
+            return Err(Refused::RateLimited(decision));
+        }
+        let now_ms = store::now_ms();
+        let used_us = {
+            let mut c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
+            let start = month_start(now_ms);
+            if c.month_start_ms != start {
+                // A new month: everyone starts from zero.
+                c.month_start_ms = start;
+                c.used_us.clear();
+            }
+            c.used_us.get(&caller.user.id).copied().unwrap_or(0)
+        };
+        let used_hours = used_us as f64 / 3.6e9;
+        if used_hours >= plan.compute_hours {
+            return Err(Refused::QuotaExceeded {
+                used_hours,
+                limit_hours: plan.compute_hours,
+                resets: date(next_month_start(now_ms)),
+                decision,
+            });
+        }
+        Ok(decision)
+    }
+
+    /// Whether `caller` may use `model` (`namespace/name`): its own namespace, a public model,
+    /// or a private one shared with it.
+    pub fn can_use(&self, caller: &Caller, model: &str) -> bool {
+        let namespace = model.split('/').next().unwrap_or("");
+        if namespace == caller.user.name {
+            return true;
+        }
+        let snapshot = self.snapshot();
+        match snapshot.visibility.get(model) {
+            Some(Visibility::Public) => true,
+            _ => snapshot
+                .shares
+                .contains(&(model.to_owned(), caller.user.id)),
+        }
+    }
+
+    /// Commits one request's usage; returns once it is durable.
+    pub async fn record(&self, record: UsageRecord) -> Result<(), String> {
+        self.writer.record(record).await
+    }
+
+    /// The writer, for records made outside a request's task (a stream's end).
+    pub fn writer(&self) -> &UsageWriter {
+        &self.writer
+    }
+
+    /// Compute hours `user_id` used this month (committed records).
+    pub fn used_hours(&self, user_id: i64) -> f64 {
+        let c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
+        c.used_us.get(&user_id).copied().unwrap_or(0) as f64 / 3.6e9
+    }
+}
+
+fn spawn_refresher(tenancy: Weak<Tenancy>) {
+    let _ = std::thread::Builder::new()
+        .name("kiln-tenancy-refresh".into())
+        .spawn(move || {
+            let mut seen = None;
+            loop {
+                std::thread::sleep(REFRESH);
+                let Some(tenancy) = tenancy.upgrade() else {
+                    return;
+                };
+                match tenancy.store.version() {
+                    Ok(v) if Some(v) != seen => {
+                        if seen.is_some() {
+                            if let Err(e) = tenancy.refresh() {
+                                tracing::error!("reloading tenancy data failed: {e:#}");
+                                continue;
+                            }
+                        }
+                        seen = Some(v);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("reading the database version failed: {e:#}"),
+                }
+            }
+        });
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// (year, month, day) of a day number since 1970-01-01 (Howard Hinnant's civil_from_days).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The day number of (year, month, day) (days_from_civil).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Milliseconds at the start (UTC) of the month containing `ms`.
+pub fn month_start(ms: i64) -> i64 {
+    let (y, m, _) = civil(ms.div_euclid(DAY_MS));
+    days_from_civil(y, m, 1) * DAY_MS
+}
+
+/// Milliseconds at the start of the month after the one containing `ms`.
+pub fn next_month_start(ms: i64) -> i64 {
+    let (y, m, _) = civil(ms.div_euclid(DAY_MS));
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    days_from_civil(y, m, 1) * DAY_MS
+}
+
+/// `YYYY-MM-DD` of `ms` (UTC).
+pub fn date(ms: i64) -> String {
+    let (y, m, d) = civil(ms.div_euclid(DAY_MS));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `YYYY-MM` of `ms` (UTC).
+pub fn month(ms: i64) -> String {
+    date(ms)[..7].to_owned()
+}
+
+/// Parses `30d`, `12h`, `90m` or `3600s` (token lifetimes).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("invalid duration {s:?}: use a number and a unit, e.g. 30d, 12h, 90m");
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
+    let n: u64 = number.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        "s" => n,
+        _ => return Err(err()),
+    };
+    if secs == 0 {
+        return Err(format!("invalid duration {s:?}: must be more than zero"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_helpers() {
+        // 2026-11-26T11:00:00Z
+        let ms = 1_795_690_800_000;
+        assert_eq!(date(ms), "2026-11-26");
+        assert_eq!(month(ms), "2026-11");
+        assert_eq!(date(month_start(ms)), "2026-11-01");
+        assert_eq!(date(next_month_start(ms)), "2026-12-01");
+        let december = next_month_start(ms) + 5 * DAY_MS;
+        assert_eq!(date(next_month_start(december)), "2027-01-01");
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(days_from_civil(2024, 2, 29) * DAY_MS), "2024-02-29");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5_400)));
+        assert!(parse_duration("30").unwrap_err().contains("unit"));
+        assert!(parse_duration("d").is_err());
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("0d").unwrap_err().contains("more than zero"));
+    }
+
+    #[test]
+    fn tokens_are_long_random_and_stored_as_hashes() {
+        let (a, hash, id) = new_token();
+        let (b, _, _) = new_token();
+        assert!(a.starts_with("kiln_") && a.len() == 5 + 64, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(hash, hash_token(&a));
+        assert!(id.starts_with("tok_"));
+    }
+
+    #[test]
+    fn default_burst_is_a_tenth_of_the_rate() {
+        let plans = default_plans();
+        let (free, _) = plans["free"].rate_for("embeddings");
+        assert_eq!(
+            free,
+            Rate {
+                per_minute: 100,
+                burst: 10
+            }
+        );
+    }
+}
