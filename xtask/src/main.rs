@@ -170,7 +170,7 @@ fn bench(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
     let mut cmd = repo.cargo();
     cmd.args(["bench", "-p", "kiln-host", "--bench", "embeddings"]);
-    cmd.args(["--bench", "tasks"]);
+    cmd.args(["--bench", "tasks", "--bench", "usage"]);
     repo.with_runtime_env(&mut cmd);
     steps.run("cargo bench", || run(&mut cmd))
 }

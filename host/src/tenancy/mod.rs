@@ -2,7 +2,7 @@
 //! how much (plans: rate limits and monthly compute quotas), and what they used (usage records).
 //!
 //! State lives in a [`store::Store`] (SQLite by default). The request path reads an in-memory
-//! [`Snapshot`] that a background thread reloads within 250 ms of any committed change (the
+//! [`Snapshot`] that a background thread reloads within 250 ms of any change to it (the
 //! `kiln admin` CLI writes the database directly), rate-limits with lock-free GCRA
 //! ([`limiter`]), and commits one usage record per request through the group-commit writer
 //! ([`usage`]) before the response is sent.

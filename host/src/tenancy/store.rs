@@ -4,7 +4,7 @@
 //!
 //! The server reads everything it needs per request from an in-memory [`Snapshot`], reloaded
 //! when [`Store::version`] changes (`kiln admin` writes the database directly; the server polls
-//! the version every 250 ms). Usage records are written in batches by one writer (see
+//! the version every 250 ms; triggers bump it on every change to the snapshot's tables). Usage records are written in batches by one writer (see
 //! `usage.rs`).
 
 use std::collections::{HashMap, HashSet};
@@ -88,7 +88,8 @@ impl Snapshot {
 
 /// The storage behind tenancy. Every method is blocking (call off the async executor).
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Changes whenever any connection (another process included) commits a change.
+    /// Changes whenever anyone (another process included) commits a change to what
+    /// [`Store::snapshot`] reads.
     fn version(&self) -> anyhow::Result<u64>;
     fn snapshot(&self) -> anyhow::Result<Snapshot>;
     fn create_user(&self, name: &str, plan: &str) -> anyhow::Result<User>;
@@ -164,7 +165,28 @@ CREATE TABLE IF NOT EXISTS usage (
     request_id TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_user_time ON usage (user_id, at_ms);
+-- Bumped by every change to what the request path reads (not by usage inserts), so servers
+-- reload their snapshot only when it changed.
+CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (id, generation) VALUES (1, 0);
 ";
+
+/// The tables of the snapshot: each change to them bumps `meta.generation`.
+const SNAPSHOT_TABLES: [&str; 4] = ["users", "tokens", "models", "shares"];
+
+fn generation_triggers() -> String {
+    let mut sql = String::new();
+    for table in SNAPSHOT_TABLES {
+        for event in ["INSERT", "UPDATE", "DELETE"] {
+            sql.push_str(&format!(
+                "CREATE TRIGGER IF NOT EXISTS {table}_{event}_generation AFTER {event} ON {table} \
+                 BEGIN UPDATE meta SET generation = generation + 1 WHERE id = 1; END;\n",
+                event = event.to_lowercase()
+            ));
+        }
+    }
+    sql
+}
 
 fn connect(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path)
@@ -187,6 +209,7 @@ impl SqliteStore {
         let write = connect(path)?;
         write
             .execute_batch(SCHEMA)
+            .and_then(|()| write.execute_batch(&generation_triggers()))
             .with_context(|| format!("creating the schema in {}", path.display()))?;
         let read = connect(path)?;
         Ok(SqliteStore {
@@ -217,11 +240,10 @@ fn user_id(conn: &Connection, name: &str) -> anyhow::Result<i64> {
 
 impl Store for SqliteStore {
     fn version(&self) -> anyhow::Result<u64> {
-        // `data_version` changes when another connection commits; our own writes go through
-        // the other connection, so they count too.
-        let v: i64 = self
-            .read()
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        // Not `PRAGMA data_version`: usage inserts change that many times a second.
+        let v: i64 =
+            self.read()
+                .query_row("SELECT generation FROM meta WHERE id = 1", [], |r| r.get(0))?;
         Ok(v as u64)
     }
 
@@ -448,4 +470,85 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(name: &str) -> SqliteStore {
+        let path = std::env::temp_dir().join(format!(
+            "kiln-store-{name}-{}-{}.db",
+            std::process::id(),
+            now_ms()
+        ));
+        SqliteStore::open(&path).unwrap()
+    }
+
+    fn record(user_id: i64, model: &str, status: u16, at_ms: i64) -> UsageRecord {
+        UsageRecord {
+            at_ms,
+            user_id,
+            model: model.into(),
+            task: "embeddings".into(),
+            status,
+            input_tokens: 3,
+            output_tokens: 1,
+            compute_us: 1_500,
+            request_id: "req_test".into(),
+        }
+    }
+
+    #[test]
+    fn the_version_moves_with_the_snapshot_tables_not_with_usage() {
+        let store = temp_store("version");
+        let v0 = store.version().unwrap();
+        let user = store.create_user("alice", "free").unwrap();
+        let v1 = store.version().unwrap();
+        assert_ne!(v0, v1, "a new user changes the version");
+        store
+            .record_usage(&[record(user.id, "alice/m", 200, now_ms())])
+            .unwrap();
+        assert_eq!(store.version().unwrap(), v1, "usage does not");
+        store.set_visibility("alice/m", Visibility::Public).unwrap();
+        assert_ne!(store.version().unwrap(), v1);
+        let snapshot = store.snapshot().unwrap();
+        assert_eq!(snapshot.visibility["alice/m"], Visibility::Public);
+        assert_eq!(snapshot.user_by_name("alice"), Some(&user));
+    }
+
+    #[test]
+    fn usage_is_summed_per_day_and_model_by_status_class() {
+        let store = temp_store("usage");
+        let user = store.create_user("bob", "free").unwrap();
+        // 2026-11-26T10:00Z and the next day.
+        let day = 1_795_687_200_000;
+        store
+            .record_usage(&[
+                record(user.id, "bob/a", 200, day),
+                record(user.id, "bob/a", 200, day + 1),
+                record(user.id, "bob/a", 429, day + 2),
+                record(user.id, "bob/a", 500, day + 3),
+                record(user.id, "bob/b", 200, day + 86_400_000),
+                record(user.id + 1, "bob/a", 200, day),
+            ])
+            .unwrap();
+        let rows = store.usage(user.id, day - 1, day + 2 * 86_400_000).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(
+            rows[0],
+            UsageRow {
+                date: "2026-11-26".into(),
+                model: "bob/a".into(),
+                requests: 2,
+                errors: 1,
+                rate_limited: 1,
+                input_tokens: 12,
+                output_tokens: 4,
+                compute_us: 6_000,
+            }
+        );
+        assert_eq!((rows[1].date.as_str(), rows[1].requests), ("2026-11-27", 1));
+        assert_eq!(store.compute_since(day).unwrap()[&user.id], 7_500);
+    }
 }
