@@ -11,6 +11,7 @@ pub mod http;
 pub mod infer;
 pub mod media;
 pub mod nn;
+pub mod plugin_tools;
 pub mod registry;
 pub mod runtime;
 pub mod tenancy;

@@ -29,9 +29,29 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage users, tokens, model visibility and sharing; show usage.
     Admin(kiln_host::cli::AdminArgs),
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Which kiln:plugin world a component targets, what it imports, its size and digest.
+    Inspect { file: PathBuf },
+}
+
+fn main() -> std::process::ExitCode {
+    // Errors end the process with a message to act on (never a backtrace).
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -43,12 +63,10 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => *args,
         Some(Command::Admin(admin)) => {
             let config = Config::load(cli.config.as_deref(), &ServeArgs::default())?;
-            if let Err(e) = kiln_host::cli::run(&config, admin) {
-                // A message to act on, not a backtrace.
-                eprintln!("error: {e:#}");
-                std::process::exit(2);
-            }
-            return Ok(());
+            return kiln_host::cli::run(&config, admin);
+        }
+        Some(Command::Plugin(PluginCommand::Inspect { file })) => {
+            return inspect(&file);
         }
         None => cli.serve,
     };
@@ -58,4 +76,38 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(kiln_host::run(config))
+}
+
+/// `kiln plugin inspect`: exits 1 when the host would refuse the component.
+fn inspect(file: &std::path::Path) -> anyhow::Result<()> {
+    let bytes =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let found = kiln_host::plugin_tools::inspect(&bytes)?;
+    println!(
+        "world:   {}",
+        found
+            .world
+            .as_deref()
+            .unwrap_or("(none: not a Kiln plugin)")
+    );
+    println!("size:    {} bytes", found.size);
+    println!("imports:");
+    for import in &found.imports {
+        let mark = if kiln_host::plugin_tools::allowed_import(import) {
+            ""
+        } else {
+            "   <- not allowed"
+        };
+        println!("  {import}{mark}");
+    }
+    println!("exports:");
+    for export in &found.exports {
+        println!("  {export}");
+    }
+    println!("{}", found.digest);
+    if let Some(why) = found.refusal() {
+        eprintln!("refused: {why}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use wasmtime::component::ResourceAny;
 
-use super::{check_generation, run_on, InferError, Inference, LoadedModel, Tenant};
+use super::{check_generation, run_on, InferError, Inference, LoadedModel, Meter, Tenant};
 use crate::nn::bindings::kiln::plugin::types::Usage;
 use crate::registry::Task;
 use crate::runtime::instance::{CallReport, FinishReason, GenerationInput, GenerationParams, Step};
@@ -128,6 +128,7 @@ impl Inference {
         self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             engine: self.runtime.engine().clone(),
+            meter: Arc::clone(&tenant.meter),
             model,
             lease: Some(lease),
             stats: Arc::clone(&self.stream_stats),
@@ -159,6 +160,8 @@ enum End {
 
 struct Driver {
     engine: wasmtime::Engine,
+    /// The request's meter (what an error before the first token is billed).
+    meter: Arc<Meter>,
     model: Arc<LoadedModel>,
     /// None only after a call outlived its deadline (the blocking thread kept the lease).
     lease: Option<PooledInstance>,
@@ -379,6 +382,7 @@ impl Driver {
         let ran = run_on(&self.engine, &self.model, lease, deadline, f).await;
         self.lease = ran.lease;
         self.compute += ran.compute;
+        self.meter.add_compute(ran.compute);
         ran.result
     }
 }
