@@ -188,7 +188,11 @@ pub async fn inference_gate(
         Err(refusal) => {
             let (error, decision) = refused(&refusal, &caller.user.plan);
             let status = error.status.as_u16();
-            let limit = state.max_media_body_bytes;
+            let limit = if super::MEDIA_ROUTES.contains(&request.uri().path()) {
+                state.max_media_body_bytes
+            } else {
+                state.max_body_bytes
+            };
             let model = model_of(request, limit).await;
             commit(&state, record(status, model, None)).await;
             let mut response = error.into_response();

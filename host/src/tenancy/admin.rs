@@ -243,7 +243,7 @@ pub fn usage(store: &dyn Store, plans: &BTreeMap<String, Plan>, name: &str) -> R
         })
         .collect();
     Ok(UsageReport {
-        compute_hours_limit: plans.get(&user.plan).map_or(0.0, |p| p.compute_hours),
+        compute_hours_limit: super::effective_plan(plans, &user.plan).compute_hours,
         user: user.name,
         plan: user.plan,
         month: month(now),

@@ -209,6 +209,9 @@ impl Tenancy {
         store: Arc<dyn Store>,
         plans: BTreeMap<String, Plan>,
     ) -> anyhow::Result<Arc<Tenancy>> {
+        // The version before the snapshot: a change committed in between is reloaded once more
+        // (harmless), never missed.
+        let version = store.version()?;
         let snapshot = store.snapshot()?;
         let month_start_ms = month_start(store::now_ms());
         let compute = Arc::new(Mutex::new(MonthCompute {
@@ -233,7 +236,7 @@ impl Tenancy {
             compute,
             writer,
         });
-        spawn_refresher(Arc::downgrade(&tenancy));
+        spawn_refresher(Arc::downgrade(&tenancy), version);
         Ok(tenancy)
     }
 
@@ -260,13 +263,20 @@ impl Tenancy {
         &self.plans
     }
 
+    /// The plan a user named `plan` is held to: that plan, or `free` when the configuration no
+    /// longer has it.
+    pub fn effective_plan(&self, plan: &str) -> Plan {
+        effective_plan(&self.plans, plan)
+    }
+
     /// The caller of an `Authorization` header value, for a route that needs `scope`.
     pub fn authenticate(&self, header: Option<&str>, scope: Scope) -> Result<Caller, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
+        // The scheme is case-insensitive (RFC 9110).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
         let hash = hash_token(token);
@@ -304,12 +314,7 @@ impl Tenancy {
     /// Counts one request of `caller` for `task` against its plan's rate, then checks its
     /// monthly compute quota.
     pub fn admit(&self, caller: &Caller, task: &str) -> Result<Decision, Refused> {
-        let plan = self
-            .plans
-            .get(&caller.user.plan)
-            .or_else(|| self.plans.get("free"))
-            .cloned()
-            .unwrap_or_else(|| Plan::new(100, 10.0));
+        let plan = self.effective_plan(&caller.user.plan);
         let (rate, scope) = plan.rate_for(task);
         let key = if scope.is_empty() {
             caller.user.id.to_string()
@@ -377,25 +382,33 @@ impl Tenancy {
     }
 }
 
-fn spawn_refresher(tenancy: Weak<Tenancy>) {
+/// See [`Tenancy::effective_plan`].
+pub fn effective_plan(plans: &BTreeMap<String, Plan>, plan: &str) -> Plan {
+    plans
+        .get(plan)
+        .or_else(|| plans.get("free"))
+        .cloned()
+        .unwrap_or_else(|| Plan::new(100, 10.0))
+}
+
+/// Reloads the snapshot whenever the store's version moves past `seen`.
+fn spawn_refresher(tenancy: Weak<Tenancy>, seen: u64) {
     let _ = std::thread::Builder::new()
         .name("kiln-tenancy-refresh".into())
         .spawn(move || {
-            let mut seen = None;
+            let mut seen = seen;
             loop {
                 std::thread::sleep(REFRESH);
                 let Some(tenancy) = tenancy.upgrade() else {
                     return;
                 };
                 match tenancy.store.version() {
-                    Ok(v) if Some(v) != seen => {
-                        if seen.is_some() {
-                            if let Err(e) = tenancy.refresh() {
-                                tracing::error!("reloading tenancy data failed: {e:#}");
-                                continue;
-                            }
+                    Ok(v) if v != seen => {
+                        if let Err(e) = tenancy.refresh() {
+                            tracing::error!("reloading tenancy data failed: {e:#}");
+                            continue;
                         }
-                        seen = Some(v);
+                        seen = v;
                     }
                     Ok(_) => {}
                     Err(e) => tracing::error!("reading the database version failed: {e:#}"),

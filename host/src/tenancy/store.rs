@@ -78,6 +78,17 @@ pub struct Snapshot {
     pub visibility: HashMap<String, Visibility>,
     /// (model, user id) pairs a private model is shared with.
     pub shares: HashSet<(String, i64)>,
+    /// Plugins an admin allowed (`sha256:<hex>`), and whether they were revoked since.
+    pub plugins: HashMap<String, PluginRecord>,
+}
+
+/// A plugin on the allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginRecord {
+    pub digest: String,
+    pub note: String,
+    pub allowed_at_ms: i64,
+    pub revoked: bool,
 }
 
 impl Snapshot {
@@ -102,6 +113,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set_visibility(&self, model: &str, visibility: Visibility) -> anyhow::Result<()>;
     /// Shares (or unshares) a model with a user.
     fn share(&self, model: &str, user_id: i64, shared: bool) -> anyhow::Result<()>;
+    /// Puts a plugin digest on the allowlist (again, if it was revoked).
+    fn allow_plugin(&self, digest: &str, note: &str) -> anyhow::Result<()>;
+    /// Revokes an allowed plugin; false when it was never allowed.
+    fn revoke_plugin(&self, digest: &str) -> anyhow::Result<bool>;
     /// Commits all records in one transaction.
     fn record_usage(&self, records: &[UsageRecord]) -> anyhow::Result<()>;
     /// Usage of a user from `from_ms` (inclusive) to `to_ms` (exclusive), per (day, model).
@@ -152,6 +167,12 @@ CREATE TABLE IF NOT EXISTS shares (
     user_id INTEGER NOT NULL REFERENCES users(id),
     PRIMARY KEY (model, user_id)
 );
+CREATE TABLE IF NOT EXISTS plugins (
+    digest TEXT PRIMARY KEY,
+    note TEXT NOT NULL DEFAULT '',
+    allowed_at_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,
@@ -172,7 +193,7 @@ INSERT OR IGNORE INTO meta (id, generation) VALUES (1, 0);
 ";
 
 /// The tables of the snapshot: each change to them bumps `meta.generation`.
-const SNAPSHOT_TABLES: [&str; 4] = ["users", "tokens", "models", "shares"];
+const SNAPSHOT_TABLES: [&str; 5] = ["users", "tokens", "models", "shares", "plugins"];
 
 fn generation_triggers() -> String {
     let mut sql = String::new();
@@ -286,6 +307,19 @@ impl Store for SqliteStore {
             for row in shares.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
                 snapshot.shares.insert(row?);
             }
+            let mut plugins =
+                tx.prepare("SELECT digest, note, allowed_at_ms, revoked FROM plugins")?;
+            for row in plugins.query_map([], |r| {
+                Ok(PluginRecord {
+                    digest: r.get(0)?,
+                    note: r.get(1)?,
+                    allowed_at_ms: r.get(2)?,
+                    revoked: r.get(3)?,
+                })
+            })? {
+                let plugin = row?;
+                snapshot.plugins.insert(plugin.digest.clone(), plugin);
+            }
         }
         tx.commit()?;
         Ok(snapshot)
@@ -379,6 +413,23 @@ impl Store for SqliteStore {
             )?;
         }
         Ok(())
+    }
+
+    fn allow_plugin(&self, digest: &str, note: &str) -> anyhow::Result<()> {
+        self.write().execute(
+            "INSERT INTO plugins (digest, note, allowed_at_ms, revoked) VALUES (?1, ?2, ?3, 0)
+             ON CONFLICT (digest) DO UPDATE SET note = excluded.note,
+                 allowed_at_ms = excluded.allowed_at_ms, revoked = 0",
+            params![digest, note, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn revoke_plugin(&self, digest: &str) -> anyhow::Result<bool> {
+        let changed = self
+            .write()
+            .execute("UPDATE plugins SET revoked = 1 WHERE digest = ?1", [digest])?;
+        Ok(changed > 0)
     }
 
     fn record_usage(&self, records: &[UsageRecord]) -> anyhow::Result<()> {
