@@ -180,6 +180,7 @@ impl Server {
                 admin::create_user(store, state.tenancy.plans(), "bench", "bench").unwrap();
                 for model in state.inference.models() {
                     admin::set_visibility(store, &model.spec.id.to_string(), "public").unwrap();
+                    admin::allow_plugin(store, &model.plugin_digest, "bench").unwrap();
                 }
                 let token = admin::create_token(store, "bench", Scope::Inference, None)
                     .unwrap()

@@ -29,6 +29,23 @@ enum AdminCommand {
     Model(ModelCommand),
     /// A user's usage this month, per model and per day (JSON).
     Usage { user: String },
+    /// The plugin allowlist: the host runs no plugin that is not on it.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Allows a component (a .wasm file, inspected first) or a digest (sha256:...).
+    Allow {
+        plugin: String,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Revokes an allowed plugin (sha256:...): models using it stop serving at once.
+    Revoke { digest: String },
+    /// Lists the allowlist.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +168,25 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
             AdminCommand::Model(ModelCommand::Unshare { model, user }) => {
                 admin::share(store, &model, &user, false)?;
                 println!("{model} is no longer shared with {user}");
+            }
+            AdminCommand::Plugin(PluginCommand::Allow { plugin, note }) => {
+                let digest = admin::allow_plugin(store, &plugin, &note)?;
+                println!("allowed {digest}");
+            }
+            AdminCommand::Plugin(PluginCommand::Revoke { digest }) => {
+                admin::revoke_plugin(store, &digest)?;
+                println!("revoked {digest}");
+            }
+            AdminCommand::Plugin(PluginCommand::List) => {
+                for p in admin::plugins(store)? {
+                    println!(
+                        "{}\t{}\tallowed {}\t{}",
+                        p.digest,
+                        if p.revoked { "revoked" } else { "allowed" },
+                        crate::tenancy::date(p.allowed_at_ms),
+                        p.note
+                    );
+                }
             }
             AdminCommand::Usage { user } => {
                 let report = admin::usage(store, plans, &user)?;

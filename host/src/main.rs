@@ -6,17 +6,12 @@ use clap::{Parser, Subcommand};
 use kiln_host::config::{Config, ServeArgs};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "Kiln inference server",
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "kiln", version, about = "Kiln inference server")]
 struct Cli {
     /// Server configuration file (TOML); flags and environment variables override it.
     #[arg(long, env = "KILN_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// `kiln` alone serves, with these options.
+    /// `kiln` alone serves, with these options (after a subcommand, its own options apply).
     #[command(flatten)]
     serve: ServeArgs,
     #[command(subcommand)]

@@ -210,7 +210,7 @@ pub fn init_logging() {
 }
 
 /// A Kiln server running in this process on a free loopback port. Its `client` sends the token
-/// of user `tester` (plan [`TEST_PLAN`]), and every model it serves is public.
+/// of user `tester` (plan [`TEST_PLAN`]); every model it serves is public and its plugin allowed.
 pub struct TestServer {
     pub base: String,
     pub state: Arc<AppState>,
@@ -243,6 +243,9 @@ impl TestServer {
             for model in state.inference.models() {
                 admin::set_visibility(store, &model.spec.id.to_string(), "public")
                     .expect("visibility");
+                // By digest, as an admin would after inspecting it (the sandbox probe imports
+                // sockets on purpose and would be refused as a file).
+                admin::allow_plugin(store, &model.plugin_digest, "test server").expect("allow");
             }
             let token = admin::create_token(store, "tester", Scope::Inference, None)
                 .expect("token")

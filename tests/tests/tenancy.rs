@@ -260,6 +260,10 @@ impl PlainServer {
             let tenancy = &state.tenancy;
             let store = tenancy.store().as_ref();
             admin::create_user(store, tenancy.plans(), "admin", TEST_PLAN).expect("admin");
+            // Visibility is what this server leaves alone; plugins are allowed as an admin would.
+            for model in state.inference.models() {
+                admin::allow_plugin(store, &model.plugin_digest, "test").expect("allow");
+            }
             let token = admin::create_token(store, "admin", Scope::Admin, None)
                 .expect("admin token")
                 .token;

@@ -95,8 +95,9 @@ const DEMO_DATABASE: &str = ".kiln/kiln.db";
 /// The demo user's inference token, one line: `$(cat .kiln/demo-token)` in the README's curls.
 const DEMO_TOKEN: &str = ".kiln/demo-token";
 
-/// The demo user (`demo`, plan pro, owner of the `demo/` models, which are made public) and a
-/// token in `.kiln/demo-token`, made with `kiln admin` as an operator would. A new token is made
+/// The demo user (`demo`, plan pro, owner of the `demo/` models, which are made public), a
+/// token in `.kiln/demo-token`, and the first-party plugins on the allowlist, made with
+/// `kiln admin` as an operator would. A new token is made
 /// when the user is new (a fresh database) or the token file is missing.
 fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
     let admin = |args: &[&str]| -> Result<std::process::Output> {
@@ -124,6 +125,31 @@ fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
         }
         std::fs::write(&token_file, &out.stdout)
             .with_context(|| format!("writing {}", token_file.display()))?;
+    }
+    // The first-party plugins setup just built, allowed as an admin would (their digests change
+    // with every build); the test fixtures (`*-probe`) are not.
+    let plugins = repo.path(".kiln/plugins");
+    for entry in std::fs::read_dir(&plugins).with_context(|| format!("{}", plugins.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if !name.ends_with(".wasm") || name.ends_with("-probe.wasm") {
+            continue;
+        }
+        let file = path.to_string_lossy().into_owned();
+        let out = admin(&[
+            "plugin",
+            "allow",
+            &file,
+            "--note",
+            "first-party (cargo xtask setup)",
+        ])?;
+        if !out.status.success() {
+            bail!("allowing {name}: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
     let models = repo.path(".kiln/models/demo");
     for entry in std::fs::read_dir(&models).with_context(|| format!("{}", models.display()))? {

@@ -28,6 +28,94 @@ pub fn routes() -> Router<Arc<AppState>> {
             put(share).delete(unshare),
         )
         .route("/admin/usage/{user}", axum::routing::get(usage))
+        .route(
+            "/admin/plugins",
+            axum::routing::get(list_plugins)
+                .post(upload_plugin)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
+        )
+        .route("/admin/plugins/{digest}", delete(revoke_plugin))
+        .route("/admin/models", axum::routing::get(models))
+}
+
+/// Largest component an admin may upload: our largest first-party plugin is ~4 MiB; a plugin
+/// carrying a whole tokenizer or model in its code is past what a handler should be.
+const MAX_PLUGIN_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Deserialize)]
+struct NoteQuery {
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /admin/plugins?note=...` with the component's bytes as the body: inspected, then
+/// allowed by its digest.
+async fn upload_plugin(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<NoteQuery>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    let digest = run(&state, move |s| {
+        let digest = admin::allow_plugin_bytes(&body)?;
+        s.tenancy.store().allow_plugin(&digest, &query.note)?;
+        Ok(digest)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"digest": digest, "allowed": true})),
+    ))
+}
+
+async fn list_plugins(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    let plugins = run(&state, |s| admin::plugins(s.tenancy.store().as_ref())).await?;
+    Ok(Json(json!({ "plugins": plugins })))
+}
+
+async fn revoke_plugin(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    run(&state, move |s| {
+        admin::revoke_plugin(s.tenancy.store().as_ref(), &digest)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /admin/models`: every model with its task, plugin, owner's visibility, and whether it
+/// serves (and why not).
+async fn models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    let snapshot = state.tenancy.snapshot();
+    let models: Vec<Value> = state
+        .inference
+        .models()
+        .map(|m| {
+            let id = m.spec.id.to_string();
+            let unavailable = state.tenancy.plugin_allowed(&m.plugin_digest).err();
+            json!({
+                "id": id,
+                "task": m.spec.task.to_string(),
+                "plugin": m.plugin_digest,
+                "visibility": snapshot.visibility.get(&id).map_or("private", |v| v.as_str()),
+                "available": unavailable.is_none(),
+                "reason": unavailable,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "models": models })))
 }
 
 fn admin_error(e: AdminError) -> ApiError {

@@ -29,9 +29,9 @@ impl Authed {
     /// request's usage record with it.
     pub fn use_model(&self, state: &AppState, model: &str) -> Result<(), ApiError> {
         *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model.to_owned());
-        if state.inference.get(model).is_none() {
+        let Some(loaded) = state.inference.get(model) else {
             return Err(InferError::ModelNotFound(model.to_owned()).into());
-        }
+        };
         if !state.tenancy.can_use(&self.caller, model) {
             // 403 tells a caller that a private model of that name exists (404 would not): the
             // published API asks for 403, and model names are not secrets on a hub.
@@ -39,6 +39,15 @@ impl Authed {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "No access to this model: it is private",
+            ));
+        }
+        // The host runs no plugin an admin has not allowed (checked per request, so a
+        // revocation applies to the next request without a restart).
+        if let Err(why) = state.tenancy.plugin_allowed(&loaded.plugin_digest) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "plugin_not_allowed",
+                format!("model {model} is unavailable: {why}"),
             ));
         }
         Ok(())

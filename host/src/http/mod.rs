@@ -150,9 +150,16 @@ async fn health() -> Json<serde_json::Value> {
 async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     // Models load before the port is bound, so a server that answers is ready. Model names are
     // not listed: some will be private once tenancy exists.
+    // Models whose plugin is not (or no longer) allowed: counted here, named at /admin/models.
+    let unavailable = state
+        .inference
+        .models()
+        .filter(|m| state.tenancy.plugin_allowed(&m.plugin_digest).is_err())
+        .count();
     Json(serde_json::json!({
         "status": "ready",
         "models": state.inference.models().count(),
+        "unavailable": unavailable,
     }))
 }
 

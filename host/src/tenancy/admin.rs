@@ -260,3 +260,53 @@ pub fn usage(store: &dyn Store, plans: &BTreeMap<String, Plan>, name: &str) -> R
         entries,
     })
 }
+
+/// Puts a plugin on the allowlist: a component file (inspected first: a component that targets
+/// no Kiln world or imports a forbidden interface is refused, naming it) or a `sha256:<hex>`
+/// digest. Returns the digest.
+pub fn allow_plugin(store: &dyn Store, plugin: &str, note: &str) -> Result<String> {
+    let digest = if let Some(hex) = plugin.strip_prefix("sha256:") {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AdminError::Invalid(format!(
+                "invalid digest {plugin:?}: expected sha256: and 64 hex digits"
+            )));
+        }
+        format!("sha256:{}", hex.to_ascii_lowercase())
+    } else {
+        let bytes = std::fs::read(plugin)
+            .map_err(|e| AdminError::Invalid(format!("reading {plugin}: {e}")))?;
+        allow_plugin_bytes(&bytes)?
+    };
+    store.allow_plugin(&digest, note)?;
+    Ok(digest)
+}
+
+/// Checks an uploaded or read component before it is allowed; returns its digest.
+pub fn allow_plugin_bytes(bytes: &[u8]) -> Result<String> {
+    let found =
+        crate::plugin_tools::inspect(bytes).map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+    if let Some(why) = found.refusal() {
+        return Err(AdminError::Invalid(format!(
+            "plugin {} refused: {why}",
+            found.digest
+        )));
+    }
+    Ok(found.digest)
+}
+
+pub fn revoke_plugin(store: &dyn Store, digest: &str) -> Result<()> {
+    if store.revoke_plugin(digest)? {
+        Ok(())
+    } else {
+        Err(AdminError::NotFound(format!(
+            "plugin {digest} is not on the allowlist"
+        )))
+    }
+}
+
+/// The allowlist, oldest first.
+pub fn plugins(store: &dyn Store) -> Result<Vec<super::store::PluginRecord>> {
+    let mut list: Vec<_> = store.snapshot()?.plugins.into_values().collect();
+    list.sort_by_key(|p| p.allowed_at_ms);
+    Ok(list)
+}

@@ -365,6 +365,15 @@ impl Tenancy {
         }
     }
 
+    /// Whether the plugin `digest` may run: allowed by an admin and not revoked since.
+    pub fn plugin_allowed(&self, digest: &str) -> Result<(), String> {
+        match self.snapshot().plugins.get(digest) {
+            Some(p) if !p.revoked => Ok(()),
+            Some(_) => Err(format!("its plugin {digest} was revoked by an admin")),
+            None => Err(format!("its plugin {digest} is not on the allowlist")),
+        }
+    }
+
     /// Commits one request's usage; returns once it is durable.
     pub async fn record(&self, record: UsageRecord) -> Result<(), String> {
         self.writer.record(record).await
