@@ -543,3 +543,42 @@ pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// The `kiln` binary: `KILN_BIN`, else built (or found up to date) by cargo, once per test
+/// binary. (`cargo xtask test` builds it before the tests, so this is a no-op there.)
+pub fn kiln_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(build_kiln).clone()
+}
+
+fn build_kiln() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KILN_BIN") {
+        return PathBuf::from(bin);
+    }
+    let cargo = std::env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(Into::into))
+        .unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "kiln-host",
+            "--bin",
+            "kiln",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(repo_root())
+        .output()
+        .expect("running cargo build -p kiln-host --bin kiln");
+    assert!(
+        out.status.success(),
+        "cargo build -p kiln-host --bin kiln failed (set KILN_BIN to use a built binary):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "kiln")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo build named no `kiln` executable")
+}

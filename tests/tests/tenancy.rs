@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kiln_host::config::Config;
 use kiln_host::tenancy::{self, admin, Plan, Scope, TokenRecord};
 use kiln_host::AppState;
-use kiln_tests::{fixture_onnx, plugin, repo_root, ModelsDir, Reply, TestServer, TEST_PLAN};
+use kiln_tests::{fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
 use serde_json::{json, Value};
 
 /// `WWW-Authenticate` of a 401 for a token that was sent but is not usable.
@@ -601,15 +601,9 @@ async fn an_expired_token_is_refused() {
     assert_eq!(header(&r, "www-authenticate"), INVALID_TOKEN);
 }
 
-/// The `kiln` binary (built by `cargo build -p kiln-host --bin kiln`).
+/// The `kiln` binary.
 fn kiln_binary() -> PathBuf {
-    let path = repo_root().join("target/debug/kiln");
-    assert!(
-        path.is_file(),
-        "the kiln binary is missing at {}: run `cargo build -p kiln-host --bin kiln` first",
-        path.display()
-    );
-    path
+    kiln_tests::kiln_bin()
 }
 
 /// Runs `kiln admin --database-url <url> <args>` in another process; returns its stdout and

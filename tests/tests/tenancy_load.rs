@@ -94,39 +94,6 @@ fn count(total: &Value, field: &str) -> u64 {
 // kill -9 under load
 // ---------------------------------------------------------------------------------------------
 
-/// The `kiln` binary: `KILN_BIN`, else built (or found up to date) by cargo.
-fn kiln_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KILN_BIN") {
-        return PathBuf::from(bin);
-    }
-    let cargo = std::env::var_os("CARGO")
-        .or_else(|| option_env!("CARGO").map(Into::into))
-        .unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "kiln-host",
-            "--bin",
-            "kiln",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(repo_root())
-        .output()
-        .expect("running cargo build -p kiln-host --bin kiln");
-    assert!(
-        out.status.success(),
-        "cargo build -p kiln-host --bin kiln failed (set KILN_BIN to use a built binary):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "kiln")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo build named no `kiln` executable")
-}
-
 /// `kiln admin --config <config> --database-url <db> <args>`; its stdout, or a panic that quotes
 /// the output. (`--config` after the subcommand: `kiln --config <file> admin ...` is refused by
 /// clap, "the subcommand 'admin' cannot be used with '--config <CONFIG>'".)
@@ -309,7 +276,7 @@ async fn load_client(load: Arc<Load>, client: reqwest::Client, url: String, toke
 
 #[test]
 fn kill_9_under_load_loses_no_record() {
-    let bin = kiln_bin();
+    let bin = kiln_tests::kiln_bin();
     let dir = tempfile::tempdir().expect("temp dir");
     let models = probe_models("loader");
     let config = dir.path().join("kiln.toml");

@@ -185,6 +185,12 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
             "warnings",
         ]))
     })?;
+    // Tests run the `kiln` binary itself (the CLI, a server to kill -9).
+    steps.run("build kiln", || {
+        run(repo
+            .cargo()
+            .args(["build", "-p", "kiln-host", "--bin", "kiln"]))
+    })?;
     let mut cmd = repo.cargo();
     cmd.args(["test", "--workspace"]);
     repo.with_runtime_env(&mut cmd);
