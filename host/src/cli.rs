@@ -32,6 +32,22 @@ enum AdminCommand {
     /// The plugin allowlist: the host runs no plugin that is not on it.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Trusted publisher keys: components they signed are allowed.
+    #[command(subcommand)]
+    Publisher(PublisherCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PublisherCommand {
+    /// Trusts the ed25519 public key in `<name>.pub` (from `kiln plugin keygen`).
+    Trust {
+        name: String,
+        public_key_file: std::path::PathBuf,
+    },
+    /// Stops trusting a publisher: its components need their own allowance again.
+    Untrust { name: String },
+    /// Lists the trusted publishers.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +202,38 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
                         crate::tenancy::date(p.allowed_at_ms),
                         p.note
                     );
+                }
+            }
+            AdminCommand::Publisher(PublisherCommand::Trust {
+                name,
+                public_key_file,
+            }) => {
+                let text = std::fs::read_to_string(&public_key_file).map_err(|e| {
+                    AdminError::Invalid(format!("reading {}: {e}", public_key_file.display()))
+                })?;
+                let key = crate::signing::parse_public(&text).map_err(|e| {
+                    AdminError::Invalid(format!("{}: {e:#}", public_key_file.display()))
+                })?;
+                admin::check_publisher_name(&name)?;
+                store.trust_publisher(&name, &key)?;
+                println!(
+                    "trusting publisher {name} ({})",
+                    crate::signing::fingerprint(&key)
+                );
+            }
+            AdminCommand::Publisher(PublisherCommand::Untrust { name }) => {
+                if !store.untrust_publisher(&name)? {
+                    return Err(AdminError::NotFound(format!(
+                        "no trusted publisher named {name:?}"
+                    )));
+                }
+                println!("no longer trusting publisher {name}");
+            }
+            AdminCommand::Publisher(PublisherCommand::List) => {
+                let mut publishers: Vec<_> = store.snapshot()?.publishers.into_iter().collect();
+                publishers.sort();
+                for (name, key) in publishers {
+                    println!("{name}\t{}", crate::signing::fingerprint(&key));
                 }
             }
             AdminCommand::Usage { user } => {

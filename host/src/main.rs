@@ -33,6 +33,14 @@ enum Command {
 enum PluginCommand {
     /// Which kiln:plugin world a component targets, what it imports, its size and digest.
     Inspect { file: PathBuf },
+    /// Makes a publisher key pair: `<name>.key` (secret, mode 0600) and `<name>.pub`.
+    Keygen { name: String },
+    /// Signs a component's digest: writes `<file.wasm>.sig` beside it.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,6 +71,8 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Plugin(PluginCommand::Inspect { file })) => {
             return inspect(&file);
         }
+        Some(Command::Plugin(PluginCommand::Keygen { name })) => return keygen(&name),
+        Some(Command::Plugin(PluginCommand::Sign { key, file })) => return sign(&key, &file),
         None => cli.serve,
     };
     // Configuration errors surface here, before any model loads or port is bound.
@@ -104,5 +114,53 @@ fn inspect(file: &std::path::Path) -> anyhow::Result<()> {
         eprintln!("refused: {why}");
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `kiln plugin keygen <name>`: refuses to overwrite an existing key.
+fn keygen(name: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (secret, public) = kiln_host::signing::keygen();
+    let (key_path, pub_path) = (format!("{name}.key"), format!("{name}.pub"));
+    for path in [&key_path, &pub_path] {
+        if std::path::Path::new(path).exists() {
+            anyhow::bail!("{path} exists: choose another name or move it away");
+        }
+    }
+    // Created with mode 0600 from the start: never readable by others, not even briefly.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|e| anyhow::anyhow!("writing {key_path}: {e}"))?;
+    std::fs::write(&pub_path, &public).map_err(|e| anyhow::anyhow!("writing {pub_path}: {e}"))?;
+    let key = kiln_host::signing::parse_public(&public)?;
+    println!(
+        "wrote {key_path} (secret: keep it) and {pub_path} ({})",
+        kiln_host::signing::fingerprint(&key)
+    );
+    Ok(())
+}
+
+/// `kiln plugin sign --key <name>.key <file.wasm>`.
+fn sign(key: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
+    let secret = std::fs::read_to_string(key)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", key.display()))?;
+    let bytes =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let found = kiln_host::plugin_tools::inspect(&bytes)?;
+    if let Some(why) = found.refusal() {
+        anyhow::bail!("not signing {}: {why}", file.display());
+    }
+    let signature = kiln_host::signing::sign(&secret, &found.digest)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", key.display()))?;
+    let mut sig_path = file.as_os_str().to_owned();
+    sig_path.push(".sig");
+    std::fs::write(&sig_path, signature)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", sig_path.to_string_lossy()))?;
+    println!("signed {} -> {}", found.digest, sig_path.to_string_lossy());
     Ok(())
 }

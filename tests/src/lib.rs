@@ -225,6 +225,12 @@ pub struct TestServer {
 impl TestServer {
     /// Loads the models and serves; panics with the loading error.
     pub async fn start(config: Config) -> TestServer {
+        Self::start_with(config, true).await
+    }
+
+    /// [`TestServer::start`], leaving the plugin allowlist empty when `allow_plugins` is false
+    /// (for tests of the allowlist and publisher keys).
+    pub async fn start_with(config: Config, allow_plugins: bool) -> TestServer {
         init_logging();
         let state = kiln_host::load(&config)
             .await
@@ -245,7 +251,9 @@ impl TestServer {
                     .expect("visibility");
                 // By digest, as an admin would after inspecting it (the sandbox probe imports
                 // sockets on purpose and would be refused as a file).
-                admin::allow_plugin(store, &model.plugin_digest, "test server").expect("allow");
+                if allow_plugins {
+                    admin::allow_plugin(store, &model.plugin_digest, "test server").expect("allow");
+                }
             }
             let token = admin::create_token(store, "tester", Scope::Inference, None)
                 .expect("token")

@@ -257,3 +257,163 @@ fn inspect_names_the_world_and_the_forbidden_imports() {
         .all(|i| i.starts_with("wasi:sockets/")));
     assert!(probe.refusal().unwrap().contains("wasi:sockets/tcp"));
 }
+
+/// Runs `kiln <args>` in `dir`; its stdout, or a panic quoting its output.
+fn kiln(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(kiln_tests::kiln_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiln");
+    assert!(
+        out.status.success(),
+        "kiln {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_signed_by_a_trusted_publisher_are_allowed_and_no_others() {
+    // Keys and signatures made with the CLI, as an author would.
+    let keys = tempfile::tempdir().unwrap();
+    kiln(keys.path(), &["plugin", "keygen", "acme"]);
+    kiln(keys.path(), &["plugin", "keygen", "mallory"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(keys.path().join("acme.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the secret key is private");
+
+    // Four copies of the gen probe, each its own model: signed by acme; by mallory (never
+    // trusted); acme's signature of another component (as if changed after signing); and
+    // mallory's signature relabelled as acme's.
+    let gen = std::fs::read(plugin("gen-probe")).unwrap();
+    let embed = std::fs::read(plugin("embeddings")).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = keys.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let signed = |file: &std::path::Path, key: &str| {
+        kiln(
+            keys.path(),
+            &["plugin", "sign", "--key", key, file.to_str().unwrap()],
+        );
+        std::fs::read_to_string(format!("{}.sig", file.display())).unwrap()
+    };
+    let acme = write("acme.wasm", &gen);
+    signed(&acme, "acme.key");
+    let mallory = write("mallory.wasm", &gen);
+    let mallory_sig = signed(&mallory, "mallory.key");
+    let changed = write("changed.wasm", &gen);
+    let other = write("other.wasm", &embed);
+    std::fs::write(
+        format!("{}.sig", changed.display()),
+        signed(&other, "acme.key"),
+    )
+    .unwrap();
+    let forged = write("forged.wasm", &gen);
+    let acme_public = std::fs::read_to_string(keys.path().join("acme.pub")).unwrap();
+    let acme_hex = acme_public.split_whitespace().nth(1).unwrap();
+    let parts: Vec<&str> = mallory_sig.split_whitespace().collect();
+    std::fs::write(
+        format!("{}.sig", forged.display()),
+        format!("{} {acme_hex} {} {}\n", parts[0], parts[2], parts[3]),
+    )
+    .unwrap();
+
+    let models = ModelsDir::new();
+    for (id, wasm) in [
+        ("test/acme", &acme),
+        ("test/mallory", &mallory),
+        ("test/changed", &changed),
+        ("test/forged", &forged),
+    ] {
+        models.add(
+            id,
+            &format!(
+                "task = \"text-generation\"\n[plugin]\npath = {wasm:?}\n\
+                 [graphs]\nmain = \"main.onnx\"\n"
+            ),
+            &[("main.onnx", &fixture_onnx("main.onnx"))],
+        );
+    }
+    let config = kiln_tests::config(models.path());
+    let db = config.database_url.clone();
+    let server = TestServer::start_with(config, false).await;
+    let generate = |model: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .post(
+                    "/v1/inference/text-generation",
+                    &json!({"model": model, "prompt": "words:2"}),
+                )
+                .await
+        }
+    };
+    let refused = |reply: &kiln_tests::Reply, why: &str| {
+        assert_eq!(reply.status, 503, "{:?}", reply.body);
+        assert!(reply.message().contains(why), "{}", reply.message());
+    };
+    // Nobody trusted yet.
+    refused(&generate("test/acme").await, "a key no admin trusts");
+
+    // The admin trusts acme with the CLI, on the server's database; the server sees it.
+    kiln(
+        keys.path(),
+        &[
+            "admin",
+            "--database-url",
+            &db,
+            "publisher",
+            "trust",
+            "acme",
+            "acme.pub",
+        ],
+    );
+    server.state.tenancy.refresh().unwrap();
+    let ok = generate("test/acme").await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    refused(&generate("test/mallory").await, "a key no admin trusts");
+    refused(&generate("test/changed").await, "changed after signing");
+    refused(&generate("test/forged").await, "signed by another key");
+
+    // Untrusting the publisher ends it.
+    kiln(
+        keys.path(),
+        &[
+            "admin",
+            "--database-url",
+            &db,
+            "publisher",
+            "untrust",
+            "acme",
+        ],
+    );
+    server.state.tenancy.refresh().unwrap();
+    refused(&generate("test/acme").await, "a key no admin trusts");
+
+    // An admin's revocation of the digest beats a trusted publisher's signature.
+    kiln(
+        keys.path(),
+        &[
+            "admin",
+            "--database-url",
+            &db,
+            "publisher",
+            "trust",
+            "acme",
+            "acme.pub",
+        ],
+    );
+    let digest = kiln_host::plugin_tools::digest(&gen);
+    let store = server.state.tenancy.store();
+    kiln_host::tenancy::admin::allow_plugin(store.as_ref(), &digest, "").unwrap();
+    kiln_host::tenancy::admin::revoke_plugin(store.as_ref(), &digest).unwrap();
+    server.state.tenancy.refresh().unwrap();
+    refused(&generate("test/acme").await, "was revoked by an admin");
+}

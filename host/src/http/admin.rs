@@ -104,7 +104,10 @@ async fn models(
         .models()
         .map(|m| {
             let id = m.spec.id.to_string();
-            let unavailable = state.tenancy.plugin_allowed(&m.plugin_digest).err();
+            let unavailable = state
+                .tenancy
+                .plugin_allowed(&m.plugin_digest, m.signature.as_ref())
+                .err();
             json!({
                 "id": id,
                 "task": m.spec.task.to_string(),

@@ -43,7 +43,10 @@ impl Authed {
         }
         // The host runs no plugin an admin has not allowed (checked per request, so a
         // revocation applies to the next request without a restart).
-        if let Err(why) = state.tenancy.plugin_allowed(&loaded.plugin_digest) {
+        if let Err(why) = state
+            .tenancy
+            .plugin_allowed(&loaded.plugin_digest, loaded.signature.as_ref())
+        {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "plugin_not_allowed",

@@ -154,7 +154,12 @@ async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let unavailable = state
         .inference
         .models()
-        .filter(|m| state.tenancy.plugin_allowed(&m.plugin_digest).is_err())
+        .filter(|m| {
+            state
+                .tenancy
+                .plugin_allowed(&m.plugin_digest, m.signature.as_ref())
+                .is_err()
+        })
         .count();
     Json(serde_json::json!({
         "status": "ready",

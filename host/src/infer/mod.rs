@@ -121,6 +121,9 @@ pub struct LoadedModel {
     pub spec: ModelSpec,
     pub limits: Limits,
     pub plugin_digest: String,
+    /// The plugin's publisher signature (`<plugin>.sig` beside it), if it has one; an error
+    /// when the file is malformed.
+    pub signature: Option<Result<crate::signing::PluginSignature, String>>,
     setup: InstanceSetup,
     pre: TaskPre,
 }
@@ -534,8 +537,17 @@ fn load_model(
         limits: limits.clone(),
         tensor_gauge: tensor_gauge.clone(),
     };
+    let sig_path = {
+        let mut p = spec.plugin_path.clone().into_os_string();
+        p.push(".sig");
+        std::path::PathBuf::from(p)
+    };
+    let signature = std::fs::read_to_string(&sig_path)
+        .ok()
+        .map(|text| crate::signing::PluginSignature::parse(&text).map_err(|e| format!("{e:#}")));
     Ok(LoadedModel {
         plugin_digest: plugin.digest.clone(),
+        signature,
         spec,
         limits,
         setup,

@@ -256,6 +256,8 @@ impl Driver {
                         compute: self.compute,
                     };
                     self.ended(used, None).await;
+                    // Counted before the client can see the end (and read the counter).
+                    self.stats.finished.fetch_add(1, Ordering::Relaxed);
                     permit.send(StreamEvent::Token {
                         // Nothing generated at all: one empty final token.
                         text: held.take().unwrap_or_default(),
@@ -286,7 +288,6 @@ impl Driver {
         match end {
             End::Done => {
                 self.drop_generation(generation).await;
-                self.stats.finished.fetch_add(1, Ordering::Relaxed);
             }
             End::Failed(error) => {
                 if self.sent_any {

@@ -39,6 +39,15 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// A publisher's name: the same characters as a user name.
+pub fn check_publisher_name(name: &str) -> Result<()> {
+    check_name(name).map_err(|_| {
+        AdminError::Invalid(format!(
+            "invalid publisher name {name:?}: 1-64 characters of letters, digits, '-', '_' and '.'"
+        ))
+    })
+}
+
 fn check_model(model: &str) -> Result<()> {
     match model.split_once('/') {
         Some((ns, name)) if check_name(ns).is_ok() && check_name(name).is_ok() => Ok(()),

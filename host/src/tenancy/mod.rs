@@ -24,6 +24,8 @@ pub use limiter::{Decision, Rate, RateLimiter};
 pub use store::{Snapshot, Store, TokenRecord, UsageRecord, UsageRow, User};
 pub use usage::UsageWriter;
 
+use crate::signing::PluginSignature;
+
 /// What a token may do. Admin tokens manage the platform and cannot run inference; inference
 /// tokens cannot manage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,12 +367,35 @@ impl Tenancy {
         }
     }
 
-    /// Whether the plugin `digest` may run: allowed by an admin and not revoked since.
-    pub fn plugin_allowed(&self, digest: &str) -> Result<(), String> {
-        match self.snapshot().plugins.get(digest) {
-            Some(p) if !p.revoked => Ok(()),
-            Some(_) => Err(format!("its plugin {digest} was revoked by an admin")),
+    /// Whether the plugin `digest` may run: allowed by an admin and not revoked since, or
+    /// (when not revoked) signed by a trusted publisher. `signature` is the plugin's `.sig` as
+    /// loaded (an error if the file was malformed).
+    pub fn plugin_allowed(
+        &self,
+        digest: &str,
+        signature: Option<&Result<PluginSignature, String>>,
+    ) -> Result<(), String> {
+        let snapshot = self.snapshot();
+        match snapshot.plugins.get(digest) {
+            Some(p) if !p.revoked => return Ok(()),
+            // An admin's revocation beats a publisher's signature.
+            Some(_) => return Err(format!("its plugin {digest} was revoked by an admin")),
+            None => {}
+        }
+        match signature {
             None => Err(format!("its plugin {digest} is not on the allowlist")),
+            Some(Err(e)) => Err(format!(
+                "its plugin {digest} is not on the allowlist and its signature file is unreadable: {e}"
+            )),
+            Some(Ok(signature)) => signature
+                .verify(
+                    digest,
+                    snapshot.publishers.iter().map(|(n, k)| (n.as_str(), k)),
+                )
+                .map(|_publisher| ())
+                .map_err(|why| {
+                    format!("its plugin {digest} is not on the allowlist and {why}")
+                }),
         }
     }
 

@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub shares: HashSet<(String, i64)>,
     /// Plugins an admin allowed (`sha256:<hex>`), and whether they were revoked since.
     pub plugins: HashMap<String, PluginRecord>,
+    /// Trusted publisher keys by name: a component signed by one is allowed.
+    pub publishers: HashMap<String, [u8; 32]>,
 }
 
 /// A plugin on the allowlist.
@@ -117,6 +119,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn allow_plugin(&self, digest: &str, note: &str) -> anyhow::Result<()>;
     /// Revokes an allowed plugin; false when it was never allowed.
     fn revoke_plugin(&self, digest: &str) -> anyhow::Result<bool>;
+    /// Trusts a publisher's ed25519 public key under `name` (replacing its key if known).
+    fn trust_publisher(&self, name: &str, public_key: &[u8; 32]) -> anyhow::Result<()>;
+    /// Stops trusting a publisher; false when it was not trusted.
+    fn untrust_publisher(&self, name: &str) -> anyhow::Result<bool>;
     /// Commits all records in one transaction.
     fn record_usage(&self, records: &[UsageRecord]) -> anyhow::Result<()>;
     /// Usage of a user from `from_ms` (inclusive) to `to_ms` (exclusive), per (day, model).
@@ -173,6 +179,11 @@ CREATE TABLE IF NOT EXISTS plugins (
     allowed_at_ms INTEGER NOT NULL,
     revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS publishers (
+    name TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    trusted_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS usage (
     id INTEGER PRIMARY KEY,
     at_ms INTEGER NOT NULL,
@@ -193,7 +204,14 @@ INSERT OR IGNORE INTO meta (id, generation) VALUES (1, 0);
 ";
 
 /// The tables of the snapshot: each change to them bumps `meta.generation`.
-const SNAPSHOT_TABLES: [&str; 5] = ["users", "tokens", "models", "shares", "plugins"];
+const SNAPSHOT_TABLES: [&str; 6] = [
+    "users",
+    "tokens",
+    "models",
+    "shares",
+    "plugins",
+    "publishers",
+];
 
 fn generation_triggers() -> String {
     let mut sql = String::new();
@@ -320,6 +338,15 @@ impl Store for SqliteStore {
                 let plugin = row?;
                 snapshot.plugins.insert(plugin.digest.clone(), plugin);
             }
+            let mut publishers = tx.prepare("SELECT name, public_key FROM publishers")?;
+            for row in publishers
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            {
+                let (name, key) = row?;
+                if let Some(key) = hex::decode(&key).ok().and_then(|k| k.try_into().ok()) {
+                    snapshot.publishers.insert(name, key);
+                }
+            }
         }
         tx.commit()?;
         Ok(snapshot)
@@ -429,6 +456,23 @@ impl Store for SqliteStore {
         let changed = self
             .write()
             .execute("UPDATE plugins SET revoked = 1 WHERE digest = ?1", [digest])?;
+        Ok(changed > 0)
+    }
+
+    fn trust_publisher(&self, name: &str, public_key: &[u8; 32]) -> anyhow::Result<()> {
+        self.write().execute(
+            "INSERT INTO publishers (name, public_key, trusted_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET public_key = excluded.public_key,
+                 trusted_at_ms = excluded.trusted_at_ms",
+            params![name, hex::encode(public_key), now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn untrust_publisher(&self, name: &str) -> anyhow::Result<bool> {
+        let changed = self
+            .write()
+            .execute("DELETE FROM publishers WHERE name = ?1", [name])?;
         Ok(changed > 0)
     }
 
