@@ -303,10 +303,11 @@ impl Driver {
                 let usage = self.usage_so_far(generation).await;
                 self.ended(usage, None).await;
                 let held_after = self.drop_generation(generation).await;
-                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                // Tokens first: a reader that sees the cancellation sees its tokens.
                 self.stats
                     .cancelled_output_tokens
                     .fetch_add(usage.output_tokens.into(), Ordering::Relaxed);
+                self.stats.cancelled.fetch_add(1, Ordering::Release);
                 tracing::info!(
                     request_id = %self.request_id,
                     model = %self.model.spec.id,
