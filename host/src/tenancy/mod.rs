@@ -13,7 +13,8 @@ pub mod store;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -182,8 +183,10 @@ pub struct Tenancy {
     limiter: RateLimiter,
     /// The limiter's clock: nanoseconds since this instant.
     epoch: Instant,
-    /// Compute microseconds used this month per user (committed records only).
-    compute: Arc<Mutex<MonthCompute>>,
+    /// Compute microseconds used this month per user (committed records only). Requests take
+    /// the read lock only; the writer adds with atomics under the read lock too, and takes the
+    /// write lock just for a user's first record of the month or a new month.
+    compute: Arc<RwLock<MonthCompute>>,
     writer: UsageWriter,
 }
 
@@ -198,7 +201,7 @@ impl std::fmt::Debug for Tenancy {
 #[derive(Debug, Default)]
 struct MonthCompute {
     month_start_ms: i64,
-    used_us: HashMap<i64, u64>,
+    used_us: HashMap<i64, AtomicU64>,
 }
 
 /// How often the server looks for changes made by `kiln admin` (or another server).
@@ -216,17 +219,32 @@ impl Tenancy {
         let version = store.version()?;
         let snapshot = store.snapshot()?;
         let month_start_ms = month_start(store::now_ms());
-        let compute = Arc::new(Mutex::new(MonthCompute {
+        let used_us = store
+            .compute_since(month_start_ms)?
+            .into_iter()
+            .map(|(user, us)| (user, AtomicU64::new(us)))
+            .collect();
+        let compute = Arc::new(RwLock::new(MonthCompute {
             month_start_ms,
-            used_us: store.compute_since(month_start_ms)?,
+            used_us,
         }));
         let counters = Arc::clone(&compute);
         let writer = UsageWriter::start(Arc::clone(&store), move |records| {
-            let mut c = counters.lock().unwrap_or_else(|e| e.into_inner());
             for r in records {
-                if r.at_ms >= c.month_start_ms {
-                    *c.used_us.entry(r.user_id).or_default() += r.compute_us;
+                let c = counters.read().unwrap_or_else(|e| e.into_inner());
+                if r.at_ms < c.month_start_ms {
+                    continue;
                 }
+                if let Some(used) = c.used_us.get(&r.user_id) {
+                    used.fetch_add(r.compute_us, Ordering::Relaxed);
+                    continue;
+                }
+                drop(c);
+                let mut c = counters.write().unwrap_or_else(|e| e.into_inner());
+                c.used_us
+                    .entry(r.user_id)
+                    .or_default()
+                    .fetch_add(r.compute_us, Ordering::Relaxed);
             }
         });
         let tenancy = Arc::new(Tenancy {
@@ -329,16 +347,16 @@ impl Tenancy {
             return Err(Refused::RateLimited(decision));
         }
         let now_ms = store::now_ms();
-        let used_us = {
-            let mut c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
-            let start = month_start(now_ms);
+        let start = month_start(now_ms);
+        if self.read_compute().month_start_ms != start {
+            // A new month: everyone starts from zero.
+            let mut c = self.compute.write().unwrap_or_else(|e| e.into_inner());
             if c.month_start_ms != start {
-                // A new month: everyone starts from zero.
                 c.month_start_ms = start;
                 c.used_us.clear();
             }
-            c.used_us.get(&caller.user.id).copied().unwrap_or(0)
-        };
+        }
+        let used_us = self.used_us(caller.user.id);
         let used_hours = used_us as f64 / 3.6e9;
         if used_hours >= plan.compute_hours {
             return Err(Refused::QuotaExceeded {
@@ -411,8 +429,18 @@ impl Tenancy {
 
     /// Compute hours `user_id` used this month (committed records).
     pub fn used_hours(&self, user_id: i64) -> f64 {
-        let c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
-        c.used_us.get(&user_id).copied().unwrap_or(0) as f64 / 3.6e9
+        self.used_us(user_id) as f64 / 3.6e9
+    }
+
+    fn used_us(&self, user_id: i64) -> u64 {
+        self.read_compute()
+            .used_us
+            .get(&user_id)
+            .map_or(0, |u| u.load(Ordering::Relaxed))
+    }
+
+    fn read_compute(&self) -> std::sync::RwLockReadGuard<'_, MonthCompute> {
+        self.compute.read().unwrap_or_else(|e| e.into_inner())
     }
 }
 
