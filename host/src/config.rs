@@ -54,6 +54,13 @@ pub struct ServeArgs {
     /// Interval of keep-alive comments in a streamed response while no token comes, ms.
     #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
     pub stream_keepalive_ms: Option<u64>,
+    /// Log lines per second each plugin may write (stdout, stderr, host log), all its instances
+    /// together; past it lines are dropped and counted.
+    #[arg(long, env = "KILN_PLUGIN_LOG_LINES_PER_SECOND")]
+    pub plugin_log_lines_per_second: Option<u32>,
+    /// Log lines a quiet plugin may write at once.
+    #[arg(long, env = "KILN_PLUGIN_LOG_BURST")]
+    pub plugin_log_burst: Option<u32>,
     /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
     #[arg(long, env = "KILN_DATABASE_URL")]
     pub database_url: Option<String>,
@@ -269,6 +276,8 @@ pub struct Config {
     pub instance_slots: u32,
     pub queue_timeout: Duration,
     pub stream_keepalive: Duration,
+    pub plugin_log_lines_per_second: u32,
+    pub plugin_log_burst: u32,
     pub database_url: String,
     /// Plans by name; `[plans.<name>]` in kiln.toml replaces or adds one.
     pub plans: std::collections::BTreeMap<String, crate::tenancy::Plan>,
@@ -302,6 +311,10 @@ impl Default for Config {
             queue_timeout: Duration::from_secs(5),
             // Well under the 60 s idle timeouts of common proxies and load balancers.
             stream_keepalive: Duration::from_secs(15),
+            // A plugin that logs a line or two per request stays within this on a 2-core
+            // machine; a loop printing is cut to a readable trickle.
+            plugin_log_lines_per_second: 50,
+            plugin_log_burst: 200,
             database_url: "sqlite:.kiln/kiln.db".into(),
             plans: crate::tenancy::default_plans(),
             fetch_allow_loopback: false,
@@ -397,6 +410,12 @@ impl Config {
         if let Some(v) = a.queue_timeout_ms {
             self.queue_timeout = Duration::from_millis(v);
         }
+        if let Some(v) = a.plugin_log_lines_per_second {
+            self.plugin_log_lines_per_second = v;
+        }
+        if let Some(v) = a.plugin_log_burst {
+            self.plugin_log_burst = v;
+        }
         if let Some(v) = &a.database_url {
             self.database_url = v.clone();
         }
@@ -461,6 +480,11 @@ mod tests {
         assert_eq!(config.stream_keepalive, defaults.stream_keepalive);
         assert_eq!(config.fetch_timeout, defaults.fetch_timeout);
         assert_eq!(config.database_url, defaults.database_url);
+        assert_eq!(
+            config.plugin_log_lines_per_second,
+            defaults.plugin_log_lines_per_second
+        );
+        assert_eq!(config.plugin_log_burst, defaults.plugin_log_burst);
         assert_eq!(config.plans, defaults.plans);
     }
 

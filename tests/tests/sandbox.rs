@@ -395,3 +395,37 @@ async fn request_errors_have_the_documented_statuses() {
     .await;
     assert_eq!((r.status, r.body["models"].as_u64()), (200, Some(2)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_plugin_is_cut_to_its_log_rate() {
+    let models = ModelsDir::new();
+    let wasm = plugin("sandbox-probe");
+    models.add(
+        "test/probe",
+        &format!(
+            "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[graphs]\nmain = \"main.onnx\"\n"
+        ),
+        &[("main.onnx", &fixture_onnx("main.onnx"))],
+    );
+    // 1 line a second, 3 at once: each `log` request writes 3 lines (stdout, stderr, host log).
+    let config = kiln_host::Config {
+        plugin_log_lines_per_second: 1,
+        plugin_log_burst: 3,
+        ..kiln_tests::config(models.path())
+    };
+    let server = TestServer::start(config).await;
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        let r = probe(&server, "test/probe", "log").await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let elapsed = started.elapsed().as_secs();
+    let dropped = server.metric("kiln_plugin_log_lines_dropped_total").await;
+    // 15 lines written; at most the burst plus one a second got through.
+    assert!(
+        dropped >= 15 - 3 - (elapsed + 1),
+        "{dropped} lines dropped in {elapsed} s"
+    );
+    assert!(dropped <= 12, "{dropped}: the burst always gets through");
+    assert_still_serving(&server).await;
+}

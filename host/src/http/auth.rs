@@ -212,8 +212,10 @@ pub async fn inference_gate(
             return response;
         }
     };
+    let mut tenant = Tenant::new(format!("user:{}", caller.user.id));
+    tenant.request_id = request_id::current();
     let authed = Authed {
-        tenant: Tenant::new(format!("user:{}", caller.user.id)),
+        tenant,
         caller: caller.clone(),
         model: Arc::default(),
     };

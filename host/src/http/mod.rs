@@ -267,6 +267,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         s.cancelled_output_tokens.load(Relaxed),
     );
     metric(
+        "kiln_plugin_log_lines_dropped_total",
+        "counter",
+        "Plugin log lines dropped because the plugin logged over its rate.",
+        state.inference.log_lines_dropped(),
+    );
+    metric(
         "kiln_host_tensor_bytes",
         "gauge",
         "Bytes of wasi:nn tensors held on the host by all plugin instances (KV caches, outputs).",

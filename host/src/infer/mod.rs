@@ -34,6 +34,8 @@ use crate::runtime::{
 pub struct Tenant {
     pub id: String,
     pub meter: Arc<Meter>,
+    /// The request being served, for the plugin's log lines.
+    pub request_id: String,
 }
 
 impl Tenant {
@@ -41,6 +43,7 @@ impl Tenant {
         Tenant {
             id: id.into(),
             meter: Arc::default(),
+            request_id: "-".into(),
         }
     }
 
@@ -200,6 +203,8 @@ impl Inference {
             cache_dir: config.cache_dir.clone(),
             instance_slots: config.instance_slots,
             max_memory_bytes: config.limits.memory_bytes,
+            log_lines_per_second: config.plugin_log_lines_per_second,
+            log_burst: config.plugin_log_burst,
         })?);
         let tensor_gauge = TensorGauge::default();
         let mut models = BTreeMap::new();
@@ -220,6 +225,11 @@ impl Inference {
             stream_stats: Arc::default(),
             tensor_gauge,
         })
+    }
+
+    /// Plugin log lines dropped over their budgets.
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.runtime.log_lines_dropped()
     }
 
     pub fn models(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
@@ -411,7 +421,18 @@ impl Inference {
     ) -> Result<(T, Duration), InferError> {
         let lease = self.lease(tenant, model).await?;
         let deadline = Instant::now() + model.limits.request_timeout;
-        let ran = run_on(self.runtime.engine(), model, lease, deadline, f).await;
+        let request_id = tenant.request_id.clone();
+        let ran = run_on(
+            self.runtime.engine(),
+            model,
+            lease,
+            deadline,
+            move |instance, d| {
+                instance.set_request_id(&request_id);
+                f(instance, d)
+            },
+        )
+        .await;
         tenant.meter.add_compute(ran.compute);
         ran.result.map(|value| (value, ran.compute))
     }
@@ -536,6 +557,8 @@ fn load_model(
         graphs: Arc::new(ModelGraphs::new(graphs)),
         limits: limits.clone(),
         tensor_gauge: tensor_gauge.clone(),
+        plugin_digest: plugin.digest.clone(),
+        log_budget: Arc::clone(&plugin.log_budget),
     };
     let sig_path = {
         let mut p = spec.plugin_path.clone().into_os_string();

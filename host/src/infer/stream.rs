@@ -128,6 +128,7 @@ impl Inference {
         self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             engine: self.runtime.engine().clone(),
+            request_id_for_log: tenant.request_id.clone(),
             meter: Arc::clone(&tenant.meter),
             model,
             lease: Some(lease),
@@ -160,6 +161,8 @@ enum End {
 
 struct Driver {
     engine: wasmtime::Engine,
+    /// Tags the plugin's log lines.
+    request_id_for_log: String,
     /// The request's meter (what an error before the first token is billed).
     meter: Arc<Meter>,
     model: Arc<LoadedModel>,
@@ -381,7 +384,18 @@ impl Driver {
             )));
         };
         let deadline = Instant::now() + self.model.limits.request_timeout;
-        let ran = run_on(&self.engine, &self.model, lease, deadline, f).await;
+        let request_id = self.request_id_for_log.clone();
+        let ran = run_on(
+            &self.engine,
+            &self.model,
+            lease,
+            deadline,
+            move |instance, d| {
+                instance.set_request_id(&request_id);
+                f(instance, d)
+            },
+        )
+        .await;
         self.lease = ran.lease;
         self.compute += ran.compute;
         self.meter.add_compute(ran.compute);

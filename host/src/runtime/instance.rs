@@ -17,7 +17,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::log::PluginLog;
+use super::log::{LogBudget, LogContext, PluginLog};
 use super::worlds;
 use super::EPOCH_TICK;
 use crate::config::Limits;
@@ -39,26 +39,33 @@ pub struct InstanceSetup {
     pub limits: Limits,
     /// The server's gauge of host tensor bytes.
     pub tensor_gauge: TensorGauge,
+    /// `sha256:<hex>` of the plugin, for log lines.
+    pub plugin_digest: String,
+    /// The plugin's log budget (shared by every instance of that plugin).
+    pub log_budget: Arc<LogBudget>,
 }
 
 /// The `kiln:plugin/host` interface's state.
 pub struct PluginHost {
-    label: String,
+    log: Arc<LogContext>,
     config: Arc<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl host::Host for PluginHost {
     fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
-        // Bounded like stdout lines: a log call must not flood the host's log.
-        let message: String = message.chars().take(4096).collect();
-        let model = &self.label;
-        match level {
-            host::Level::Trace => tracing::trace!(target: "kiln::plugin", %model, "{message}"),
-            host::Level::Debug => tracing::debug!(target: "kiln::plugin", %model, "{message}"),
-            host::Level::Info => tracing::info!(target: "kiln::plugin", %model, "{message}"),
-            host::Level::Warn => tracing::warn!(target: "kiln::plugin", %model, "{message}"),
-            host::Level::Error => tracing::error!(target: "kiln::plugin", %model, "{message}"),
-        }
+        // Bounded like stdout lines, and within the plugin's log budget.
+        let end = message
+            .char_indices()
+            .nth(super::log::MAX_LINE)
+            .map_or(message.len(), |(i, _)| i);
+        let level = match level {
+            host::Level::Trace => tracing::Level::TRACE,
+            host::Level::Debug => tracing::Level::DEBUG,
+            host::Level::Info => tracing::Level::INFO,
+            host::Level::Warn => tracing::Level::WARN,
+            host::Level::Error => tracing::Level::ERROR,
+        };
+        self.log.line(level, "log", &message[..end]);
         Ok(())
     }
 
@@ -278,9 +285,14 @@ impl PluginInstance {
             kind: TrapKind::Crash,
             message,
         };
+        let log = LogContext::new(
+            &setup.label,
+            &setup.plugin_digest,
+            Arc::clone(&setup.log_budget),
+        );
         let mut wasi = WasiCtx::builder();
-        wasi.stdout(PluginLog::new(&setup.label, "stdout"))
-            .stderr(PluginLog::new(&setup.label, "stderr"))
+        wasi.stdout(PluginLog::new(&log, "stdout"))
+            .stderr(PluginLog::new(&log, "stderr"))
             // Runs file reads on the calling (plugin) thread: it is already a blocking thread.
             .allow_blocking_current_thread(true)
             .preopened_dir(&setup.dir, "/model", FsPerms::ReadOnly)
@@ -299,7 +311,7 @@ impl PluginInstance {
                 limits.run_timeout,
             ),
             host: PluginHost {
-                label: setup.label.clone(),
+                log,
                 config: Arc::clone(&setup.plugin_config),
             },
             limiter: MemoryLimiter {
@@ -340,6 +352,11 @@ impl PluginInstance {
     /// resource (a generation whose caller vanished before dropping it).
     pub fn is_reusable(&self) -> bool {
         !self.poisoned && self.open_generations == 0
+    }
+
+    /// Tags the instance's log lines with the request it now serves.
+    pub fn set_request_id(&self, id: &str) {
+        self.store.data().host.log.set_request(id);
     }
 
     /// Bytes of host tensors this instance holds (its KV caches, outputs not yet dropped).

@@ -8,7 +8,7 @@
 //! and wall-clock deadlines of each call.
 
 pub mod instance;
-mod log;
+pub mod log;
 pub mod pool;
 pub mod worlds;
 
@@ -39,12 +39,17 @@ pub struct RuntimeOptions {
     pub instance_slots: u32,
     /// Largest linear memory any instance may have (the highest model limit).
     pub max_memory_bytes: u64,
+    /// Log lines per second each plugin may write, and its burst.
+    pub log_lines_per_second: u32,
+    pub log_burst: u32,
 }
 
 /// A compiled plugin: its digest and an `InstancePre` (imports resolved once).
 pub struct Plugin {
     pub digest: String,
     pub pre: InstancePre<StoreState>,
+    /// Shared by every instance of this plugin, whichever model runs it.
+    pub log_budget: Arc<log::LogBudget>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -61,6 +66,8 @@ pub struct PluginRuntime {
     cache_dir: PathBuf,
     compiled: Mutex<HashMap<String, Arc<Plugin>>>,
     ticker_stop: Arc<AtomicBool>,
+    /// (lines per second, burst) of each plugin's log budget.
+    log_rate: (u32, u32),
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -127,6 +134,7 @@ impl PluginRuntime {
             linker,
             cache_dir: options.cache_dir.clone(),
             compiled: Mutex::new(HashMap::new()),
+            log_rate: (options.log_lines_per_second, options.log_burst),
             ticker_stop,
         })
     }
@@ -160,9 +168,18 @@ impl PluginRuntime {
         let plugin = Arc::new(Plugin {
             digest: digest.clone(),
             pre,
+            log_budget: Arc::new(log::LogBudget::new(self.log_rate.0, self.log_rate.1)),
         });
         self.lock_compiled().insert(digest, Arc::clone(&plugin));
         Ok(plugin)
+    }
+
+    /// Log lines dropped by every plugin's budget, in all.
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.lock_compiled()
+            .values()
+            .map(|p| p.log_budget.dropped())
+            .sum()
     }
 
     fn lock_compiled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Plugin>>> {
