@@ -33,6 +33,9 @@ enum Command {
 enum PluginCommand {
     /// Which kiln:plugin world a component targets, what it imports, its size and digest.
     Inspect { file: PathBuf },
+    /// Builds the plugin crate in `dir` for wasm32-wasip2 (release), inspects the component and
+    /// prints its digest last.
+    Build { dir: PathBuf },
     /// Makes a publisher key pair: `<name>.key` (secret, mode 0600) and `<name>.pub`.
     Keygen { name: String },
     /// Signs a component's digest: writes `<file.wasm>.sig` beside it.
@@ -72,6 +75,7 @@ fn run() -> anyhow::Result<()> {
             return inspect(&file);
         }
         Some(Command::Plugin(PluginCommand::Keygen { name })) => return keygen(&name),
+        Some(Command::Plugin(PluginCommand::Build { dir })) => return build(&dir),
         Some(Command::Plugin(PluginCommand::Sign { key, file })) => return sign(&key, &file),
         None => cli.serve,
     };
@@ -162,5 +166,63 @@ fn sign(key: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(&sig_path, signature)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", sig_path.to_string_lossy()))?;
     println!("signed {} -> {}", found.digest, sig_path.to_string_lossy());
+    Ok(())
+}
+
+/// `kiln plugin build <dir>`: `cargo build --target wasm32-wasip2 --release` in the crate, then
+/// the component's world and digest (the digest last, for scripts).
+fn build(dir: &std::path::Path) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let output = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--target",
+            "wasm32-wasip2",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| anyhow::anyhow!("running cargo in {}: {e}", dir.display()))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "cargo build failed in {} (is the target installed? `rustup target add wasm32-wasip2`)",
+            dir.display()
+        );
+    }
+    // The cdylib's .wasm among cargo's artifacts (the package's own, the last one built).
+    let wasm = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"))
+        })
+        .filter_map(|m| {
+            m["filenames"].as_array().and_then(|f| {
+                f.iter()
+                    .filter_map(|f| f.as_str())
+                    .find(|f| f.ends_with(".wasm"))
+                    .map(PathBuf::from)
+            })
+        })
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("cargo built no .wasm: is the crate a `cdylib`?"))?;
+    let bytes =
+        std::fs::read(&wasm).map_err(|e| anyhow::anyhow!("reading {}: {e}", wasm.display()))?;
+    let found = kiln_host::plugin_tools::inspect(&bytes)?;
+    println!("built {}", wasm.display());
+    println!(
+        "world: {} ({} bytes)",
+        found.world.as_deref().unwrap_or("(none)"),
+        found.size
+    );
+    if let Some(why) = found.refusal() {
+        eprintln!("warning: an admin's `kiln admin plugin allow` will refuse it: {why}");
+    }
+    println!("{}", found.digest);
     Ok(())
 }

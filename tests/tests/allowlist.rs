@@ -417,3 +417,20 @@ async fn components_signed_by_a_trusted_publisher_are_allowed_and_no_others() {
     server.state.tenancy.refresh().unwrap();
     refused(&generate("test/acme").await, "was revoked by an admin");
 }
+
+#[test]
+fn kiln_plugin_build_builds_a_crate_and_prints_its_digest_last() {
+    let crate_dir = kiln_tests::repo_root().join("tests/fixtures/plugins/gen-probe");
+    let stdout = kiln(&crate_dir, &["plugin", "build", "."]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let built = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("built "))
+        .expect("the built file");
+    let bytes = std::fs::read(built).unwrap();
+    assert_eq!(
+        lines.last().copied(),
+        Some(kiln_host::plugin_tools::digest(&bytes).as_str())
+    );
+    assert!(stdout.contains("world: kiln:plugin/text-generation-plugin"));
+}
