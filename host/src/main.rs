@@ -194,6 +194,7 @@ fn build(dir: &std::path::Path) -> anyhow::Result<()> {
     // The cdylib's .wasm among cargo's artifacts (the package's own, the last one built).
     let wasm = String::from_utf8_lossy(&output.stdout)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| m["reason"] == "compiler-artifact")
         .filter(|m| {
@@ -209,7 +210,7 @@ fn build(dir: &std::path::Path) -> anyhow::Result<()> {
                     .map(PathBuf::from)
             })
         })
-        .last()
+        .next()
         .ok_or_else(|| anyhow::anyhow!("cargo built no .wasm: is the crate a `cdylib`?"))?;
     let bytes =
         std::fs::read(&wasm).map_err(|e| anyhow::anyhow!("reading {}: {e}", wasm.display()))?;
