@@ -328,6 +328,13 @@ impl Driver {
     /// received when the instance cannot answer (it trapped).
     async fn usage_so_far(&mut self, generation: ResourceAny) -> StreamUsage {
         let steps = self.steps;
+        if self.trapped() {
+            return StreamUsage {
+                input_tokens: 0,
+                output_tokens: steps,
+                compute: self.compute,
+            };
+        }
         let usage = self
             .call(move |instance, deadline| instance.generation_usage(generation, deadline))
             .await
@@ -342,6 +349,14 @@ impl Driver {
         }
     }
 
+    /// Whether the generation's instance trapped (or is gone): it must not be called again.
+    fn trapped(&mut self) -> bool {
+        self.lease
+            .as_mut()
+            .and_then(|lease| lease.get())
+            .is_none_or(|instance| instance.is_poisoned())
+    }
+
     /// Runs the end hook (once).
     async fn ended(&mut self, usage: StreamUsage, error: Option<&InferError>) {
         if let Some(hook) = self.on_end.take() {
@@ -351,6 +366,10 @@ impl Driver {
 
     /// Drops the guest's generation; returns the host tensor bytes its instance still holds.
     async fn drop_generation(&mut self, generation: ResourceAny) -> Option<u64> {
+        if self.trapped() {
+            // The trapped instance is discarded with everything it holds.
+            return None;
+        }
         let dropped = self
             .call(move |instance, deadline| {
                 let report = instance.drop_generation(generation, deadline);
