@@ -29,6 +29,19 @@ fn record(i: u64) -> UsageRecord {
     }
 }
 
+/// `n` requests recording at once; returns when every record is committed.
+async fn record_concurrently(writer: &UsageWriter, n: u64) {
+    let tasks: Vec<_> = (0..n)
+        .map(|k| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.record(record(k)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
 fn main() {
     let path = std::env::temp_dir().join(format!("kiln-usage-bench-{}.db", std::process::id()));
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("database"));
@@ -46,19 +59,7 @@ fn main() {
     });
     for n in [16u64, 128] {
         criterion.bench_function(&format!("usage/{n} concurrent records (per batch)"), |b| {
-            b.iter(|| {
-                runtime.block_on(async {
-                    let tasks: Vec<_> = (0..n)
-                        .map(|k| {
-                            let writer = writer.clone();
-                            tokio::spawn(async move { writer.record(record(k)).await })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap().unwrap();
-                    }
-                })
-            })
+            b.iter(|| runtime.block_on(record_concurrently(&writer, n)))
         });
     }
     criterion.final_summary();
@@ -78,17 +79,7 @@ fn main() {
     let batches: Vec<Duration> = (0..50)
         .map(|_| {
             let t = Instant::now();
-            runtime.block_on(async {
-                let tasks: Vec<_> = (0..128)
-                    .map(|k| {
-                        let writer = writer.clone();
-                        tokio::spawn(async move { writer.record(record(k)).await })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap().unwrap();
-                }
-            });
+            runtime.block_on(record_concurrently(&writer, 128));
             t.elapsed() / 128
         })
         .collect();

@@ -153,6 +153,20 @@ impl ModelsDir {
     }
 }
 
+/// Whether a prerequisite outside the repository's artefacts (Node.js, Chromium, the venv's
+/// `requests`) is there. A missing one fails the test under CI; elsewhere it prints SKIPPED with
+/// how to install it and the caller skips what needs it.
+pub fn have(present: bool, what: &str, install: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is missing and CI is set: {install}");
+    }
+    eprintln!("SKIPPED: {what} is missing ({install})");
+    false
+}
+
 /// A fresh SQLite database for one test server (under `target/test-db/`).
 pub fn fresh_database() -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -23,19 +23,6 @@ const MAX_TOKENS: u32 = 24;
 /// Longest run of one client (generation included), enforced with coreutils' `timeout`.
 const CLIENT_TIMEOUT_S: u32 = 180;
 
-/// Whether a prerequisite is there. A missing one fails the test under CI; elsewhere it prints
-/// SKIPPED (with how to install it) and the caller skips what needs it.
-fn have(present: bool, what: &str, install: &str) -> bool {
-    if present {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is missing and CI is set: {install}");
-    }
-    eprintln!("SKIPPED: {what} is missing ({install})");
-    false
-}
-
 fn runs(program: &str, args: &[&str]) -> bool {
     Command::new(program)
         .args(args)
@@ -45,7 +32,7 @@ fn runs(program: &str, args: &[&str]) -> bool {
 }
 
 fn have_node() -> bool {
-    have(
+    kiln_tests::have(
         runs("node", &["--version"]),
         "Node.js (`node`)",
         "install Node.js 20 or newer",
@@ -195,7 +182,7 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
     }
 
     let python = venv_python();
-    if have(
+    if kiln_tests::have(
         runs(&python.to_string_lossy(), &["-c", "import requests"]),
         "the venv's Python with `requests`",
         "run `cargo xtask fixtures` (or `cargo xtask test`)",
@@ -208,12 +195,12 @@ async fn stream_clients_and_playground_print_the_non_stream_text() {
 
     let browser = repo_root().join("tests/browser");
     if node
-        && have(
+        && kiln_tests::have(
             chromium().is_file(),
             &format!("Chromium ({})", chromium().display()),
             "run `cargo xtask browser`, or set CHROMIUM",
         )
-        && have(
+        && kiln_tests::have(
             browser.join("node_modules/playwright-core").is_dir(),
             "tests/browser/node_modules",
             "run `cargo xtask browser`",

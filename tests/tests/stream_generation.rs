@@ -268,7 +268,6 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
             PROBE,
             GenerationInput::Prompt("words:1000".into()),
             params,
-            "req-ahead-test".into(),
             None,
         )
         .await

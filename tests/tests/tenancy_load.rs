@@ -513,26 +513,13 @@ async fn hundred_concurrent_clients_are_counted_exactly() {
 // examples/clients/api_client.py
 // ---------------------------------------------------------------------------------------------
 
-/// Whether a prerequisite is there. A missing one fails the test under CI; elsewhere it prints
-/// SKIPPED (with how to install it) and the test returns.
-fn have(present: bool, what: &str, install: &str) -> bool {
-    if present {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is missing and CI is set: {install}");
-    }
-    eprintln!("SKIPPED: {what} is missing ({install})");
-    false
-}
-
 fn venv_python() -> Option<PathBuf> {
     let python = repo_root().join(".kiln/venv/bin/python");
     let works = Command::new(&python)
         .args(["-c", "import requests"])
         .output()
         .is_ok_and(|out| out.status.success());
-    have(
+    kiln_tests::have(
         works,
         "the venv's Python with `requests`",
         "run `cargo xtask fixtures` (or `cargo xtask test`)",

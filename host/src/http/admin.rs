@@ -300,27 +300,27 @@ async fn set_visibility(
 }
 
 async fn share(
-    State(state): State<Arc<AppState>>,
+    state: State<Arc<AppState>>,
     headers: HeaderMap,
-    Path((ns, name, user)): Path<(String, String, String)>,
+    path: Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    authenticate(&state, &headers, Scope::Admin)?;
-    run(&state, move |s| {
-        admin::share(
-            s.tenancy.store().as_ref(),
-            &format!("{ns}/{name}"),
-            &user,
-            true,
-        )
-    })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_share(state, headers, path, true).await
 }
 
 async fn unshare(
+    state: State<Arc<AppState>>,
+    headers: HeaderMap,
+    path: Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    set_share(state, headers, path, false).await
+}
+
+/// `PUT` (`shared`) or `DELETE` of `/admin/models/<ns>/<name>/shares/<user>`.
+async fn set_share(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((ns, name, user)): Path<(String, String, String)>,
+    shared: bool,
 ) -> Result<StatusCode, ApiError> {
     authenticate(&state, &headers, Scope::Admin)?;
     run(&state, move |s| {
@@ -328,7 +328,7 @@ async fn unshare(
             s.tenancy.store().as_ref(),
             &format!("{ns}/{name}"),
             &user,
-            false,
+            shared,
         )
     })
     .await?;

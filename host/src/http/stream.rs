@@ -56,7 +56,6 @@ pub async fn respond(
             &request.model,
             request.input,
             request.params,
-            id.clone(),
             Some(on_end),
         )
         .await?;

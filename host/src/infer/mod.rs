@@ -421,16 +421,13 @@ impl Inference {
     ) -> Result<(T, Duration), InferError> {
         let lease = self.lease(tenant, model).await?;
         let deadline = Instant::now() + model.limits.request_timeout;
-        let request_id = tenant.request_id.clone();
         let ran = run_on(
             self.runtime.engine(),
             model,
             lease,
             deadline,
-            move |instance, d| {
-                instance.set_request_id(&request_id);
-                f(instance, d)
-            },
+            &tenant.request_id,
+            f,
         )
         .await;
         tenant.meter.add_compute(ran.compute);
@@ -468,16 +465,18 @@ struct Ran<T> {
 }
 
 /// Runs `f` on the lease's instance (created first if the lease has none) on a blocking thread,
-/// within `deadline`, and maps the outcome: what the host refused decides the error, then the
+/// within `deadline`, as part of request `request_id`, and maps the outcome: what the host refused decides the error, then the
 /// plugin's own failure.
 async fn run_on<T: Send + 'static>(
     engine: &wasmtime::Engine,
     model: &Arc<LoadedModel>,
     mut lease: PooledInstance,
     deadline: Instant,
+    request_id: &str,
     f: impl FnOnce(&mut PluginInstance, Instant) -> CallReport<T> + Send + 'static,
 ) -> Ran<T> {
     let engine = engine.clone();
+    let request_id = request_id.to_owned();
     let model = Arc::clone(model);
     let timeout = model.limits.request_timeout;
     let task = tokio::task::spawn_blocking(move || {
@@ -491,6 +490,8 @@ async fn run_on<T: Send + 'static>(
                 }
             },
         };
+        // The plugin's log lines during this call name the request.
+        instance.set_request_id(&request_id);
         let report = f(instance, deadline);
         let result = match (report.result, report.refusal) {
             // What the host refused decides the status, whatever the plugin made of it.

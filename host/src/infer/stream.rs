@@ -117,7 +117,6 @@ impl Inference {
         model: &str,
         input: GenerationInput,
         params: GenerationParams,
-        request_id: String,
         on_end: Option<StreamHook>,
     ) -> Result<TokenStream, InferError> {
         let model = self.model(model, Task::TextGeneration)?;
@@ -128,12 +127,11 @@ impl Inference {
         self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             engine: self.runtime.engine().clone(),
-            request_id_for_log: tenant.request_id.clone(),
             meter: Arc::clone(&tenant.meter),
             model,
             lease: Some(lease),
             stats: Arc::clone(&self.stream_stats),
-            request_id,
+            request_id: tenant.request_id.clone(),
             compute: Duration::ZERO,
             steps: 0,
             sent_any: false,
@@ -161,8 +159,6 @@ enum End {
 
 struct Driver {
     engine: wasmtime::Engine,
-    /// Tags the plugin's log lines.
-    request_id_for_log: String,
     /// The request's meter (what an error before the first token is billed).
     meter: Arc<Meter>,
     model: Arc<LoadedModel>,
@@ -403,16 +399,13 @@ impl Driver {
             )));
         };
         let deadline = Instant::now() + self.model.limits.request_timeout;
-        let request_id = self.request_id_for_log.clone();
         let ran = run_on(
             &self.engine,
             &self.model,
             lease,
             deadline,
-            move |instance, d| {
-                instance.set_request_id(&request_id);
-                f(instance, d)
-            },
+            &self.request_id,
+            f,
         )
         .await;
         self.lease = ran.lease;
