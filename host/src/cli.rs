@@ -12,6 +12,9 @@ pub struct AdminArgs {
     /// The database (default from the config file, else sqlite:.kiln/kiln.db).
     #[arg(long, env = "KILN_DATABASE_URL")]
     database_url: Option<String>,
+    /// The models folder (default from the config file, else .kiln/models).
+    #[arg(long, env = "KILN_MODELS_DIR")]
+    models_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -35,6 +38,13 @@ enum AdminCommand {
     /// Trusted publisher keys: components they signed are allowed.
     #[command(subcommand)]
     Publisher(PublisherCommand),
+    /// Asks the running servers to look at the models folder again (new, changed and removed
+    /// model folders), waits for the report and prints it. Requests in flight are not dropped.
+    Reload {
+        /// Seconds to wait for a server's report.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,6 +112,26 @@ enum ModelCommand {
     Share { model: String, user: String },
     /// Takes that back.
     Unshare { model: String, user: String },
+    /// Registers a model: copies the self-contained model folder `from` (model.toml, graphs,
+    /// tokenizer and such, and the plugin) into the models folder as <namespace>/<name>, and asks
+    /// the running servers to load it. The model is private to its namespace's user until made
+    /// public or shared.
+    Register {
+        model: String,
+        from: std::path::PathBuf,
+        /// Replace the model if it exists (requests in flight finish on the old version).
+        #[arg(long)]
+        replace: bool,
+        /// Seconds to wait for a server's report.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Removes a model's folder and asks the running servers to drop it.
+    Remove {
+        model: String,
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
 }
 
 /// Runs an admin command; the error says what to fix.
@@ -111,6 +141,9 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.database_url.clone());
     let store = store::open(&url)?;
     let store = store.as_ref();
+    let models_dir = args
+        .models_dir
+        .unwrap_or_else(|| config.models_dir.clone());
     let plans = &config.plans;
     let result: Result<(), AdminError> = (|| {
         match args.command {
@@ -236,6 +269,66 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
                     println!("{name}\t{}", crate::signing::fingerprint(&key));
                 }
             }
+            AdminCommand::Reload { wait } => reload(store, wait)?,
+            AdminCommand::Model(ModelCommand::Register {
+                model,
+                from,
+                replace,
+                wait,
+            }) => {
+                let id = crate::registry::ModelId::parse(&model).ok_or_else(|| {
+                    AdminError::Invalid(format!(
+                        "{model:?} is not a model id: <namespace>/<name>, letters, digits, '.', '_' or '-'"
+                    ))
+                })?;
+                let models_dir = &models_dir;
+                let staging = crate::registry::stage_copy(models_dir, &id, &[from.as_path()])
+                    .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+                let (spec, installed) =
+                    crate::registry::install(models_dir, &id, &staging, replace)
+                        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+                let digest = std::fs::read(&spec.plugin_path)
+                    .map(|bytes| crate::plugin_tools::digest(&bytes))
+                    .map_err(|e| {
+                        AdminError::Invalid(format!("{}: {e}", spec.plugin_path.display()))
+                    })?;
+                println!(
+                    "{} {id} ({}, plugin {digest}) in {}",
+                    match installed {
+                        crate::registry::Installed::Added => "registered",
+                        crate::registry::Installed::Replaced => "replaced",
+                    },
+                    spec.task,
+                    spec.dir.display()
+                );
+                let allowed = store
+                    .snapshot()?
+                    .plugins
+                    .get(&digest)
+                    .is_some_and(|p| !p.revoked);
+                if !allowed {
+                    println!(
+                        "note: plugin {digest} is not on the allowlist (unless a trusted publisher signed it): \
+                         requests will get 503 until `kiln admin plugin allow {digest}`"
+                    );
+                }
+                reload(store, wait)?;
+            }
+            AdminCommand::Model(ModelCommand::Remove { model, wait }) => {
+                let id = crate::registry::ModelId::parse(&model)
+                    .ok_or_else(|| AdminError::Invalid(format!("{model:?} is not a model id")))?;
+                if !crate::registry::uninstall(&models_dir, &id)
+                    .map_err(|e| AdminError::Invalid(format!("{e:#}")))?
+                {
+                    return Err(AdminError::NotFound(format!(
+                        "no model folder {} under {}",
+                        id,
+                        models_dir.display()
+                    )));
+                }
+                println!("removed {id}");
+                reload(store, wait)?;
+            }
             AdminCommand::Usage { user } => {
                 let report = admin::usage(store, plans, &user)?;
                 println!(
@@ -247,4 +340,38 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
         Ok(())
     })();
     result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Asks the servers on `store` to reload, waits up to `wait` seconds for the report, prints it.
+/// No server answering is not an error: a server that starts later discovers the folders anyway.
+fn reload(store: &dyn store::Store, wait: u64) -> Result<(), AdminError> {
+    let number = store.request_reload()?;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    loop {
+        let status = store.reload_status()?;
+        if status.done >= number {
+            let report: serde_json::Value =
+                serde_json::from_str(&status.report).unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
+            );
+            if report.get("error").is_some()
+                || report["failed"].as_array().is_some_and(|f| !f.is_empty())
+            {
+                return Err(AdminError::Invalid(
+                    "the reload reported failures (above)".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            println!(
+                "reload requested; no server on this database answered within {wait} s (is one \
+                 running?). A server that starts later reads the models folder anyway."
+            );
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

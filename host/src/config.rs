@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Largest body of a request carrying an image or audio (base64), in bytes.
     #[arg(long, env = "KILN_MAX_MEDIA_BODY_BYTES")]
     pub max_media_body_bytes: Option<usize>,
+    /// Largest file of a model uploaded over `PUT /v1/models/.../files/...`, in bytes.
+    #[arg(long, env = "KILN_MAX_MODEL_FILE_BYTES")]
+    pub max_model_file_bytes: Option<u64>,
     /// Plugin instances alive at once across all models and tenants.
     #[arg(long, env = "KILN_INSTANCE_SLOTS")]
     pub instance_slots: Option<u32>,
@@ -132,6 +135,9 @@ pub struct LimitsArgs {
     /// Tokens a text generation may produce (`max_tokens` above it is refused).
     #[arg(long, env = "KILN_MAX_NEW_TOKENS")]
     pub max_new_tokens: Option<u32>,
+    /// Size of a plugin's result (vectors, labels, text), MiB.
+    #[arg(long, env = "KILN_OUTPUT_MB")]
+    pub output_mb: Option<u64>,
 }
 
 /// Effective limits of one model (or the server's ceilings).
@@ -149,6 +155,7 @@ pub struct Limits {
     pub max_image_pixels: u64,
     pub max_audio_seconds: u32,
     pub max_new_tokens: u32,
+    pub max_output_bytes: u64,
 }
 
 impl Default for Limits {
@@ -187,6 +194,11 @@ impl Default for Limits {
             max_audio_seconds: 600,
             // Each token is one model step; this bounds a request's time and KV-cache memory.
             max_new_tokens: 2048,
+            // What one answer may weigh, as the plugin returned it: the JSON sent is ~3-5x
+            // that, and the host holds both at once. The largest legitimate answer (128 inputs
+            // x 4096-d embeddings) is 2 MiB; 16 MiB stops a plugin that returns far more than
+            // any caller asked for long before the memory cap would.
+            max_output_bytes: 16 << 20,
         }
     }
 }
@@ -231,6 +243,9 @@ impl Limits {
         if let Some(v) = args.max_new_tokens {
             self.max_new_tokens = v;
         }
+        if let Some(v) = args.output_mb {
+            self.max_output_bytes = v << 20;
+        }
         self
     }
 
@@ -255,7 +270,7 @@ impl Limits {
             tensor_bytes => "tensor_mb", max_tensors => "max_tensors",
             max_inputs => "max_inputs", max_input_chars => "max_input_chars",
             max_image_pixels => "max_image_pixels", max_audio_seconds => "max_audio_seconds",
-            max_new_tokens => "max_new_tokens"
+            max_new_tokens => "max_new_tokens", max_output_bytes => "output_mb"
         );
         (limits, raised)
     }
@@ -272,6 +287,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Image and audio requests: a 16 MiB file is ~21.4 MiB in base64, plus the JSON around it.
     pub max_media_body_bytes: usize,
+    /// A model file uploaded by a tenant. Our largest demo graph is 104 MB (SmolLM2-135M, 4-bit);
+    /// 2 GiB is ONNX's protobuf limit for a graph without external data, so no larger file can
+    /// be one valid graph, and it bounds the disk one request can fill.
+    pub max_model_file_bytes: u64,
     /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
     pub instance_slots: u32,
     pub queue_timeout: Duration,
@@ -307,6 +326,7 @@ impl Default for Config {
             ort_dylib: PathBuf::from(".kiln/onnxruntime/libonnxruntime.so.1.31.1"),
             max_body_bytes: 2 << 20,
             max_media_body_bytes: 24 << 20,
+            max_model_file_bytes: 2 << 30,
             instance_slots: 64,
             queue_timeout: Duration::from_secs(5),
             // Well under the 60 s idle timeouts of common proxies and load balancers.
@@ -391,6 +411,9 @@ impl Config {
         }
         if let Some(v) = a.max_media_body_bytes {
             self.max_media_body_bytes = v;
+        }
+        if let Some(v) = a.max_model_file_bytes {
+            self.max_model_file_bytes = v;
         }
         if let Some(v) = a.instance_slots {
             self.instance_slots = v;

@@ -46,14 +46,54 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     .await
     .context("database thread failed")?
     .context("opening the database")?;
+    let inference = Arc::new(inference);
+    spawn_reload_watcher(Arc::downgrade(&inference), Arc::clone(tenancy.store()));
     Ok(Arc::new(AppState {
-        inference: Arc::new(inference),
+        inference,
         fetcher: fetch::Fetcher::new(config.fetch_policy())?,
         max_body_bytes: config.max_body_bytes,
         max_media_body_bytes: config.max_media_body_bytes,
+        max_model_file_bytes: config.max_model_file_bytes,
         stream_keepalive: config.stream_keepalive,
         tenancy,
     }))
+}
+
+/// Reloads the models folder whenever `kiln admin reload` (or `kiln admin model register`) asks,
+/// through the database, and writes the report back for the command to print. Polls like the
+/// tenancy refresher: a reload is an operator's action, a quarter second is soon enough.
+fn spawn_reload_watcher(inference: std::sync::Weak<Inference>, store: Arc<dyn tenancy::Store>) {
+    let mut seen = match store.reload_status() {
+        Ok(status) => status.requested,
+        Err(e) => {
+            tracing::error!("reading the reload requests failed, `kiln admin reload` will not reach this server: {e:#}");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("kiln-reload-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let Some(inference) = inference.upgrade() else {
+                return;
+            };
+            let requested = match store.reload_status() {
+                Ok(status) if status.requested > seen => status.requested,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::error!("reading the reload requests failed: {e:#}");
+                    continue;
+                }
+            };
+            seen = requested;
+            let report = match inference.reload() {
+                Ok(report) => serde_json::to_value(&report).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            };
+            if let Err(e) = store.finish_reload(requested, &report.to_string()) {
+                tracing::error!("writing the reload report failed: {e:#}");
+            }
+        });
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
@@ -74,7 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, models = state.inference.models().count(), "Kiln is serving");
+    tracing::info!(addr = %listener.local_addr()?, models = state.inference.models().len(), "Kiln is serving");
     serve(listener, state, async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");

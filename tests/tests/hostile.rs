@@ -11,6 +11,9 @@
 //!   the limit of live resources;
 //! - a 1 GiB result (`gigaresult`): 500 `plugin_memory_exceeded`, and the server's own memory
 //!   does not grow by anything like it;
+//! - a result over the output limit (`big:<KiB>`): 500 `plugin_output_too_large` naming the
+//!   limit; a model.toml can lower that limit, and asking to raise it above the server's leaves
+//!   the server's;
 //! - a generation whose `next()` never returns (`spin-after:<n>`): the pieces so far, then a
 //!   last event with a `timeout` error; on the first step, a 504 JSON error;
 //! - a component changed by one byte after its digest was allowed: 503 `plugin_not_allowed`
@@ -147,6 +150,55 @@ fn resident_bytes() -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in {status}"));
     kib << 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_output_limit_is_refused() {
+    let models = ModelsDir::new();
+    let main = fixture_onnx("main.onnx");
+    models.add(
+        "test/probe",
+        &probe_toml("", "output_mb = 1"),
+        &[("main.onnx", &main)],
+    );
+    // Asks to raise the limit far above the server's default ceiling (16 MiB).
+    models.add(
+        "test/greedy",
+        &probe_toml("", "output_mb = 100000"),
+        &[("main.onnx", &main)],
+    );
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let under = probe(&server, "test/probe", "big:1000").await;
+    assert_eq!(
+        under.status,
+        200,
+        "1000 KiB is under 1 MiB: {:?}",
+        under.code()
+    );
+    let over = probe(&server, "test/probe", "big:1100").await;
+    assert_eq!(over.status, 500, "{:?}", over.body);
+    assert_eq!(over.code(), "plugin_output_too_large");
+    assert!(
+        over.message().starts_with(&format!(
+            "the model's plugin returned {} bytes, over its output limit of 1 MiB",
+            1100 * 1024
+        )),
+        "{}",
+        over.message()
+    );
+    assert_names_request_id(&over);
+    // The model asked for 100000 MiB; the server's ceiling stands.
+    let ceiling = Limits::default().max_output_bytes;
+    let kib = (ceiling >> 10) + 1;
+    let over = probe(&server, "test/greedy", &format!("big:{kib}")).await;
+    assert_eq!(over.code(), "plugin_output_too_large", "{:?}", over.body);
+    assert!(
+        over.message()
+            .contains(&format!("over its output limit of {} MiB (", ceiling >> 20)),
+        "{}",
+        over.message()
+    );
+    assert_serves(&server, "test/probe").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

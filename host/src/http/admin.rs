@@ -102,6 +102,7 @@ async fn models(
     let models: Vec<Value> = state
         .inference
         .models()
+        .into_iter()
         .map(|m| {
             let id = m.spec.id.to_string();
             let unavailable = state
@@ -140,7 +141,7 @@ fn admin_error(e: AdminError) -> ApiError {
 
 /// Runs an admin operation on a blocking thread (SQLite is blocking), then reloads this
 /// server's view so the change applies to its next request.
-async fn run<T: Send + 'static>(
+pub(super) async fn run<T: Send + 'static>(
     state: &Arc<AppState>,
     f: impl FnOnce(&AppState) -> Result<T, AdminError> + Send + 'static,
 ) -> Result<T, ApiError> {

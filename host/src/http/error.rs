@@ -76,6 +76,9 @@ impl ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "plugin_memory_exceeded")
             }
             InferError::PluginFailed { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "plugin_failed"),
+            InferError::OutputTooLarge { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "plugin_output_too_large")
+            }
             InferError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

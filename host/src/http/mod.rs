@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 mod error;
+mod models;
 pub mod request_id;
 mod stream;
 mod tasks;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub fetcher: crate::fetch::Fetcher,
     pub max_body_bytes: usize,
     pub max_media_body_bytes: usize,
+    /// See [`crate::config::Config::max_model_file_bytes`].
+    pub max_model_file_bytes: u64,
     /// Interval of keep-alive comments in streamed responses.
     pub stream_keepalive: std::time::Duration,
     pub tenancy: Arc<crate::tenancy::Tenancy>,
@@ -104,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/usage", get(usage))
         .merge(inference)
         .merge(admin::routes())
+        .merge(models::routes())
         .fallback(|| async { ApiError::not_found_route() })
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
@@ -154,6 +158,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let unavailable = state
         .inference
         .models()
+        .into_iter()
         .filter(|m| {
             state
                 .tenancy
@@ -163,7 +168,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         .count();
     Json(serde_json::json!({
         "status": "ready",
-        "models": state.inference.models().count(),
+        "models": state.inference.models().len(),
         "unavailable": unavailable,
     }))
 }
@@ -183,6 +188,7 @@ async fn models(
     let models: Vec<_> = state
         .inference
         .models()
+        .into_iter()
         .filter(|m| state.tenancy.can_use(&caller, &m.spec.id.to_string()))
         .map(|m| serde_json::json!({"id": m.spec.id.to_string(), "task": m.spec.task.to_string()}))
         .collect();

@@ -4,10 +4,13 @@
 //!
 //! Loading ([`Inference::load`]) discovers the model folders, creates each graph's ORT sessions
 //! once, and compiles each plugin once; a model that fails to load stops startup.
+//! [`Inference::reload`] looks at the folders again while serving: new and changed models are
+//! loaded beside the old ones and swapped in; requests in flight keep the version they started
+//! with (they hold an `Arc` of it), and the old version's instances are not reused.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -115,6 +118,8 @@ pub enum InferError {
     PluginMemory { limit_mb: u64 },
     #[error("the model's plugin failed")]
     PluginFailed { detail: String },
+    #[error("the model's plugin returned {bytes} bytes, over its output limit of {limit_mb} MiB")]
+    OutputTooLarge { bytes: u64, limit_mb: u64 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -127,6 +132,11 @@ pub struct LoadedModel {
     /// The plugin's publisher signature (`<plugin>.sig` beside it), if it has one; an error
     /// when the file is malformed.
     pub signature: Option<Result<crate::signing::PluginSignature, String>>,
+    /// [`ModelSpec::stamp`] when it was loaded: a reload loads the folder again when it changed.
+    pub stamp: String,
+    /// Which load this is (the server counts them): instances are pooled per load, so a
+    /// reloaded model never reuses an instance of its previous version.
+    pub load_seq: u64,
     setup: InstanceSetup,
     pre: TaskPre,
 }
@@ -177,8 +187,37 @@ pub struct Embeddings {
     pub compute: Duration,
 }
 
+/// The models being served, by id. Swapped whole by a reload.
+pub type Catalog = BTreeMap<ModelId, Arc<LoadedModel>>;
+
+/// What a reload did, for the admin who asked for it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
+    /// Folders that did not load, with why; a model that was served before keeps its last good
+    /// version.
+    pub failed: Vec<ReloadFailure>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadFailure {
+    /// The model id, or the folder when its names are not a valid id.
+    pub model: String,
+    pub error: String,
+    /// Whether the previous version is still being served.
+    pub kept_previous: bool,
+}
+
 pub struct Inference {
-    models: BTreeMap<ModelId, Arc<LoadedModel>>,
+    models: RwLock<Arc<Catalog>>,
+    /// What loading a model needs (the models folder, the server's limits and ORT options).
+    config: Config,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+    load_seq: AtomicU64,
     runtime: Arc<PluginRuntime>,
     pool: Arc<InstancePool>,
     queue_timeout: Duration,
@@ -190,7 +229,7 @@ pub struct Inference {
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inference")
-            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("models", &self.catalog().keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -207,18 +246,20 @@ impl Inference {
             log_burst: config.plugin_log_burst,
         })?);
         let tensor_gauge = TensorGauge::default();
+        let load_seq = AtomicU64::new(0);
         let mut models = BTreeMap::new();
         for spec in registry::discover(&config.models_dir)? {
             let id = spec.id.clone();
-            let started = Instant::now();
-            let model = load_model(config, &runtime, &tensor_gauge, spec)
+            let seq = load_seq.fetch_add(1, Ordering::Relaxed);
+            let model = load_model(config, &runtime, &tensor_gauge, spec, seq)
                 .with_context(|| format!("loading model {id}"))?;
-            tracing::info!(model = %id, task = %model.spec.task, plugin = %model.plugin_digest,
-                ms = started.elapsed().as_millis() as u64, "model loaded");
             models.insert(id, Arc::new(model));
         }
         Ok(Inference {
-            models,
+            models: RwLock::new(Arc::new(models)),
+            config: config.clone(),
+            reloading: Mutex::new(()),
+            load_seq,
             runtime,
             pool: InstancePool::new(config.instance_slots),
             queue_timeout: config.queue_timeout,
@@ -232,18 +273,97 @@ impl Inference {
         self.runtime.log_lines_dropped()
     }
 
-    pub fn models(&self) -> impl Iterator<Item = &Arc<LoadedModel>> {
-        self.models.values()
+    /// The folder of model folders.
+    pub fn models_dir(&self) -> &std::path::Path {
+        &self.config.models_dir
+    }
+
+    /// The models being served now (a snapshot: a reload swaps in a new catalog).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        Arc::clone(&self.models.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The models being served now, in id order.
+    pub fn models(&self) -> Vec<Arc<LoadedModel>> {
+        self.catalog().values().cloned().collect()
     }
 
     /// A loaded model by `namespace/name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<LoadedModel>> {
-        ModelId::parse(name).and_then(|id| self.models.get(&id))
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        ModelId::parse(name).and_then(|id| self.catalog().get(&id).cloned())
+    }
+
+    /// Looks at the models folder again: loads new folders and folders whose
+    /// [`ModelSpec::stamp`] changed, drops folders that are gone, keeps the rest as they are.
+    /// A folder that fails to load is reported and, if it was served before, keeps its last good
+    /// version. Requests in flight finish on the version they started with. Blocking (ORT
+    /// sessions are created here): call it off the async executor.
+    pub fn reload(&self) -> anyhow::Result<ReloadReport> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.catalog();
+        let mut next = Catalog::new();
+        let mut report = ReloadReport::default();
+        let mut retired = Vec::new();
+        for found in registry::discover_each(&self.config.models_dir)? {
+            let previous = found.id.as_ref().and_then(|id| current.get(id));
+            let label = found
+                .id
+                .as_ref()
+                .map_or_else(|| found.dir.display().to_string(), ModelId::to_string);
+            let loaded = found.spec.and_then(|spec| {
+                if let Some(previous) = previous.filter(|p| p.stamp == spec.stamp()) {
+                    return Ok(Arc::clone(previous));
+                }
+                let seq = self.load_seq.fetch_add(1, Ordering::Relaxed);
+                load_model(&self.config, &self.runtime, &self.tensor_gauge, spec, seq).map(Arc::new)
+            });
+            match (loaded, previous) {
+                (Ok(model), Some(previous)) if Arc::ptr_eq(&model, previous) => {
+                    report.unchanged += 1;
+                    next.insert(model.spec.id.clone(), model);
+                }
+                (Ok(model), previous) => {
+                    match previous {
+                        Some(previous) => {
+                            report.changed.push(label);
+                            retired.push(pool_model_key(previous));
+                        }
+                        None => report.added.push(label),
+                    }
+                    next.insert(model.spec.id.clone(), model);
+                }
+                (Err(e), previous) => {
+                    tracing::error!(model = %label, "reload: the model folder did not load: {e:#}");
+                    report.failed.push(ReloadFailure {
+                        model: label,
+                        error: format!("{e:#}"),
+                        kept_previous: previous.is_some(),
+                    });
+                    if let Some(previous) = previous {
+                        next.insert(previous.spec.id.clone(), Arc::clone(previous));
+                    }
+                }
+            }
+        }
+        for (id, model) in current.iter() {
+            if !next.contains_key(id) {
+                report.removed.push(id.to_string());
+                retired.push(pool_model_key(model));
+            }
+        }
+        *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        // Idle instances of replaced versions go now; busy ones when their request ends.
+        for key in retired {
+            self.pool.retire_model(&key);
+        }
+        tracing::info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
+            unchanged = report.unchanged, failed = report.failed.len(), "models reloaded");
+        Ok(report)
     }
 
     fn model(&self, name: &str, requested: Task) -> Result<Arc<LoadedModel>, InferError> {
-        let model = ModelId::parse(name)
-            .and_then(|id| self.models.get(&id))
+        let model = self
+            .get(name)
             .ok_or_else(|| InferError::ModelNotFound(name.to_owned()))?;
         if model.spec.task != requested {
             return Err(InferError::WrongTask {
@@ -252,7 +372,7 @@ impl Inference {
                 requested,
             });
         }
-        Ok(Arc::clone(model))
+        Ok(model)
     }
 
     /// `POST /v1/inference/embeddings`.
@@ -270,6 +390,10 @@ impl Inference {
                 instance.embed(&inputs, deadline)
             })
             .await?;
+        check_output(
+            &model,
+            output.vectors.iter().map(|v| 4 * v.len() as u64).sum(),
+        )?;
         if output.vectors.len() != count {
             return Err(InferError::PluginFailed {
                 detail: format!(
@@ -301,6 +425,10 @@ impl Inference {
                 instance.classify_texts(&inputs, deadline)
             })
             .await?;
+        check_output(
+            &model,
+            output.results.iter().flatten().map(class_bytes).sum(),
+        )?;
         if output.results.len() != count {
             return Err(InferError::PluginFailed {
                 detail: format!(
@@ -332,6 +460,7 @@ impl Inference {
                 instance.classify_image(&image, top_k, deadline)
             })
             .await?;
+        check_output(&model, scores.iter().map(class_bytes).sum())?;
         let mut ranked = ranked(scores);
         ranked.truncate(top_k as usize);
         Ok((ranked, compute))
@@ -352,6 +481,10 @@ impl Inference {
                 instance.detect(&image, threshold, deadline)
             })
             .await?;
+        check_output(
+            &model,
+            detections.iter().map(|d| 20 + d.label.len() as u64).sum(),
+        )?;
         detections.retain(|d| d.score.is_finite() && d.score >= threshold);
         detections.sort_by(|a, b| b.score.total_cmp(&a.score));
         Ok((detections, compute))
@@ -377,6 +510,7 @@ impl Inference {
                 instance.transcribe(&audio, deadline)
             })
             .await?;
+        check_output(&model, transcript.text.len() as u64)?;
         let usage = &transcript.usage;
         tenant
             .meter
@@ -399,6 +533,7 @@ impl Inference {
                 instance.generate_to_end(&input, &params, deadline)
             })
             .await?;
+        check_output(&model, text.len() as u64)?;
         tenant
             .meter
             .set_tokens(usage.input_tokens, usage.output_tokens);
@@ -442,7 +577,7 @@ impl Inference {
         model: &Arc<LoadedModel>,
     ) -> Result<PooledInstance, InferError> {
         let key = PoolKey {
-            model: model.spec.id.to_string(),
+            model: pool_model_key(model),
             tenant: tenant.id.clone(),
         };
         self.pool
@@ -528,12 +663,20 @@ async fn run_on<T: Send + 'static>(
     }
 }
 
+/// The instance pool's name for one load of a model.
+fn pool_model_key(model: &LoadedModel) -> String {
+    format!("{}#{}", model.spec.id, model.load_seq)
+}
+
 fn load_model(
     config: &Config,
     runtime: &PluginRuntime,
     tensor_gauge: &TensorGauge,
     spec: ModelSpec,
+    load_seq: u64,
 ) -> anyhow::Result<LoadedModel> {
+    let started = Instant::now();
+    let stamp = spec.stamp();
     let (limits, raised) = config.limits.lowered_by(&spec.limits);
     if !raised.is_empty() {
         tracing::warn!(model = %spec.id, fields = ?raised,
@@ -569,9 +712,13 @@ fn load_model(
     let signature = std::fs::read_to_string(&sig_path)
         .ok()
         .map(|text| crate::signing::PluginSignature::parse(&text).map_err(|e| format!("{e:#}")));
+    tracing::info!(model = %spec.id, task = %spec.task, plugin = %plugin.digest,
+        ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(LoadedModel {
         plugin_digest: plugin.digest.clone(),
         signature,
+        stamp,
+        load_seq,
         spec,
         limits,
         setup,
@@ -622,6 +769,23 @@ fn check_generation(
         )));
     }
     Ok(())
+}
+
+/// A plugin's result (its size as returned, `bytes`) against the model's output limit.
+fn check_output(model: &LoadedModel, bytes: u64) -> Result<(), InferError> {
+    if bytes > model.limits.max_output_bytes {
+        tracing::warn!(model = %model.spec.id, plugin = %model.plugin_digest, bytes,
+            "plugin result over the output limit");
+        return Err(InferError::OutputTooLarge {
+            bytes,
+            limit_mb: model.limits.max_output_bytes >> 20,
+        });
+    }
+    Ok(())
+}
+
+fn class_bytes(c: &types::ClassScore) -> u64 {
+    4 + c.label.len() as u64
 }
 
 /// Inputs against the model's limits; messages name the limit and the value.

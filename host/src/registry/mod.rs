@@ -219,21 +219,47 @@ impl ModelSpec {
     }
 }
 
-/// Finds every `<namespace>/<name>/model.toml` under `models_dir`.
+/// Finds every `<namespace>/<name>/model.toml` under `models_dir`; the first folder that does not
+/// parse is an error (startup refuses to serve half a configuration).
 pub fn discover(models_dir: &Path) -> anyhow::Result<Vec<ModelSpec>> {
-    let mut specs = Vec::new();
+    discover_each(models_dir)?
+        .into_iter()
+        .map(|found| found.spec)
+        .collect()
+}
+
+/// One model folder found by [`discover_each`].
+#[derive(Debug)]
+pub struct Found {
+    /// The folder.
+    pub dir: PathBuf,
+    /// The id its place names, if the folder names are valid.
+    pub id: Option<ModelId>,
+    pub spec: anyhow::Result<ModelSpec>,
+}
+
+/// Every `<namespace>/<name>/` folder with a `model.toml` under `models_dir`, each parsed on its
+/// own, so that one broken folder does not hide the others (a reload keeps serving the last good
+/// version of a folder that broke). Only an unreadable `models_dir` is an error.
+pub fn discover_each(models_dir: &Path) -> anyhow::Result<Vec<Found>> {
+    let mut found = Vec::new();
     let namespaces = std::fs::read_dir(models_dir)
         .with_context(|| format!("reading the models folder {}", models_dir.display()))?;
     let mut namespace_dirs: Vec<_> = namespaces
         .filter_map(Result::ok)
         .map(|e| e.path())
+        .filter(|p| !is_hidden(p))
         .collect();
     namespace_dirs.sort();
     for ns_dir in namespace_dirs.into_iter().filter(|p| p.is_dir()) {
-        let mut model_dirs: Vec<_> = std::fs::read_dir(&ns_dir)?
+        let Ok(entries) = std::fs::read_dir(&ns_dir) else {
+            continue;
+        };
+        let mut model_dirs: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.is_dir())
+            // Hidden folders are staging copies of `kiln admin model register`.
+            .filter(|p| p.is_dir() && !is_hidden(p))
             .collect();
         model_dirs.sort();
         for dir in model_dirs {
@@ -243,16 +269,219 @@ pub fn discover(models_dir: &Path) -> anyhow::Result<Vec<ModelSpec>> {
             }
             let ns = ns_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let Some(id) = ModelId::parse(&format!("{ns}/{name}")) else {
-                bail!(
+            let id = ModelId::parse(&format!("{ns}/{name}"));
+            let spec = match &id {
+                Some(id) => ModelSpec::load(id.clone(), &dir),
+                None => Err(anyhow::anyhow!(
                     "{}: a model folder must be named <namespace>/<name> with letters, digits, '.', '_' or '-'",
                     dir.display()
-                );
+                )),
             };
-            specs.push(ModelSpec::load(id, &dir)?);
+            found.push(Found { dir, id, spec });
         }
     }
-    Ok(specs)
+    Ok(found)
+}
+
+/// Where a model's folder goes under `models_dir`.
+pub fn model_dir(models_dir: &Path, id: &ModelId) -> PathBuf {
+    models_dir.join(&id.namespace).join(&id.name)
+}
+
+/// A hidden folder beside `id`'s folder to prepare a new version in; invisible to
+/// [`discover_each`] until [`install`] renames it into place.
+pub fn staging_dir(models_dir: &Path, id: &ModelId) -> anyhow::Result<PathBuf> {
+    let parent = models_dir.join(&id.namespace);
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let dir = parent.join(format!(
+        ".{}.staging-{:016x}",
+        id.name,
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Copies the model folders `from` (their files, subfolders two levels deep at most; later
+/// folders' files replace earlier ones') into a fresh staging folder for `id` and returns it.
+pub fn stage_copy(models_dir: &Path, id: &ModelId, from: &[&Path]) -> anyhow::Result<PathBuf> {
+    let staging = staging_dir(models_dir, id)?;
+    let copied = from
+        .iter()
+        .try_for_each(|from| copy_tree(from, &staging, 0));
+    if let Err(e) = copied {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    Ok(staging)
+}
+
+fn copy_tree(from: &Path, to: &Path, depth: usize) -> anyhow::Result<()> {
+    if depth > 2 {
+        bail!(
+            "{}: folders nested too deep for a model folder",
+            from.display()
+        );
+    }
+    let entries = std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let source = entry.path();
+        if is_hidden(&source) {
+            // Partial uploads and editor droppings are not part of a model.
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        // Symlinks are followed: the installed folder holds copies, so it cannot change behind
+        // the registry's back (or point outside the models folder).
+        let meta =
+            std::fs::metadata(&source).with_context(|| format!("reading {}", source.display()))?;
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            copy_tree(&source, &target, depth + 1)?;
+        } else if meta.is_file() {
+            std::fs::copy(&source, &target)
+                .with_context(|| format!("copying {} to {}", source.display(), target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`install`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Installed {
+    Added,
+    Replaced,
+}
+
+/// Checks the model folder prepared in `staging` (by [`stage_copy`] or an upload) and moves it
+/// into place as `id`. The folder must be self-contained: its plugin inside it, so that what an
+/// admin or tenant registered cannot change behind the registry's back. An existing model is
+/// replaced only with `replace` (the old folder is moved aside first, then removed: a concurrent
+/// discovery sees the old folder or the new one, never half of either). On any error the
+/// staging folder is removed and the installed model is untouched.
+pub fn install(
+    models_dir: &Path,
+    id: &ModelId,
+    staging: &Path,
+    replace: bool,
+) -> anyhow::Result<(ModelSpec, Installed)> {
+    let result = (|| {
+        let target = model_dir(models_dir, id);
+        if target.exists() && !replace {
+            bail!("model {id} exists: pass --replace (HTTP: ?replace=true) to replace it");
+        }
+        let spec = ModelSpec::load(id.clone(), staging)?;
+        let inside = spec
+            .plugin_path
+            .strip_prefix(staging)
+            .is_ok_and(|rel| rel.components().all(|c| matches!(c, Component::Normal(_))));
+        if !inside {
+            bail!(
+                "model.toml: field `plugin.path`: a registered model's plugin must be inside its \
+                 folder (e.g. path = \"plugin.wasm\"), got {}",
+                spec.plugin_path.display()
+            );
+        }
+        let installed = if target.exists() {
+            let aside = staging.with_extension("old");
+            std::fs::rename(&target, &aside)
+                .with_context(|| format!("moving {} aside", target.display()))?;
+            if let Err(e) = std::fs::rename(staging, &target) {
+                let _ = std::fs::rename(&aside, &target);
+                return Err(e).with_context(|| format!("installing {}", target.display()));
+            }
+            let _ = std::fs::remove_dir_all(&aside);
+            Installed::Replaced
+        } else {
+            std::fs::rename(staging, &target)
+                .with_context(|| format!("installing {}", target.display()))?;
+            Installed::Added
+        };
+        Ok((ModelSpec::load(id.clone(), &target)?, installed))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(staging);
+    }
+    result
+}
+
+/// Removes `id`'s folder (moved aside first, so discovery never sees half of it).
+pub fn uninstall(models_dir: &Path, id: &ModelId) -> anyhow::Result<bool> {
+    let target = model_dir(models_dir, id);
+    if !target.join("model.toml").is_file() {
+        return Ok(false);
+    }
+    let aside = target.with_file_name(format!(
+        ".{}.removed-{:016x}",
+        id.name,
+        rand::random::<u64>()
+    ));
+    std::fs::rename(&target, &aside).with_context(|| format!("removing {}", target.display()))?;
+    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    Ok(true)
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+impl ModelSpec {
+    /// A stamp of everything the model is made of: `model.toml`'s text, the size and modification
+    /// time of every file in the folder (symlinks followed), and of the plugin and its `.sig`.
+    /// A reload reloads a model whose stamp changed. Metadata, not content: stat calls are cheap
+    /// enough to run on every reload, where hashing a 100 MB graph is not.
+    pub fn stamp(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        let mut files = Vec::new();
+        list_files(&self.dir, &mut files, 0);
+        files.sort();
+        files.push(self.plugin_path.clone());
+        let mut sig = self.plugin_path.clone().into_os_string();
+        sig.push(".sig");
+        files.push(PathBuf::from(sig));
+        for file in files {
+            hasher.update(file.as_os_str().as_encoded_bytes());
+            match std::fs::metadata(&file) {
+                Ok(meta) => {
+                    hasher.update(meta.len().to_le_bytes());
+                    let modified = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos());
+                    hasher.update(modified.to_le_bytes());
+                }
+                Err(_) => hasher.update(b"missing"),
+            }
+        }
+        if let Ok(text) = std::fs::read(self.dir.join("model.toml")) {
+            hasher.update(&text);
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// Files under `dir`, recursively (bounded depth: a model folder is shallow, and a symlink loop
+/// must not recurse for ever).
+fn list_files(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) {
+    if depth > 8 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            list_files(&path, out, depth + 1);
+        } else {
+            out.push(path);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ struct PoolState<I> {
     /// Idle items per key with their last-use tick, most recent last.
     idle: HashMap<PoolKey, Vec<(u64, I)>>,
     tick: u64,
+    /// Models (pool keys' `model`) replaced by a reload: their instances are not pooled again.
+    retired: std::collections::HashSet<String>,
 }
 
 /// What `PoolState::take` decided.
@@ -56,6 +58,7 @@ impl<I> PoolState<I> {
             live: HashMap::new(),
             idle: HashMap::new(),
             tick: 0,
+            retired: Default::default(),
         }
     }
 
@@ -105,10 +108,36 @@ impl<I> PoolState<I> {
         }
     }
 
-    fn put_back(&mut self, key: PoolKey, item: I) {
+    /// Keeps `item` for reuse; hands it back when its model was retired (the caller drops it).
+    fn put_back(&mut self, key: PoolKey, item: I) -> Option<I> {
+        if self.retired.contains(&key.model) {
+            self.forget(&key);
+            return Some(item);
+        }
         self.tick += 1;
         let tick = self.tick;
         self.idle.entry(key).or_default().push((tick, item));
+        None
+    }
+
+    /// Stops pooling `model`'s instances: returns its idle ones (to drop), and those in use are
+    /// dropped when they come back.
+    fn retire(&mut self, model: &str) -> Vec<I> {
+        self.retired.insert(model.to_owned());
+        let keys: Vec<PoolKey> = self
+            .idle
+            .keys()
+            .filter(|k| k.model == model)
+            .cloned()
+            .collect();
+        let mut items = Vec::new();
+        for key in keys {
+            for (_, item) in self.idle.remove(&key).unwrap_or_default() {
+                items.push(item);
+                self.forget(&key);
+            }
+        }
+        items
     }
 }
 
@@ -163,7 +192,9 @@ impl Drop for PooledInstance {
         let mut state = self.pool.lock();
         match self.instance.take() {
             Some(instance) if instance.is_reusable() && !std::thread::panicking() => {
-                state.put_back(self.key.clone(), instance);
+                let retired = state.put_back(self.key.clone(), instance);
+                drop(state);
+                drop(retired);
             }
             other => {
                 state.forget(&self.key);
@@ -226,6 +257,17 @@ impl InstancePool {
         }
     }
 
+    /// A reload replaced or removed `model` (a pool key's `model`): its idle instances are
+    /// dropped now, its busy ones when their lease ends, and their slots freed.
+    pub fn retire_model(&self, model: &str) {
+        let idle = self.lock().retire(model);
+        let freed = !idle.is_empty();
+        drop(idle);
+        if freed {
+            self.freed.notify_waiters();
+        }
+    }
+
     /// (live instances or reservations, idle instances), engine-wide.
     pub fn counts(&self) -> (u32, usize) {
         let state = self.lock();
@@ -285,5 +327,24 @@ mod tests {
         // Everything live and busy: wait.
         assert!(matches!(s.take(&b, 4), Take::Idle("b")));
         assert!(matches!(s.take(&a, 4), Take::Wait));
+    }
+
+    #[test]
+    fn a_retired_model_frees_its_idle_slots_and_never_pools_again() {
+        let mut s = PoolState::<&str>::new(3);
+        let (old, new) = (key("m#1", "t"), key("m#2", "t"));
+        assert!(matches!(s.take(&old, 4), Take::New { .. }));
+        assert!(matches!(s.take(&old, 4), Take::New { .. }));
+        assert_eq!(s.put_back(old.clone(), "idle"), None);
+        // One idle, one busy (in flight when the reload came).
+        assert_eq!(s.retire("m#1"), vec!["idle"]);
+        assert_eq!(s.live_total, 1, "the idle one's slot is free");
+        assert_eq!(
+            s.put_back(old.clone(), "busy"),
+            Some("busy"),
+            "the busy one is handed back to be dropped"
+        );
+        assert_eq!(s.live_total, 0);
+        assert!(matches!(s.take(&new, 4), Take::New { evicted: None }));
     }
 }

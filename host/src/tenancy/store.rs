@@ -129,6 +129,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn usage(&self, user_id: i64, from_ms: i64, to_ms: i64) -> anyhow::Result<Vec<UsageRow>>;
     /// Compute microseconds of every user since `from_ms` (the month's quota counters).
     fn compute_since(&self, from_ms: i64) -> anyhow::Result<HashMap<i64, u64>>;
+    /// Asks the servers on this database to look at their models folders again (`kiln admin
+    /// reload`); returns the request's number.
+    fn request_reload(&self) -> anyhow::Result<u64>;
+    /// The latest reload requested, the latest done, and the done one's report (JSON).
+    fn reload_status(&self) -> anyhow::Result<ReloadStatus>;
+    /// A server finished reload `number` with `report`.
+    fn finish_reload(&self, number: u64, report: &str) -> anyhow::Result<()>;
+}
+
+/// See [`Store::reload_status`].
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub requested: u64,
+    pub done: u64,
+    pub report: String,
 }
 
 /// Where the database is: `sqlite:<path>` or a plain path. (`postgres://` is for a later store.)
@@ -201,6 +216,15 @@ CREATE INDEX IF NOT EXISTS usage_user_time ON usage (user_id, at_ms);
 -- reload their snapshot only when it changed.
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, generation) VALUES (1, 0);
+-- `kiln admin reload` asks running servers to look at the models folder again: `requested` is
+-- bumped by the CLI, `done` and `report` written by the server that did it.
+CREATE TABLE IF NOT EXISTS reloads (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    requested INTEGER NOT NULL,
+    done INTEGER NOT NULL,
+    report TEXT NOT NULL
+);
+INSERT OR IGNORE INTO reloads (id, requested, done, report) VALUES (1, 0, 0, '');
 ";
 
 /// The tables of the snapshot: each change to them bumps `meta.generation`.
@@ -530,6 +554,27 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
+    fn request_reload(&self) -> anyhow::Result<u64> {
+        let conn = self.write();
+        conn.execute(
+            "UPDATE reloads SET requested = requested + 1 WHERE id = 1",
+            [],
+        )?;
+        Ok(Self::reload_row(&conn)?.requested)
+    }
+
+    fn reload_status(&self) -> anyhow::Result<ReloadStatus> {
+        Self::reload_row(&self.read())
+    }
+
+    fn finish_reload(&self, number: u64, report: &str) -> anyhow::Result<()> {
+        self.write().execute(
+            "UPDATE reloads SET done = MAX(done, ?1), report = ?2 WHERE id = 1",
+            rusqlite::params![number as i64, report],
+        )?;
+        Ok(())
+    }
+
     fn compute_since(&self, from_ms: i64) -> anyhow::Result<HashMap<i64, u64>> {
         let conn = self.read();
         let mut stmt = conn.prepare(
@@ -539,6 +584,22 @@ impl Store for SqliteStore {
             .query_map([from_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
             .collect::<Result<HashMap<_, _>, _>>()?;
         Ok(map)
+    }
+}
+
+impl SqliteStore {
+    fn reload_row(conn: &Connection) -> anyhow::Result<ReloadStatus> {
+        Ok(conn.query_row(
+            "SELECT requested, done, report FROM reloads WHERE id = 1",
+            [],
+            |r| {
+                Ok(ReloadStatus {
+                    requested: r.get::<_, i64>(0)? as u64,
+                    done: r.get::<_, i64>(1)? as u64,
+                    report: r.get(2)?,
+                })
+            },
+        )?)
     }
 }
 

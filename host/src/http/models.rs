@@ -1,0 +1,269 @@
+//! Registering models over HTTP, for tenants in their own namespace (and admins in any):
+//!
+//! ```text
+//! PUT    /v1/models/{ns}/{name}/files/{file}   one file of the model folder (raw bytes)
+//! PUT    /v1/models/{ns}/{name}[?replace=true] model.toml (text): checks and installs the folder
+//! DELETE /v1/models/{ns}/{name}                removes the model
+//! POST   /admin/reload                         looks at the whole models folder again (admin)
+//! ```
+//!
+//! Files go to a hidden upload folder beside the model's (`.<name>.upload`), which the registry
+//! never serves; `PUT .../{name}` then checks it as a model folder and renames it into place
+//! ([`crate::registry::install`]), and the server reloads. With `?replace=true` the new version
+//! starts from the installed one's files, so a new model.toml alone is a whole new version. The plugin is one of the files: it runs
+//! only once an admin has allowed its digest (or a trusted publisher signed it), as any other.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+use super::admin::run;
+use super::auth::authenticate;
+use super::{ApiError, AppState};
+use crate::registry::{self, ModelId};
+use crate::tenancy::admin::AdminError;
+use crate::tenancy::{Caller, Scope};
+
+/// model.toml is a short text file; 1 MiB leaves room for a large inline config table.
+const MAX_MODEL_TOML_BYTES: usize = 1 << 20;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/models/{ns}/{name}/files/{file}", put(upload_file))
+        .route(
+            "/v1/models/{ns}/{name}",
+            put(register)
+                .delete(remove)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_MODEL_TOML_BYTES)),
+        )
+        .route("/admin/reload", post(reload))
+}
+
+/// The caller, if it may change models in `ns`: an admin token, or an inference token of the
+/// user who owns `ns`.
+fn owner_of(state: &AppState, headers: &HeaderMap, ns: &str) -> Result<Caller, ApiError> {
+    if let Ok(admin) = authenticate(state, headers, Scope::Admin) {
+        return Ok(admin);
+    }
+    let caller = authenticate(state, headers, Scope::Inference)?;
+    if caller.user.name != ns {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "you can register models only in your own namespace '{}/...', not '{ns}/...'",
+                caller.user.name
+            ),
+        ));
+    }
+    Ok(caller)
+}
+
+fn model_id(ns: &str, name: &str) -> Result<ModelId, ApiError> {
+    ModelId::parse(&format!("{ns}/{name}")).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            "a model id is <namespace>/<name>, each of letters, digits, '.', '_' or '-'",
+        )
+    })
+}
+
+fn upload_dir(state: &AppState, id: &ModelId) -> std::path::PathBuf {
+    state
+        .inference
+        .models_dir()
+        .join(&id.namespace)
+        .join(format!(".{}.upload", id.name))
+}
+
+/// `PUT /v1/models/{ns}/{name}/files/{file}`: streamed to disk, never whole in memory.
+async fn upload_file(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((ns, name, file)): Path<(String, String, String)>,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    owner_of(&state, &headers, &ns)?;
+    let id = model_id(&ns, &name)?;
+    // One plain file name: the folder is flat, and a name can never climb out of it.
+    let valid = !file.is_empty()
+        && file.len() <= 128
+        && !file.starts_with('.')
+        && file != "model.toml"
+        && file
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !valid {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_input",
+            format!(
+                "file name {file:?}: letters, digits, '.', '_' or '-', not starting with '.' \
+                 (model.toml is sent with PUT /v1/models/{ns}/{name})"
+            ),
+        ));
+    }
+    let dir = upload_dir(&state, &id);
+    let internal = |e: std::io::Error| {
+        tracing::error!("writing an uploaded model file: {e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the file could not be stored",
+        )
+    };
+    tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
+    // Written under a temporary name and renamed when complete, so an interrupted upload never
+    // leaves a truncated file that a later registration would take for the real one.
+    let partial = dir.join(format!(".{file}.partial"));
+    let mut out = tokio::fs::File::create(&partial).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut written: u64 = 0;
+    let result: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+            written += chunk.len() as u64;
+            // The server's `max_model_file_bytes` (see its reason in the config).
+            if written > state.max_model_file_bytes {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "a model file may be at most {} bytes",
+                        state.max_model_file_bytes
+                    ),
+                ));
+            }
+            out.write_all(&chunk).await.map_err(internal)?;
+        }
+        out.flush().await.map_err(internal)?;
+        Ok(())
+    }
+    .await;
+    drop(out);
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&partial, dir.join(&file))
+        .await
+        .map_err(internal)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "model": id.to_string(), "file": file, "bytes": written })),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplaceQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
+/// `PUT /v1/models/{ns}/{name}` with model.toml as the body: checks the uploaded folder,
+/// installs it and reloads. 201 with what the server now serves (or why it does not).
+async fn register(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    Query(query): Query<ReplaceQuery>,
+    model_toml: String,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    owner_of(&state, &headers, &ns)?;
+    let id = model_id(&ns, &name)?;
+    let dir = upload_dir(&state, &id);
+    let answer = run(&state, move |s| {
+        std::fs::create_dir_all(&dir).map_err(anyhow::Error::from)?;
+        std::fs::write(dir.join("model.toml"), model_toml).map_err(anyhow::Error::from)?;
+        let models_dir = s.inference.models_dir();
+        // A replacement starts from the installed version's files, so changing model.toml alone
+        // (or one file) needs no upload of the rest. Installed from a copy, so the upload folder
+        // stays for a corrected model.toml when this one is refused.
+        let installed = registry::model_dir(models_dir, &id);
+        let mut sources = vec![dir.as_path()];
+        if query.replace && installed.is_dir() {
+            sources.insert(0, installed.as_path());
+        }
+        let staging = registry::stage_copy(models_dir, &id, &sources)
+            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        let (_, installed) = registry::install(models_dir, &id, &staging, query.replace)
+            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let report = s.inference.reload().map_err(AdminError::Store)?;
+        // Other servers on this database (sharing the models folder) load it too.
+        if let Err(e) = s.tenancy.store().request_reload() {
+            tracing::warn!("asking other servers to reload failed: {e:#}");
+        }
+        let key = id.to_string();
+        if let Some(failure) = report.failed.iter().find(|f| f.model == key) {
+            return Err(AdminError::Invalid(format!(
+                "the model was installed but did not load: {}",
+                failure.error
+            )));
+        }
+        let model = s
+            .inference
+            .get(&key)
+            .ok_or_else(|| AdminError::Invalid(format!("{key} did not load")))?;
+        let unavailable = s
+            .tenancy
+            .plugin_allowed(&model.plugin_digest, model.signature.as_ref())
+            .err();
+        Ok(json!({
+            "model": key,
+            "status": match installed {
+                registry::Installed::Added => "added",
+                registry::Installed::Replaced => "replaced",
+            },
+            "task": model.spec.task.to_string(),
+            "plugin": model.plugin_digest,
+            "available": unavailable.is_none(),
+            "reason": unavailable,
+        }))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// `DELETE /v1/models/{ns}/{name}`: requests in flight on it finish; new ones get 404.
+async fn remove(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    owner_of(&state, &headers, &ns)?;
+    let id = model_id(&ns, &name)?;
+    run(&state, move |s| {
+        if !registry::uninstall(s.inference.models_dir(), &id).map_err(AdminError::Store)? {
+            return Err(AdminError::NotFound(format!("no model {id}")));
+        }
+        s.inference.reload().map_err(AdminError::Store)?;
+        if let Err(e) = s.tenancy.store().request_reload() {
+            tracing::warn!("asking other servers to reload failed: {e:#}");
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /admin/reload`: this server looks at the models folder again; the report says what
+/// was added, changed, removed, and what failed (a failed folder keeps its last good version).
+async fn reload(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    let report = run(&state, |s| s.inference.reload().map_err(AdminError::Store)).await?;
+    Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+}
