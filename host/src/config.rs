@@ -18,7 +18,7 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "KILN_ADDR")]
     pub addr: Option<SocketAddr>,
-    /// Folder of model folders: <models_dir>/<namespace>/<name>/model.toml.
+    /// Folder of model folders: `<models_dir>/<namespace>/<name>/model.toml`.
     #[arg(long, env = "KILN_MODELS_DIR")]
     pub models_dir: Option<PathBuf>,
     /// Where compiled plugins are cached.

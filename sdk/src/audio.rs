@@ -37,6 +37,16 @@ pub const N_FREQS: usize = N_FFT / 2 + 1;
 pub const N_FRAMES: usize = WHISPER_WINDOW_SAMPLES / HOP_LENGTH;
 
 /// Decoded audio: one channel of samples in [-1, 1] and its rate.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::{resample, Waveform, WHISPER_SAMPLE_RATE};
+///
+/// let wave = Waveform { samples: vec![0.0; 8_000], sample_rate: 8_000 }; // 1 s at 8 kHz
+/// let samples = resample(&wave.samples, wave.sample_rate, WHISPER_SAMPLE_RATE);
+/// assert_eq!(samples.len(), 16_000);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Waveform {
     /// Mono samples (the channels' average).
@@ -60,6 +70,35 @@ const SUBFORMAT_GUID_TAIL: [u8; 14] = [
 /// of the file, and a trailing partial frame is ignored.
 ///
 /// Every failure is [`Error::InvalidInput`]: the bytes are the caller's.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::decode_wav;
+/// use kiln_sdk::Error;
+///
+/// # /// A mono 16-bit PCM WAV file.
+/// # fn wav_pcm16(sample_rate: u32, samples: &[i16]) -> Vec<u8> {
+/// #     let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+/// #     let mut wav = b"RIFF".to_vec();
+/// #     wav.extend((36 + data.len() as u32).to_le_bytes());
+/// #     wav.extend(b"WAVEfmt \x10\0\0\0\x01\0\x01\0");
+/// #     wav.extend(sample_rate.to_le_bytes());
+/// #     wav.extend((sample_rate * 2).to_le_bytes());
+/// #     wav.extend(b"\x02\0\x10\0data");
+/// #     wav.extend((data.len() as u32).to_le_bytes());
+/// #     wav.extend(data);
+/// #     wav
+/// # }
+/// // In a plugin: the request's `audio.bytes`.
+/// let bytes = wav_pcm16(16_000, &[0, 16384, -32768]);
+/// let wave = decode_wav(&bytes)?;
+/// assert_eq!(wave.sample_rate, 16_000);
+/// assert_eq!(wave.samples, [0.0, 0.5, -1.0]);
+///
+/// assert!(matches!(decode_wav(b"ID3 an mp3"), Err(Error::InvalidInput(_))));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn decode_wav(bytes: &[u8]) -> Result<Waveform, Error> {
     let bad = |message: &str| Error::invalid_input(format!("audio: {message}"));
     if bytes.len() < 12 || &bytes[0..4] != b"RIFF" || &bytes[8..12] != b"WAVE" {
@@ -211,6 +250,24 @@ const RESAMPLE_KAISER_BETA: f64 = 8.0;
 /// `n x from_rate / to_rate`. Cost: about `2 x 24 / (0.9 x min(1, to/from))` multiply-adds per
 /// output sample (150 from 44.1 kHz to 16 kHz). Equal rates return the input unchanged, and a
 /// rate of 0 returns nothing.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::{resample, WHISPER_SAMPLE_RATE};
+/// use std::f64::consts::PI;
+///
+/// let tone = |rate: u32, i: usize| (2.0 * PI * 440.0 * i as f64 / f64::from(rate)).sin() as f32;
+/// // 1 s of a 440 Hz tone at 44.1 kHz.
+/// let cd: Vec<f32> = (0..44_100).map(|i| tone(44_100, i)).collect();
+///
+/// let samples = resample(&cd, 44_100, WHISPER_SAMPLE_RATE);
+/// assert_eq!(samples.len(), 16_000);
+/// // The same tone at 16 kHz (away from the edges, where the input is cut off).
+/// for i in 1_000..15_000 {
+///     assert!((samples[i] - tone(16_000, i)).abs() < 1e-3);
+/// }
+/// ```
 pub fn resample(samples: &[f32], from_rate: u32, to_rate: u32) -> Vec<f32> {
     if from_rate == to_rate {
         return samples.to_vec();
@@ -299,6 +356,15 @@ fn bessel_i0(x: f64) -> f64 {
 }
 
 /// A 2-D `f32` array, row-major.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::Matrix;
+///
+/// let m = Matrix { rows: 2, cols: 3, data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] };
+/// assert_eq!(m.row(1), [4.0, 5.0, 6.0]);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {
     /// Rows (the first dimension).
@@ -311,6 +377,15 @@ pub struct Matrix {
 
 impl Matrix {
     /// Row `r`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::audio::Matrix;
+    ///
+    /// let m = Matrix { rows: 2, cols: 2, data: vec![0.5, 0.0, 0.0, 0.25] };
+    /// assert_eq!(m.row(0), [0.5, 0.0]);
+    /// ```
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
@@ -320,6 +395,36 @@ impl Matrix {
 /// (`<f4`), in C or Fortran order; the result is row-major either way.
 ///
 /// The file is a model's, not the caller's: failures are [`Error::Internal`].
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::read_npy_f32;
+///
+/// # /// A C-order `<f4` .npy file of shape `(rows, cols)`, as `numpy.save` writes it.
+/// # fn npy(rows: usize, cols: usize, values: &[f32]) -> Vec<u8> {
+/// #     let mut header = format!(
+/// #         "{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}"
+/// #     );
+/// #     while (10 + header.len() + 1) % 64 != 0 {
+/// #         header.push(' ');
+/// #     }
+/// #     header.push('\n');
+/// #     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+/// #     npy.extend((header.len() as u16).to_le_bytes());
+/// #     npy.extend(header.as_bytes());
+/// #     npy.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+/// #     npy
+/// # }
+/// // In a plugin: `std::fs::read(kiln_sdk::model_file("mel_filters_80x201.npy"))`.
+/// let bytes = npy(2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// let m = read_npy_f32(&bytes)?;
+/// assert_eq!((m.rows, m.cols), (2, 3));
+/// assert_eq!(m.row(1), [4.0, 5.0, 6.0]);
+///
+/// assert!(read_npy_f32(b"PK\x03\x04 a .npz archive").is_err());
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub fn read_npy_f32(bytes: &[u8]) -> Result<Matrix, Error> {
     let bad = |message: String| Error::internal(format!(".npy: {message}"));
     if bytes.len() < 10 || &bytes[0..6] != b"\x93NUMPY" {
@@ -416,6 +521,33 @@ struct MelFilter {
 ///
 /// Computed in `f64` (the FFT included) and returned as `f32`: it matches a float64 numpy
 /// reference to about 1e-6.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::audio::{LogMel, Matrix, N_FRAMES, N_FREQS};
+///
+/// // Two bands instead of Whisper's 80 mel filters: below and above 4 kHz (40 Hz per bin).
+/// let mut filters = Matrix { rows: 2, cols: N_FREQS, data: vec![0.0; 2 * N_FREQS] };
+/// filters.data[..100].fill(1.0);
+/// filters.data[N_FREQS + 100..].fill(1.0);
+/// let log_mel = LogMel::new(&filters)?;
+///
+/// // 1 s of a 1 kHz tone at 16 kHz, then silence up to 30 s.
+/// let tone: Vec<f32> = (0..16_000)
+///     .map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16_000.0).sin())
+///     .collect();
+/// let features = log_mel.compute(&tone);
+/// assert_eq!(features.len(), 2 * N_FRAMES);
+///
+/// let (low, high) = (&features[..N_FRAMES], &features[N_FRAMES..]);
+/// // Frame 50 is at 0.5 s: the tone is in the low band.
+/// assert!(low[50] > high[50] + 1.0);
+/// // Silence is floored at 8 (log10 units) below the loudest value: 2.0 after `(x + 4) / 4`.
+/// let max = features.iter().copied().fold(f32::MIN, f32::max);
+/// assert!((low[2_000] - (max - 2.0)).abs() < 1e-6);
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub struct LogMel {
     filters: Vec<MelFilter>,
     fft: Arc<dyn Fft<f64>>,
@@ -433,6 +565,30 @@ impl std::fmt::Debug for LogMel {
 impl LogMel {
     /// A front end with these mel filters (`[n_mels, 201]`, such as whisper's
     /// `mel_filters_80x201.npy`); an [`Error::Internal`] for another number of columns.
+    ///
+    /// # Examples
+    ///
+    /// In a plugin's `init` (reading the model's file needs the plugin's `/model` mount):
+    ///
+    /// ```no_run
+    /// use kiln_sdk::audio::{read_npy_f32, LogMel};
+    /// use kiln_sdk::{model_file, Error};
+    ///
+    /// let bytes = std::fs::read(model_file("mel_filters_80x201.npy"))
+    ///     .map_err(|e| Error::internal(format!("mel filters: {e}")))?;
+    /// let log_mel = LogMel::new(&read_npy_f32(&bytes)?)?;
+    /// assert_eq!(log_mel.n_mels(), 80);
+    /// # Ok::<(), Error>(())
+    /// ```
+    ///
+    /// Filters for another STFT size are refused:
+    ///
+    /// ```
+    /// use kiln_sdk::audio::{LogMel, Matrix};
+    ///
+    /// let n_fft_512 = Matrix { rows: 80, cols: 257, data: vec![0.0; 80 * 257] };
+    /// assert!(LogMel::new(&n_fft_512).is_err());
+    /// ```
     pub fn new(filters: &Matrix) -> Result<Self, Error> {
         if filters.cols != N_FREQS || filters.rows == 0 {
             return Err(Error::internal(format!(
@@ -464,12 +620,37 @@ impl LogMel {
     }
 
     /// Mel bands of the output.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::audio::{LogMel, Matrix, N_FREQS};
+    ///
+    /// let filters = Matrix { rows: 80, cols: N_FREQS, data: vec![0.01; 80 * N_FREQS] };
+    /// assert_eq!(LogMel::new(&filters)?.n_mels(), 80);
+    /// # Ok::<(), kiln_sdk::Error>(())
+    /// ```
     pub fn n_mels(&self) -> usize {
         self.filters.len()
     }
 
     /// The features of one window of 16 kHz mono `samples` (padded or trimmed to 30 s):
     /// `[n_mels, N_FRAMES]`, row-major (one row per mel band).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::audio::{LogMel, Matrix, N_FRAMES, N_FREQS};
+    ///
+    /// let filters = Matrix { rows: 80, cols: N_FREQS, data: vec![0.01; 80 * N_FREQS] };
+    /// let log_mel = LogMel::new(&filters)?;
+    /// // The features of a 30 s window: [80, 3000], what Whisper's encoder takes as [1, 80, 3000].
+    /// let features = log_mel.compute(&[0.0; 16_000]);
+    /// assert_eq!(features.len(), 80 * N_FRAMES);
+    /// // Silence: log10(1e-10) = -10 everywhere, (-10 + 4) / 4 = -1.5.
+    /// assert!(features.iter().all(|&v| v == -1.5));
+    /// # Ok::<(), kiln_sdk::Error>(())
+    /// ```
     pub fn compute(&self, samples: &[f32]) -> Vec<f32> {
         let n = samples.len().min(WHISPER_WINDOW_SAMPLES);
         let pad = N_FFT / 2;

@@ -4,6 +4,16 @@
 //! ([`gfl_distance`], [`decode_gfl_level`]).
 
 /// An axis-aligned box, corners in pixels (`xmin <= xmax`, `ymin <= ymax` for a proper box).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::BBox;
+///
+/// let b = BBox::new(10.0, 20.0, 50.0, 40.0);
+/// assert_eq!((b.xmax - b.xmin, b.ymax - b.ymin), (40.0, 20.0));
+/// assert_eq!(b.area(), 800.0);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BBox {
     /// Left edge.
@@ -18,6 +28,16 @@ pub struct BBox {
 
 impl BBox {
     /// A box from its corners.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::detection::BBox;
+    ///
+    /// let b = BBox::new(0.0, 0.0, 4.0, 2.0);
+    /// assert_eq!(b.xmax, 4.0);
+    /// assert_eq!(b.ymax, 2.0);
+    /// ```
     pub fn new(xmin: f32, ymin: f32, xmax: f32, ymax: f32) -> Self {
         BBox {
             xmin,
@@ -28,11 +48,34 @@ impl BBox {
     }
 
     /// Width x height; 0 for an empty or inverted box.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::detection::BBox;
+    ///
+    /// assert_eq!(BBox::new(0.0, 0.0, 4.0, 2.5).area(), 10.0);
+    /// // Inverted (xmin > xmax): empty.
+    /// assert_eq!(BBox::new(5.0, 0.0, 1.0, 2.0).area(), 0.0);
+    /// ```
     pub fn area(&self) -> f32 {
         (self.xmax - self.xmin).max(0.0) * (self.ymax - self.ymin).max(0.0)
     }
 
     /// Intersection over union with `other`, in 0..=1; 0 when either box is empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::detection::BBox;
+    ///
+    /// let a = BBox::new(0.0, 0.0, 10.0, 10.0);
+    /// let b = BBox::new(5.0, 0.0, 15.0, 10.0);
+    /// // Intersection 50, union 100 + 100 - 50 = 150.
+    /// assert!((a.iou(&b) - 1.0 / 3.0).abs() < 1e-6);
+    /// assert_eq!(a.iou(&a), 1.0);
+    /// assert_eq!(a.iou(&BBox::new(20.0, 20.0, 30.0, 30.0)), 0.0);
+    /// ```
     pub fn iou(&self, other: &BBox) -> f32 {
         let w = (self.xmax.min(other.xmax) - self.xmin.max(other.xmin)).max(0.0);
         let h = (self.ymax.min(other.ymax) - self.ymin.max(other.ymin)).max(0.0);
@@ -47,6 +90,17 @@ impl BBox {
 
     /// The box with x scaled by `sx` and y by `sy` (from a model's input size back to the
     /// original image's: `sx = original_width / input_width`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::detection::BBox;
+    ///
+    /// // A box in a 416 x 416 model input, back to a 832 x 208 image.
+    /// let (sx, sy) = (832.0 / 416.0, 208.0 / 416.0);
+    /// let b = BBox::new(100.0, 100.0, 200.0, 300.0).scale(sx, sy);
+    /// assert_eq!(b, BBox::new(200.0, 50.0, 400.0, 150.0));
+    /// ```
     pub fn scale(&self, sx: f32, sy: f32) -> BBox {
         BBox::new(
             self.xmin * sx,
@@ -57,6 +111,15 @@ impl BBox {
     }
 
     /// The box clipped to `[0, width] x [0, height]`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::detection::BBox;
+    ///
+    /// let b = BBox::new(-4.0, 10.0, 208.0, 420.0).clamp(200.0, 416.0);
+    /// assert_eq!(b, BBox::new(0.0, 10.0, 200.0, 416.0));
+    /// ```
     pub fn clamp(&self, width: f32, height: f32) -> BBox {
         BBox::new(
             self.xmin.clamp(0.0, width),
@@ -68,11 +131,32 @@ impl BBox {
 }
 
 /// Intersection over union of two boxes (see [`BBox::iou`]).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::{iou, BBox};
+///
+/// let a = BBox::new(0.0, 0.0, 10.0, 10.0);
+/// let b = BBox::new(5.0, 5.0, 15.0, 15.0);
+/// // Intersection 5 x 5 = 25, union 100 + 100 - 25 = 175.
+/// assert!((iou(&a, &b) - 25.0 / 175.0).abs() < 1e-6);
+/// ```
 pub fn iou(a: &BBox, b: &BBox) -> f32 {
     a.iou(b)
 }
 
 /// One scored box of one class, before or after suppression.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::{BBox, Candidate};
+///
+/// let labels = ["person", "bicycle", "car"];
+/// let c = Candidate { class: 2, score: 0.87, bbox: BBox::new(12.0, 40.0, 96.0, 88.0) };
+/// assert_eq!(labels[c.class], "car");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Candidate {
     /// The class index (into the model's labels).
@@ -90,6 +174,30 @@ pub struct Candidate {
 ///
 /// NaN scores sort last (and are kept only if nothing suppresses them); filter them out before
 /// if the model can produce them.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::{nms, BBox, Candidate};
+///
+/// // A 10 x 10 box at `x`.
+/// let candidate = |class, score, x| Candidate {
+///     class,
+///     score,
+///     bbox: BBox::new(x, 0.0, x + 10.0, 10.0),
+/// };
+/// let kept = nms(
+///     vec![
+///         candidate(0, 0.6, 1.0), // IoU 0.82 with the 0.9 box of the same class: dropped
+///         candidate(0, 0.9, 0.0),
+///         candidate(1, 0.7, 0.0), // same place, another class: kept
+///         candidate(0, 0.5, 5.0), // IoU 1/3 with the 0.9 box: kept
+///     ],
+///     0.5,
+/// );
+/// let kept: Vec<(usize, f32)> = kept.iter().map(|c| (c.class, c.score)).collect();
+/// assert_eq!(kept, [(0, 0.9), (1, 0.7), (0, 0.5)]);
+/// ```
 pub fn nms(mut candidates: Vec<Candidate>, iou_threshold: f32) -> Vec<Candidate> {
     // Stable sort: equal scores keep the model's order, so the result is deterministic.
     candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -108,6 +216,17 @@ pub fn nms(mut candidates: Vec<Candidate>, iou_threshold: f32) -> Vec<Candidate>
 /// The expected value of a discrete distance distribution: softmax over `logits` (bin `i`
 /// stands for distance `i`), then `sum(i * p_i)`. In bins; multiply by the stride for pixels.
 /// 0 for an empty slice.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::gfl_distance;
+///
+/// // Uniform over bins 0..=7: the mean distance, 3.5 bins.
+/// assert!((gfl_distance(&[0.0; 8]) - 3.5).abs() < 1e-5);
+/// // p = [1/4, 3/4] over bins 0 and 1: 0.75 bins (6 pixels at stride 8).
+/// assert!((gfl_distance(&[0.0, 3f32.ln()]) * 8.0 - 6.0).abs() < 1e-5);
+/// ```
 pub fn gfl_distance(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
@@ -129,6 +248,22 @@ pub fn gfl_distance(logits: &[f32]) -> f32 {
 /// (`cx`, `cy`) to the box's sides.
 ///
 /// `distribution.len()` must be `4 * bins`; `None` otherwise.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::{gfl_box, BBox};
+///
+/// // 2 bins per side, each side's logits sure of one bin: left 1, top 0, right 1, bottom 0.
+/// let sure = 50.0;
+/// let distribution = [0.0, sure, sure, 0.0, 0.0, sure, sure, 0.0];
+/// let b = gfl_box(20.0, 12.0, &distribution, 2, 8.0).unwrap();
+/// // Distances of 1 bin are 8 pixels at stride 8.
+/// assert!((b.xmin - 12.0).abs() < 1e-4 && (b.xmax - 28.0).abs() < 1e-4);
+/// assert!((b.ymin - 12.0).abs() < 1e-4 && (b.ymax - 12.0).abs() < 1e-4);
+/// // Not 4 x bins logits: no box.
+/// assert_eq!(gfl_box(20.0, 12.0, &distribution[..6], 2, 8.0), None);
+/// ```
 pub fn gfl_box(cx: f32, cy: f32, distribution: &[f32], bins: usize, stride: f32) -> Option<BBox> {
     if bins == 0 || distribution.len() != 4 * bins {
         return None;
@@ -143,6 +278,30 @@ pub fn gfl_box(cx: f32, cy: f32, distribution: &[f32], bins: usize, stride: f32)
 /// One output level (stride) of a GFL head, as NanoDet produces it: `scores` is
 /// `[cells, classes]` (already activated), `distributions` is `[cells, 4 * bins]`, and cells are
 /// the feature map's row-major grid of `columns` x (`cells / columns`) points.
+///
+/// # Examples
+///
+/// A NanoDet-Plus level at stride 8 of a 416 x 416 input, whose outputs were split into class
+/// scores and distance logits:
+///
+/// ```
+/// use kiln_sdk::detection::GflLevel;
+///
+/// let (classes, bins, stride) = (80, 8, 8.0);
+/// let columns = 416 / 8;
+/// let cells = columns * columns;
+/// # let scores = vec![0.0f32; cells * classes];
+/// # let distributions = vec![0.0f32; cells * 4 * bins];
+/// let level = GflLevel {
+///     scores: &scores,               // [cells, classes]
+///     distributions: &distributions, // [cells, 4 * bins]
+///     classes,
+///     bins,
+///     columns,
+///     stride,
+/// };
+/// assert_eq!(level.scores.len() / level.classes, 52 * 52);
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct GflLevel<'a> {
     /// Class scores, row-major `[cells, classes]`.
@@ -165,6 +324,42 @@ pub struct GflLevel<'a> {
 ///
 /// Fails with a message if the slices' lengths do not agree with `classes`, `bins` and
 /// `columns`.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::detection::{decode_gfl_level, nms, BBox, Candidate, GflLevel};
+///
+/// // A 2 x 2 grid at stride 10 with 2 classes; 1 bin per side, so every distance is 0 and each
+/// // box is the point at its cell's centre.
+/// let scores = [
+///     0.1, 0.2, // cell (0, 0): below the threshold
+///     0.9, 0.3, // cell (0, 1): class 0
+///     0.0, 0.0, // cell (1, 0)
+///     0.4, 0.6, // cell (1, 1): class 1
+/// ];
+/// let level = GflLevel {
+///     scores: &scores,
+///     distributions: &[0.0; 4 * 4],
+///     classes: 2,
+///     bins: 1,
+///     columns: 2,
+///     stride: 10.0,
+/// };
+/// let candidates = decode_gfl_level(&level, 0.5)?;
+/// assert_eq!(
+///     nms(candidates, 0.6),
+///     [
+///         Candidate { class: 0, score: 0.9, bbox: BBox::new(15.0, 5.0, 15.0, 5.0) },
+///         Candidate { class: 1, score: 0.6, bbox: BBox::new(15.0, 15.0, 15.0, 15.0) },
+///     ]
+/// );
+///
+/// // Lengths that do not agree with `classes` and `bins`: an error.
+/// let bad = GflLevel { distributions: &[0.0; 15], ..level };
+/// assert!(decode_gfl_level(&bad, 0.5).is_err());
+/// # Ok::<(), String>(())
+/// ```
 pub fn decode_gfl_level(level: &GflLevel<'_>, threshold: f32) -> Result<Vec<Candidate>, String> {
     let GflLevel {
         scores,

@@ -13,6 +13,18 @@ use std::collections::HashMap;
 ///
 /// Not cryptographic: it only has to make sampling reproducible. The same seed always gives the
 /// same stream, on every platform.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::Rng;
+///
+/// let mut a = Rng::seeded(42);
+/// let mut b = Rng::seeded(42);
+/// assert_eq!(a.next_u64(), b.next_u64());
+/// let u = a.next_f64();
+/// assert!((0.0..1.0).contains(&u));
+/// ```
 #[derive(Debug, Clone)]
 pub struct Rng {
     state: [u64; 4],
@@ -29,6 +41,17 @@ fn splitmix64(state: &mut u64) -> u64 {
 
 impl Rng {
     /// A generator whose stream is fully determined by `seed`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Rng;
+    ///
+    /// let mut a = Rng::seeded(7);
+    /// let mut b = Rng::seeded(7);
+    /// assert_eq!([a.next_u64(), a.next_u64()], [b.next_u64(), b.next_u64()]);
+    /// assert_ne!(Rng::seeded(7).next_u64(), Rng::seeded(8).next_u64());
+    /// ```
     pub fn seeded(seed: u64) -> Self {
         // SplitMix64 spreads any seed (0 included) over the 256-bit state, which must not be all
         // zeros: SplitMix64's outputs for four consecutive states never all are.
@@ -46,6 +69,18 @@ impl Rng {
     /// A generator seeded from the operating system's randomness: in a `wasm32-wasip2` plugin,
     /// `wasi:random` (through the standard library's `RandomState`, whose keys come from it),
     /// mixed with the wall clock. For requests that give no seed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Rng;
+    ///
+    /// let request_seed: Option<u64> = None;
+    /// let mut rng = request_seed.map_or_else(Rng::from_entropy, Rng::seeded);
+    /// assert!(rng.next_f64() < 1.0);
+    /// // Two unseeded generators (almost surely) differ.
+    /// assert_ne!(Rng::from_entropy().next_u64(), Rng::from_entropy().next_u64());
+    /// ```
     pub fn from_entropy() -> Self {
         use std::hash::{BuildHasher, Hasher};
         // Each RandomState gets fresh keys (std seeds them from the OS once per thread, then
@@ -59,6 +94,16 @@ impl Rng {
     }
 
     /// The next 64 random bits.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Rng;
+    ///
+    /// let mut rng = Rng::seeded(1);
+    /// let (x, y) = (rng.next_u64(), rng.next_u64());
+    /// assert_ne!(x, y);
+    /// ```
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.state;
         let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
@@ -73,12 +118,39 @@ impl Rng {
     }
 
     /// A uniform float in `[0, 1)`, from the top 53 bits.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Rng;
+    ///
+    /// let mut rng = Rng::seeded(3);
+    /// let heads = (0..10_000).filter(|_| rng.next_f64() < 0.5).count();
+    /// assert!((4_500..5_500).contains(&heads));
+    /// ```
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 
 /// How to pick each token: the sampling parameters of a request (OpenAI's meanings).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::SamplingParams;
+///
+/// // Typical chat settings; everything else as the default (no penalties).
+/// let params = SamplingParams {
+///     temperature: 0.7,
+///     top_p: 0.9,
+///     seed: Some(42),
+///     ..SamplingParams::default()
+/// };
+/// assert_eq!(params.top_k, 0);
+/// // The default is greedy decoding.
+/// assert_eq!(SamplingParams::default().temperature, 0.0);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// Divides the logits; `0.0` is greedy decoding (argmax, ties to the lowest id).
@@ -115,6 +187,29 @@ impl Default for SamplingParams {
 /// It remembers how often it generated each token (for the penalties): call [`Sampler::sample`]
 /// once per generated token, and only for generated tokens (the prompt is not counted, as in
 /// OpenAI's API).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::{Sampler, SamplingParams};
+///
+/// let mut sampler = Sampler::new(SamplingParams {
+///     temperature: 0.8,
+///     top_k: 40,
+///     top_p: 0.95,
+///     seed: Some(1234),
+///     ..SamplingParams::default()
+/// });
+/// // One logits row per step (the model's vocabulary is 4 tokens here).
+/// let row = [0.1, 2.5, -1.0, 2.4];
+/// let tokens: Vec<u32> = (0..5).map(|_| sampler.sample(&mut row.clone())).collect();
+/// assert!(tokens.iter().all(|&t| t < 4));
+///
+/// // The same seed gives the same tokens.
+/// let mut again = Sampler::new(sampler.params().clone());
+/// let same: Vec<u32> = (0..5).map(|_| again.sample(&mut row.clone())).collect();
+/// assert_eq!(tokens, same);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
@@ -124,6 +219,16 @@ pub struct Sampler {
 
 impl Sampler {
     /// A sampler for one generation.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::{Sampler, SamplingParams};
+    ///
+    /// // Greedy decoding: always the largest logit.
+    /// let mut greedy = Sampler::new(SamplingParams::default());
+    /// assert_eq!(greedy.sample(&mut [0.5, 3.0, 1.0]), 1);
+    /// ```
     pub fn new(params: SamplingParams) -> Self {
         let rng = match params.seed {
             Some(seed) => Rng::seeded(seed),
@@ -137,11 +242,32 @@ impl Sampler {
     }
 
     /// The parameters it samples with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::{Sampler, SamplingParams};
+    ///
+    /// let sampler = Sampler::new(SamplingParams { top_k: 50, ..SamplingParams::default() });
+    /// assert_eq!(sampler.params().top_k, 50);
+    /// ```
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
     /// How many times `token` was sampled so far.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::{Sampler, SamplingParams};
+    ///
+    /// let mut sampler = Sampler::new(SamplingParams::default());
+    /// sampler.sample(&mut [0.0, 1.0]);
+    /// sampler.sample(&mut [0.0, 1.0]);
+    /// assert_eq!(sampler.count(1), 2);
+    /// assert_eq!(sampler.count(0), 0);
+    /// ```
     pub fn count(&self, token: u32) -> u32 {
         self.counts.get(&token).copied().unwrap_or(0)
     }
@@ -149,6 +275,21 @@ impl Sampler {
     /// Picks the next token from one row of logits (one value per vocabulary id; modified in
     /// place by the penalties) and counts it as generated. NaN logits are never picked unless
     /// every logit is NaN.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::{Sampler, SamplingParams};
+    ///
+    /// // Greedy with a presence penalty of 1.5: token 0 wins first; then its logit is lowered
+    /// // to 2.0 - 1.5 = 0.5 and token 1 wins.
+    /// let mut sampler = Sampler::new(SamplingParams {
+    ///     presence_penalty: 1.5,
+    ///     ..SamplingParams::default()
+    /// });
+    /// assert_eq!(sampler.sample(&mut [2.0, 1.0, 0.0]), 0);
+    /// assert_eq!(sampler.sample(&mut [2.0, 1.0, 0.0]), 1);
+    /// ```
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         apply_penalties(
             logits,
@@ -170,6 +311,19 @@ impl Sampler {
 
 /// OpenAI's penalties: `logit[j] -= count[j] * frequency + (count[j] > 0) * presence`, for the
 /// tokens in `counts` (ids outside `logits` are ignored).
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::HashMap;
+/// use kiln_sdk::generate::apply_penalties;
+///
+/// let mut logits = [1.0, 2.0, 3.0, 0.5];
+/// // Token 1 generated twice, token 2 once, token 3 three times.
+/// let counts = HashMap::from([(1, 2), (2, 1), (3, 3)]);
+/// apply_penalties(&mut logits, &counts, 0.5, 0.25);
+/// assert_eq!(logits, [1.0, 0.75, 2.25, -1.25]);
+/// ```
 pub fn apply_penalties(
     logits: &mut [f32],
     counts: &HashMap<u32, u32>,
@@ -190,6 +344,16 @@ pub fn apply_penalties(
 
 /// The id of the largest logit, the lowest such id on ties; NaNs are ignored (0 if every logit
 /// is NaN or `logits` is empty).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::argmax;
+///
+/// assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
+/// assert_eq!(argmax(&[f32::NAN, -5.0]), 1);
+/// assert_eq!(argmax(&[]), 0);
+/// ```
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in logits.iter().enumerate() {
@@ -207,6 +371,18 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// (softmax of `logit / temperature` over the kept tokens), most likely first, ties by lowest id.
 ///
 /// `temperature` must be positive; `top_k == 0` keeps every token. NaN logits are dropped.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::candidates;
+///
+/// // Temperature 1, the 2 best tokens: softmax([2, 1]) = [0.731, 0.269].
+/// let c = candidates(&[1.0, 2.0, -1.0, 0.5], 1.0, 2);
+/// assert_eq!((c[0].0, c[1].0), (1, 0));
+/// assert!((c[0].1 - 0.731_058_6).abs() < 1e-6);
+/// assert!((c[1].1 - 0.268_941_4).abs() < 1e-6);
+/// ```
 pub fn candidates(logits: &[f32], temperature: f32, top_k: u32) -> Vec<(u32, f32)> {
     let mut scored: Vec<(u32, f32)> = logits
         .iter()
@@ -244,6 +420,18 @@ fn softmax_in_place(scored: &mut [(u32, f32)]) {
 
 /// How many of `candidates` (sorted, most likely first) nucleus sampling keeps: the smallest
 /// prefix whose probabilities add up to at least `p`, at least one. `p >= 1` keeps them all.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::top_p;
+///
+/// let c = [(5, 0.6), (2, 0.25), (9, 0.1), (0, 0.05)];
+/// assert_eq!(top_p(&c, 0.5), 1); // 0.6 >= 0.5
+/// assert_eq!(top_p(&c, 0.8), 2); // 0.6 + 0.25 >= 0.8
+/// assert_eq!(top_p(&c, 1.0), 4);
+/// assert_eq!(top_p(&c, 0.0), 1); // at least one
+/// ```
 pub fn top_p(candidates: &[(u32, f32)], p: f32) -> usize {
     if p >= 1.0 {
         return candidates.len();
@@ -261,6 +449,23 @@ pub fn top_p(candidates: &[(u32, f32)], p: f32) -> usize {
 
 /// Draws from `candidates` (their probabilities need not add up to 1: they are renormalised)
 /// with `u` uniform in `[0, 1)`; 0 if there is no candidate.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::{candidates, draw, top_p, Rng};
+///
+/// let c = [(7, 0.5), (3, 0.25), (9, 0.25)];
+/// assert_eq!(draw(&c, 0.49), 7);
+/// assert_eq!(draw(&c, 0.5), 3);
+/// assert_eq!(draw(&c, 0.999), 9);
+///
+/// // What a sampling step does: temperature and top-k, top-p, then a draw.
+/// let mut rng = Rng::seeded(42);
+/// let c = candidates(&[0.1, 2.5, -1.0, 2.4], 0.7, 3);
+/// let token = draw(&c[..top_p(&c, 0.9)], rng.next_f64());
+/// assert!(token == 1 || token == 3);
+/// ```
 pub fn draw(candidates: &[(u32, f32)], u: f64) -> u32 {
     let total: f64 = candidates.iter().map(|&(_, p)| f64::from(p)).sum();
     let target = u * total;
@@ -287,6 +492,24 @@ pub fn draw(candidates: &[(u32, f32)], u: f64) -> u32 {
 /// the generation is over (the stop sequence and anything after it are never emitted). At the
 /// end of a generation that did not stop, [`finish`](StopMatcher::finish) returns the text still
 /// held back.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::StopMatcher;
+///
+/// let mut stop = StopMatcher::new(["</s>", "\n\n"]);
+/// let mut text = String::new();
+/// for piece in ["Paris is", " the capital <", "/s> and more"] {
+///     let (emit, stopped) = stop.push(piece);
+///     text.push_str(&emit);
+///     if stopped {
+///         break;
+///     }
+/// }
+/// assert_eq!(text, "Paris is the capital ");
+/// assert!(stop.stopped());
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
     stops: Vec<String>,
@@ -296,6 +519,17 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     /// A matcher for these stop sequences (empty ones are ignored).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::StopMatcher;
+    ///
+    /// // From a request's stop sequences.
+    /// let requested: Vec<String> = vec!["\nUser:".into(), String::new()];
+    /// let mut stop = StopMatcher::new(requested);
+    /// assert_eq!(stop.push("Hi!\nUser: x"), ("Hi!".to_owned(), true));
+    /// ```
     pub fn new<I, S>(stops: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -315,6 +549,20 @@ impl StopMatcher {
     /// Adds generated text; returns the text that can be emitted now and whether a stop sequence
     /// matched (then the returned text is everything before it, and later pushes return
     /// nothing).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::StopMatcher;
+    ///
+    /// let mut stop = StopMatcher::new(["END"]);
+    /// // "E" could start "END": held back.
+    /// assert_eq!(stop.push("the E"), ("the ".to_owned(), false));
+    /// // "EX" cannot: released.
+    /// assert_eq!(stop.push("X"), ("EX".to_owned(), false));
+    /// assert_eq!(stop.push(" fin END tail"), (" fin ".to_owned(), true));
+    /// assert_eq!(stop.push("more"), (String::new(), true));
+    /// ```
     pub fn push(&mut self, text: &str) -> (String, bool) {
         if self.stopped {
             return (String::new(), true);
@@ -353,11 +601,34 @@ impl StopMatcher {
     }
 
     /// The text still held back (call at the end of a generation that did not stop).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::StopMatcher;
+    ///
+    /// let mut stop = StopMatcher::new(["END"]);
+    /// assert_eq!(stop.push("the EN"), ("the ".to_owned(), false));
+    /// // The generation reached max_tokens: the held text is part of the output.
+    /// assert_eq!(stop.finish(), "EN");
+    /// ```
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
     }
 
     /// Whether a stop sequence matched.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::StopMatcher;
+    ///
+    /// let mut stop = StopMatcher::new(["."]);
+    /// stop.push("Hello");
+    /// assert!(!stop.stopped());
+    /// stop.push(". Bye");
+    /// assert!(stop.stopped());
+    /// ```
     pub fn stopped(&self) -> bool {
         self.stopped
     }
@@ -367,6 +638,18 @@ impl StopMatcher {
 /// character between two tokens) into text, emitting only complete UTF-8 characters.
 ///
 /// Invalid bytes become U+FFFD (as `String::from_utf8_lossy` does).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::Utf8Decoder;
+///
+/// // "€" is e2 82 ac, split between two tokens' bytes.
+/// let mut decoder = Utf8Decoder::new();
+/// assert_eq!(decoder.push(b"1 \xe2\x82"), "1 ");
+/// assert_eq!(decoder.push(b"\xac!"), "€!");
+/// assert_eq!(decoder.finish(), "");
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Utf8Decoder {
     pending: Vec<u8>,
@@ -374,11 +657,33 @@ pub struct Utf8Decoder {
 
 impl Utf8Decoder {
     /// An empty decoder.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Utf8Decoder;
+    ///
+    /// let mut decoder = Utf8Decoder::new();
+    /// assert_eq!(decoder.push(b"ok"), "ok");
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds bytes; returns the complete characters now available (possibly "").
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Utf8Decoder;
+    ///
+    /// let mut decoder = Utf8Decoder::new();
+    /// let e_acute = "é".as_bytes(); // c3 a9
+    /// assert_eq!(decoder.push(&e_acute[..1]), "");
+    /// assert_eq!(decoder.push(&e_acute[1..]), "é");
+    /// // An invalid byte becomes U+FFFD.
+    /// assert_eq!(decoder.push(&[0xFF, b'x']), "\u{FFFD}x");
+    /// ```
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
@@ -414,6 +719,17 @@ impl Utf8Decoder {
     }
 
     /// The bytes still held back, decoded lossily (call at the end of a generation).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::Utf8Decoder;
+    ///
+    /// let mut decoder = Utf8Decoder::new();
+    /// // The generation ended in the middle of "€" (e2 82 ac).
+    /// assert_eq!(decoder.push(b"a\xe2\x82"), "a");
+    /// assert_eq!(decoder.finish(), "\u{FFFD}");
+    /// ```
     pub fn finish(&mut self) -> String {
         let rest = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
@@ -438,6 +754,22 @@ fn byte_level_char(byte: u8) -> char {
 }
 
 /// A reusable table from byte-level BPE characters back to bytes (see [`byte_level_bytes`]).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::{ByteLevelTable, Utf8Decoder};
+///
+/// // Once, in `init`: the vocabulary's token strings as bytes.
+/// let table = ByteLevelTable::new();
+/// let vocab = ["Hello", "Ġw", "orld", "Ċ"];
+/// let token_bytes: Vec<Vec<u8>> = vocab.iter().map(|t| table.bytes(t)).collect();
+///
+/// // Per generated token.
+/// let mut decoder = Utf8Decoder::new();
+/// let text: String = [0, 1, 2, 3].iter().map(|&id| decoder.push(&token_bytes[id])).collect();
+/// assert_eq!(text, "Hello world\n");
+/// ```
 #[derive(Debug, Clone)]
 pub struct ByteLevelTable {
     chars: HashMap<char, u8>,
@@ -453,12 +785,32 @@ impl Default for ByteLevelTable {
 
 impl ByteLevelTable {
     /// The table of GPT-2's byte-level alphabet.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::ByteLevelTable;
+    ///
+    /// let table = ByteLevelTable::new();
+    /// assert_eq!(table.bytes("Ġthe"), b" the");
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The bytes a byte-level BPE token string stands for (characters outside the alphabet are
     /// kept as their own UTF-8 bytes).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::generate::ByteLevelTable;
+    ///
+    /// let table = ByteLevelTable::new();
+    /// assert_eq!(table.bytes("ĊĊ"), b"\n\n");
+    /// // "é" is c3 a9: the characters 'Ã' (0xC3) and '©' (0xA9).
+    /// assert_eq!(table.bytes("Ã©"), "é".as_bytes());
+    /// ```
     pub fn bytes(&self, token: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(token.len());
         for c in token.chars() {
@@ -474,6 +826,14 @@ impl ByteLevelTable {
 /// The bytes a byte-level BPE token string (such as `"Ġcapital"` in a GPT-2, Llama 3 or SmolLM
 /// vocabulary) stands for: `"Ġcapital"` is `b" capital"`. For many tokens, build a
 /// [`ByteLevelTable`] once.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::generate::byte_level_bytes;
+///
+/// assert_eq!(byte_level_bytes("Ġcapital"), b" capital");
+/// ```
 pub fn byte_level_bytes(token: &str) -> Vec<u8> {
     ByteLevelTable::new().bytes(token)
 }

@@ -13,6 +13,34 @@
 //! keeps `f32` in between.
 //!
 //! Compiled with the `image` feature of `kiln-sdk`.
+//!
+//! # Examples
+//!
+//! An ImageNet classifier's `classify` (the graph runs in the host, so this only runs inside a
+//! plugin):
+//!
+//! ```no_run
+//! use kiln_sdk::image::{center_crop, decode, resize_short_side, to_tensor};
+//! use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
+//! use kiln_sdk::{scores, tensor_f32, to_f32_vec, ClassScore, Error, Graph, Image};
+//!
+//! const IMAGENET: TensorSpec = TensorSpec {
+//!     layout: Layout::Nchw,
+//!     order: ChannelOrder::Rgb,
+//!     mean: [123.675, 116.28, 103.53],
+//!     std: [58.395, 57.12, 57.375],
+//! };
+//!
+//! fn classify(image: Image, labels: &[String], top_k: u32) -> Result<Vec<ClassScore>, Error> {
+//!     let rgb = decode(&image.bytes, 4096 * 4096)?;
+//!     let rgb = center_crop(&resize_short_side(&rgb, 256)?, 224, 224)?;
+//!     let input = tensor_f32(&IMAGENET.dims(224, 224), &to_tensor(&rgb, &IMAGENET));
+//!     let mut outputs = Graph::load("model")?.compute(vec![("input", input)])?;
+//!     let logits = to_f32_vec(&outputs.take("logits")?)?;
+//!     scores::ranked_top_k(labels, &scores::softmax(&logits), top_k as usize)
+//! }
+//! # let _ = classify;
+//! ```
 
 use std::io::Cursor;
 
@@ -41,6 +69,29 @@ pub const MAX_ASPECT_RATIO: u32 = 16;
 /// applied (as Pillow's `Image.open(...).convert("RGB")`).
 ///
 /// Any failure is the caller's: [`Error::InvalidInput`] with what was wrong.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::decode;
+/// use kiln_sdk::Error;
+///
+/// // A 2 x 1 PNG, a red pixel then a blue one (in a plugin: the request's `image.bytes`).
+/// # let png: &[u8] = b"\
+/// #     \x89PNG\x0d\x0a\x1a\x0a\x00\x00\x00\x0dIHDR\x00\x00\x00\x02\x00\x00\
+/// #     \x00\x01\x08\x02\x00\x00\x00{@\xe8\xdd\x00\x00\x00\x0dIDATx\xdac\xf8\
+/// #     \xcf\x00\x04\xff\x01\x07\x00\x01\xff=}\x8cI\x00\x00\x00\x00IEND\xaeB`\
+/// #     \x82";
+/// let image = decode(png, 4096 * 4096)?;
+/// assert_eq!(image.dimensions(), (2, 1));
+/// assert_eq!(image.get_pixel(0, 0).0, [255, 0, 0]);
+/// assert_eq!(image.get_pixel(1, 0).0, [0, 0, 255]);
+///
+/// // More pixels than allowed, or not a JPEG or PNG: the caller's error.
+/// assert!(matches!(decode(png, 1), Err(Error::InvalidInput(_))));
+/// assert!(matches!(decode(b"GIF89a", 100), Err(Error::InvalidInput(_))));
+/// # Ok::<(), Error>(())
+/// ```
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -85,12 +136,34 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, Error> {
 
 /// Resizes to exactly `width` x `height` (stretching if the aspect ratio changes), bilinear,
 /// antialiased when shrinking (see the module docs). A zero size gives an empty image.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::{resize, RgbImage};
+///
+/// // A detector's fixed 416 x 416 input from a 640 x 480 photo.
+/// let photo = RgbImage::from_pixel(640, 480, [200, 100, 50].into());
+/// let input = resize(&photo, 416, 416);
+/// assert_eq!(input.dimensions(), (416, 416));
+/// assert!(input.pixels().all(|p| p.0 == [200, 100, 50]));
+/// ```
 pub fn resize(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     imageops::resize(image, width, height, FilterType::Triangle)
 }
 
 /// The size of `image` after scaling its short side to `short`, keeping the aspect ratio; the
 /// long side is truncated as torchvision's `Resize(short)` does (`int(short * long / short_side)`).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::short_side_size;
+///
+/// // torchvision: int(256 * 640 / 480) = 341.
+/// assert_eq!(short_side_size(640, 480, 256), (341, 256));
+/// assert_eq!(short_side_size(480, 640, 256), (256, 341));
+/// ```
 pub fn short_side_size(width: u32, height: u32, short: u32) -> (u32, u32) {
     let scale = |long: u32, short_side: u32| {
         let scaled = u64::from(short) * u64::from(long) / u64::from(short_side.max(1));
@@ -107,6 +180,19 @@ pub fn short_side_size(width: u32, height: u32, short: u32) -> (u32, u32) {
 /// [`short_side_size`]); bilinear, antialiased when shrinking.
 ///
 /// Refuses ([`Error::InvalidInput`]) an image more elongated than 1:[`MAX_ASPECT_RATIO`].
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::{resize_short_side, RgbImage};
+///
+/// let photo = RgbImage::new(640, 480);
+/// assert_eq!(resize_short_side(&photo, 256)?.dimensions(), (341, 256));
+///
+/// // 1:20 is too elongated.
+/// assert!(resize_short_side(&RgbImage::new(20, 400), 256).is_err());
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub fn resize_short_side(image: &RgbImage, short: u32) -> Result<RgbImage, Error> {
     let (width, height) = image.dimensions();
     let (short_side, long_side) = (width.min(height), width.max(height));
@@ -124,6 +210,21 @@ pub fn resize_short_side(image: &RgbImage, short: u32) -> Result<RgbImage, Error
 /// The central `width` x `height` region; the offset is `(size - crop) / 2`, rounded down.
 ///
 /// Fails with [`Error::InvalidInput`] if the image is smaller than the crop.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::{center_crop, RgbImage};
+///
+/// let image = RgbImage::from_fn(10, 8, |x, y| [x as u8, y as u8, 0].into());
+/// let crop = center_crop(&image, 4, 4)?;
+/// assert_eq!(crop.dimensions(), (4, 4));
+/// // Offsets (10 - 4) / 2 = 3 and (8 - 4) / 2 = 2.
+/// assert_eq!(crop.get_pixel(0, 0).0, [3, 2, 0]);
+///
+/// assert!(center_crop(&image, 11, 4).is_err());
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub fn center_crop(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage, Error> {
     let (image_width, image_height) = image.dimensions();
     if width > image_width || height > image_height {
@@ -137,6 +238,17 @@ pub fn center_crop(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage
 }
 
 /// Where the channels go in a tensor.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::Layout;
+///
+/// assert_eq!(Layout::default(), Layout::Nchw);
+/// // As written in `[plugin.config]` (`layout = "nhwc"`), read with `kiln_sdk::config`.
+/// let layout: Layout = serde_json::from_str(r#""nhwc""#).unwrap();
+/// assert_eq!(layout, Layout::Nhwc);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
@@ -148,6 +260,17 @@ pub enum Layout {
 }
 
 /// The order of the colour channels in a tensor.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::ChannelOrder;
+///
+/// assert_eq!(ChannelOrder::default(), ChannelOrder::Rgb);
+/// // As written in `[plugin.config]` (`channel_order = "bgr"`), read with `kiln_sdk::config`.
+/// let order: ChannelOrder = serde_json::from_str(r#""bgr""#).unwrap();
+/// assert_eq!(order, ChannelOrder::Bgr);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelOrder {
@@ -160,6 +283,23 @@ pub enum ChannelOrder {
 
 /// How pixels become tensor values: `(pixel - mean[c]) / std[c]` with `pixel` in 0..=255 and `c`
 /// the channel's index in the tensor (so for [`ChannelOrder::Bgr`], `mean[0]` is blue's).
+///
+/// # Examples
+///
+/// ImageNet's normalisation (torchvision's `mean=[0.485, 0.456, 0.406]`,
+/// `std=[0.229, 0.224, 0.225]`, times 255):
+///
+/// ```
+/// use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
+///
+/// let spec = TensorSpec {
+///     layout: Layout::Nchw,
+///     order: ChannelOrder::Rgb,
+///     mean: [123.675, 116.28, 103.53],
+///     std: [58.395, 57.12, 57.375],
+/// };
+/// assert_eq!(spec.dims(224, 224), [1, 3, 224, 224]);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TensorSpec {
     /// Planes or interleaved channels.
@@ -174,6 +314,21 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     /// The shape of the tensor for an image of `width` x `height`, batch 1.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
+    ///
+    /// let spec = TensorSpec {
+    ///     layout: Layout::Nhwc,
+    ///     order: ChannelOrder::Bgr,
+    ///     mean: [0.0; 3],
+    ///     std: [1.0; 3],
+    /// };
+    /// // Width 320, height 240.
+    /// assert_eq!(spec.dims(320, 240), [1, 240, 320, 3]);
+    /// ```
     pub fn dims(&self, width: u32, height: u32) -> [u32; 4] {
         match self.layout {
             Layout::Nchw => [1, 3, height, width],
@@ -184,6 +339,28 @@ impl TensorSpec {
 
 /// The image's pixels as a normalised `f32` tensor, batch 1, shape [`TensorSpec::dims`], ready
 /// for [`tensor_f32`](crate::tensor_f32).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::image::{to_tensor, ChannelOrder, Layout, RgbImage, TensorSpec};
+///
+/// // 2 x 1 pixels: (10, 20, 30) and (40, 50, 60).
+/// let image = RgbImage::from_raw(2, 1, vec![10, 20, 30, 40, 50, 60]).unwrap();
+/// let mut spec = TensorSpec {
+///     layout: Layout::Nchw,
+///     order: ChannelOrder::Rgb,
+///     mean: [0.0; 3],
+///     std: [10.0; 3],
+/// };
+/// // One plane per channel: R R G G B B.
+/// assert_eq!(to_tensor(&image, &spec), [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+///
+/// // Interleaved, blue first: B G R B G R.
+/// spec.layout = Layout::Nhwc;
+/// spec.order = ChannelOrder::Bgr;
+/// assert_eq!(to_tensor(&image, &spec), [3.0, 2.0, 1.0, 6.0, 5.0, 4.0]);
+/// ```
 pub fn to_tensor(image: &RgbImage, spec: &TensorSpec) -> Vec<f32> {
     let (width, height) = image.dimensions();
     let plane = width as usize * height as usize;

@@ -19,6 +19,22 @@ use crate::{ClassScore, Error};
 /// * `+inf` (and no NaN): the `+inf` entries share the probability equally, the others get 0;
 /// * all `-inf`: every output is NaN, as there is no finite logit to normalise against; a
 ///   `-inf` among finite logits simply gets 0.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::scores::softmax;
+///
+/// // exp([0, ln 3]) = [1, 3], so the probabilities are [1/4, 3/4].
+/// let p = softmax(&[0.0, 3f32.ln()]);
+/// assert!((p[0] - 0.25).abs() < 1e-6 && (p[1] - 0.75).abs() < 1e-6);
+///
+/// // Shifting every logit changes nothing, even far beyond `exp`'s range.
+/// let small = softmax(&[1.0, 2.0, 3.0]);
+/// let large = softmax(&[1001.0, 1002.0, 1003.0]);
+/// assert!(small.iter().zip(&large).all(|(a, b)| (a - b).abs() < 1e-6));
+/// assert!(softmax(&[]).is_empty());
+/// ```
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     if logits.iter().any(|x| x.is_nan()) {
         return vec![f32::NAN; logits.len()];
@@ -56,6 +72,17 @@ fn best_first(a: &(usize, f32), b: &(usize, f32)) -> Ordering {
 
 /// The indices and scores of the `k` best `scores`, highest first; equal scores keep index
 /// order, NaN scores come last. `k` larger than `scores.len()` returns them all.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::scores::top_k;
+///
+/// let scores = [0.1, 0.7, 0.2, 0.7];
+/// // The tie at 0.7 goes to the lower index.
+/// assert_eq!(top_k(&scores, 2), [(1, 0.7), (3, 0.7)]);
+/// assert_eq!(top_k(&scores, 10).len(), 4);
+/// ```
 pub fn top_k(scores: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut indexed: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
     let k = k.min(indexed.len());
@@ -76,12 +103,40 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<(usize, f32)> {
 ///
 /// `labels[i]` names `scores[i]`; different lengths are an [`Error::Internal`] (the model's
 /// labels file does not match its graph).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::scores::{ranked, softmax};
+///
+/// let labels = ["negative", "neutral", "positive"].map(String::from);
+/// let results = ranked(&labels, &softmax(&[-2.0, -0.8, 2.8]))?;
+/// let order: Vec<&str> = results.iter().map(|c| c.label.as_str()).collect();
+/// assert_eq!(order, ["positive", "neutral", "negative"]);
+/// assert!(results[0].score > 0.9);
+///
+/// // A labels file that does not match the model's output is the plugin's error.
+/// assert!(ranked(&labels, &[0.5, 0.5]).is_err());
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub fn ranked(labels: &[String], scores: &[f32]) -> Result<Vec<ClassScore>, Error> {
     ranked_top_k(labels, scores, scores.len())
 }
 
 /// The `k` best labels with their scores, highest first: [`ranked`] cut to `k` entries (all of
 /// them when `k` is larger).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::scores::{ranked_top_k, softmax};
+///
+/// let labels = ["cat", "dog", "fox", "owl"].map(String::from);
+/// let best = ranked_top_k(&labels, &softmax(&[1.0, 3.0, 2.0, 0.0]), 2)?;
+/// let names: Vec<&str> = best.iter().map(|c| c.label.as_str()).collect();
+/// assert_eq!(names, ["dog", "fox"]);
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
 pub fn ranked_top_k(labels: &[String], scores: &[f32], k: usize) -> Result<Vec<ClassScore>, Error> {
     if labels.len() != scores.len() {
         return Err(Error::internal(format!(

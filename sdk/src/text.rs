@@ -11,6 +11,36 @@ pub use tokenizers::Tokenizer;
 
 /// Loads the tokenizer from `path` and sets it to truncate to `max_length` tokens and pad each
 /// batch to its longest input.
+///
+/// # Examples
+///
+/// In a plugin's `init`, with the model's `tokenizer.json` (here a tiny BERT-style one, written
+/// to a temporary file):
+///
+/// ```
+/// use kiln_sdk::text::{load_tokenizer, tokenize};
+///
+/// // In a plugin: `let path = kiln_sdk::model_file("tokenizer.json");`
+/// # let path = std::env::temp_dir().join(format!("kiln-sdk-doc-{}.json", std::process::id()));
+/// # std::fs::write(&path, r#"{
+/// #   "version": "1.0",
+/// #   "normalizer": {"type": "Lowercase"},
+/// #   "pre_tokenizer": {"type": "Whitespace"},
+/// #   "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+/// #   "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {
+/// #     "[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "i": 4, "love": 5, "it": 6, ".": 7,
+/// #     "the": 8, "package": 9, "arrived": 10}}
+/// # }"#).unwrap();
+/// let tokenizer = load_tokenizer(&path, 4)?;
+///
+/// // [CLS] i love it . [SEP] is cut to 4 tokens, [SEP] kept.
+/// let batch = tokenize(&tokenizer, &["I love it."])?;
+/// assert_eq!(batch.input_ids, [2, 4, 5, 3]);
+///
+/// assert!(load_tokenizer(std::path::Path::new("/no/such/tokenizer.json"), 4).is_err());
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), String>(())
+/// ```
 pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Tokenizer, String> {
     // No threads in a wasm32-wasip2 instance: keep `encode_batch` on the calling thread.
     tokenizers::utils::parallelism::set_parallelism(false);
@@ -47,6 +77,33 @@ pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Token
 }
 
 /// A tokenized batch, row-major `[batch, seq]`.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::text::{load_tokenizer, tokenize};
+///
+/// # let path = std::env::temp_dir().join(format!("kiln-sdk-doc-{}.json", std::process::id()));
+/// # std::fs::write(&path, r#"{
+/// #   "version": "1.0",
+/// #   "normalizer": {"type": "Lowercase"},
+/// #   "pre_tokenizer": {"type": "Whitespace"},
+/// #   "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+/// #   "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {
+/// #     "[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "i": 4, "love": 5, "it": 6, ".": 7,
+/// #     "the": 8, "package": 9, "arrived": 10}}
+/// # }"#).unwrap();
+/// let tokenizer = load_tokenizer(&path, 256)?;
+/// let batch = tokenize(&tokenizer, &["I love it.", "The package arrived on Tuesday."])?;
+/// // [CLS] i love it . [SEP] [PAD] [PAD]
+/// // [CLS] the package arrived on tuesday . [SEP] ("on" and "tuesday" are [UNK], 1)
+/// assert_eq!((batch.batch, batch.seq), (2, 8));
+/// assert_eq!(batch.input_ids, [2, 4, 5, 6, 7, 3, 0, 0, 2, 8, 9, 10, 1, 1, 7, 3]);
+/// assert_eq!(batch.attention_mask[..8], [1, 1, 1, 1, 1, 1, 0, 0]);
+/// assert!(batch.token_type_ids.iter().all(|&t| t == 0));
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), String>(())
+/// ```
 #[derive(Debug)]
 pub struct Batch {
     /// Inputs in the batch.
@@ -63,6 +120,20 @@ pub struct Batch {
 
 /// The graph input names of a BERT-style encoder; `token_type_ids` is None for graphs without
 /// segment ids.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::text::EncoderInputs;
+///
+/// // A DistilBERT export: no segment ids.
+/// let names = EncoderInputs {
+///     input_ids: "input_ids".into(),
+///     attention_mask: "attention_mask".into(),
+///     token_type_ids: None,
+/// };
+/// assert!(names.token_type_ids.is_none());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncoderInputs {
     /// Token ids input, int64 `[batch, seq]`.
@@ -77,6 +148,20 @@ impl EncoderInputs {
     /// The names from the plugin configuration (`input_ids`, `attention_mask`,
     /// `token_type_ids`; `token_type_ids = ""` for a graph without segment ids), defaulting to
     /// the usual Hugging Face export names.
+    ///
+    /// # Examples
+    ///
+    /// With `[plugin.config]` holding `token_type_ids = ""` (the host's configuration, so this
+    /// only runs inside a plugin):
+    ///
+    /// ```no_run
+    /// use kiln_sdk::text::EncoderInputs;
+    ///
+    /// let names = EncoderInputs::from_config()?;
+    /// assert_eq!(names.input_ids, "input_ids");
+    /// assert_eq!(names.token_type_ids, None);
+    /// # Ok::<(), kiln_sdk::Error>(())
+    /// ```
     pub fn from_config() -> Result<Self, crate::Error> {
         let name = |key: &str| -> Result<String, crate::Error> {
             Ok(crate::config::<String>(key)?.unwrap_or_else(|| key.to_owned()))
@@ -92,6 +177,27 @@ impl EncoderInputs {
 
 impl Batch {
     /// The batch as the encoder's named int64 `[batch, seq]` input tensors.
+    ///
+    /// # Examples
+    ///
+    /// An embeddings plugin's request (the tensors and the graph live in the host, so this only
+    /// runs inside a plugin):
+    ///
+    /// ```no_run
+    /// use kiln_sdk::text::{load_tokenizer, tokenize, EncoderInputs};
+    /// use kiln_sdk::{model_file, to_f32_vec, Error, Graph};
+    ///
+    /// let tokenizer =
+    ///     load_tokenizer(&model_file("tokenizer.json"), 256).map_err(Error::internal)?;
+    /// let names = EncoderInputs::from_config()?;
+    /// let graph = Graph::load("model")?;
+    ///
+    /// let batch = tokenize(&tokenizer, &["Hello world", "Hi"]).map_err(Error::invalid_input)?;
+    /// let mut outputs = graph.compute(batch.graph_inputs(&names))?;
+    /// let hidden = to_f32_vec(&outputs.take("last_hidden_state")?)?; // [batch, seq, hidden]
+    /// assert_eq!(hidden.len() % (batch.batch * batch.seq), 0);
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn graph_inputs<'a>(&self, names: &'a EncoderInputs) -> Vec<(&'a str, crate::Tensor)> {
         let dims = [self.batch as u32, self.seq as u32];
         let mut inputs = vec![
@@ -114,12 +220,61 @@ impl Batch {
     }
 
     /// Real (non-padding) tokens in the batch: what the request is billed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use kiln_sdk::text::{load_tokenizer, tokenize};
+    ///
+    /// # let path = std::env::temp_dir().join(format!("kiln-sdk-doc-{}.json", std::process::id()));
+    /// # std::fs::write(&path, r#"{
+    /// #   "version": "1.0",
+    /// #   "normalizer": {"type": "Lowercase"},
+    /// #   "pre_tokenizer": {"type": "Whitespace"},
+    /// #   "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+    /// #   "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {
+    /// #     "[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "i": 4, "love": 5, "it": 6, ".": 7,
+    /// #     "the": 8, "package": 9, "arrived": 10}}
+    /// # }"#).unwrap();
+    /// let tokenizer = load_tokenizer(&path, 256)?;
+    /// let batch = tokenize(&tokenizer, &["I love it.", "The package arrived on Tuesday."])?;
+    /// // 6 + 8 tokens; the 2 [PAD]s of the first input are not billed.
+    /// assert_eq!(batch.batch * batch.seq, 16);
+    /// assert_eq!(batch.real_tokens(), 14);
+    /// # std::fs::remove_file(&path).unwrap();
+    /// # Ok::<(), String>(())
+    /// ```
     pub fn real_tokens(&self) -> usize {
         self.attention_mask.iter().filter(|&&m| m == 1).count()
     }
 }
 
 /// Tokenizes `inputs` as one batch (the tokenizer pads it to its longest input).
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::text::{load_tokenizer, tokenize};
+///
+/// # let path = std::env::temp_dir().join(format!("kiln-sdk-doc-{}.json", std::process::id()));
+/// # std::fs::write(&path, r#"{
+/// #   "version": "1.0",
+/// #   "normalizer": {"type": "Lowercase"},
+/// #   "pre_tokenizer": {"type": "Whitespace"},
+/// #   "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 3], "cls": ["[CLS]", 2]},
+/// #   "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {
+/// #     "[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "i": 4, "love": 5, "it": 6, ".": 7,
+/// #     "the": 8, "package": 9, "arrived": 10}}
+/// # }"#).unwrap();
+/// let tokenizer = load_tokenizer(&path, 256)?;
+/// let batch = tokenize(&tokenizer, &["I love it.", "the package"])?;
+/// // Padded to the longest input: [CLS] i love it . [SEP]
+/// assert_eq!((batch.batch, batch.seq), (2, 6));
+/// assert_eq!(batch.input_ids[6..], [2, 8, 9, 3, 0, 0]);
+/// assert_eq!(batch.attention_mask[6..], [1, 1, 1, 1, 0, 0]);
+/// # std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), String>(())
+/// ```
 pub fn tokenize(tokenizer: &Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
     let encodings = tokenizer
         .encode_batch(inputs.to_vec(), true)

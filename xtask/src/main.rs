@@ -185,6 +185,14 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
             "warnings",
         ]))
     })?;
+    // Docs build without a warning; the SDK's are what plugin authors read (every helper has an
+    // example, run as a doctest by `cargo test`).
+    steps.run("cargo doc", || {
+        run(repo
+            .cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"))
+    })?;
     // Tests run the `kiln` binary itself (the CLI, a server to kill -9).
     steps.run("build kiln", || {
         run(repo

@@ -7,7 +7,7 @@
 //! IDLE instance of another key is evicted; with none idle, the request waits (bounded) and then
 //! gets `Busy` (HTTP 503).
 //!
-//! The bookkeeping is a plain struct ([`PoolState`]) with unit tests; [`InstancePool`] adds the
+//! The bookkeeping is a plain struct (`PoolState`) with unit tests; [`InstancePool`] adds the
 //! lock and the waiting.
 
 use std::collections::HashMap;
