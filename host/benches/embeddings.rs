@@ -72,6 +72,7 @@ fn main() {
     let mut config = Config {
         models_dir: root.join(".kiln/models"),
         cache_dir: root.join(".kiln/cache"),
+        warm_all: true,
         ..Config::default()
     };
     if let Some(dylib) = std::env::var_os("KILN_ORT_DYLIB") {

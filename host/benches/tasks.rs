@@ -701,6 +701,7 @@ fn main() {
         models_dir: root.join(".kiln/models"),
         cache_dir: root.join(".kiln/cache"),
         database_url: format!("sqlite:{}", bench_db.display()),
+        warm_all: true,
         ..Config::default()
     };
     // The benchmark's caller: a plan no benchmark reaches, so rate limits never interfere.

@@ -126,6 +126,12 @@ enum ModelCommand {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+    /// Loads a model in the running servers now, so that its first request is not a cold start.
+    Warm {
+        model: String,
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
     /// Removes a model's folder and asks the running servers to drop it.
     Remove {
         model: String,
@@ -141,9 +147,7 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| config.database_url.clone());
     let store = store::open(&url)?;
     let store = store.as_ref();
-    let models_dir = args
-        .models_dir
-        .unwrap_or_else(|| config.models_dir.clone());
+    let models_dir = args.models_dir.unwrap_or_else(|| config.models_dir.clone());
     let plans = &config.plans;
     let result: Result<(), AdminError> = (|| {
         match args.command {
@@ -314,6 +318,9 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
                 }
                 reload(store, wait)?;
             }
+            AdminCommand::Model(ModelCommand::Warm { model, wait }) => {
+                ask(store, "warm", &model, wait)?;
+            }
             AdminCommand::Model(ModelCommand::Remove { model, wait }) => {
                 let id = crate::registry::ModelId::parse(&model)
                     .ok_or_else(|| AdminError::Invalid(format!("{model:?} is not a model id")))?;
@@ -345,13 +352,16 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
 /// Asks the servers on `store` to reload, waits up to `wait` seconds for the report, prints it.
 /// No server answering is not an error: a server that starts later discovers the folders anyway.
 fn reload(store: &dyn store::Store, wait: u64) -> Result<(), AdminError> {
-    let number = store.request_reload()?;
+    ask(store, "reload", "", wait)
+}
+
+/// Puts a request to the servers on `store` and prints the report of the first that does it.
+fn ask(store: &dyn store::Store, kind: &str, model: &str, wait: u64) -> Result<(), AdminError> {
+    let id = store.request(kind, model)?;
     let until = std::time::Instant::now() + std::time::Duration::from_secs(wait);
     loop {
-        let status = store.reload_status()?;
-        if status.done >= number {
-            let report: serde_json::Value =
-                serde_json::from_str(&status.report).unwrap_or_default();
+        if let Some(report) = store.request_report(id)? {
+            let report: serde_json::Value = serde_json::from_str(&report).unwrap_or_default();
             println!(
                 "{}",
                 serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?
@@ -359,15 +369,15 @@ fn reload(store: &dyn store::Store, wait: u64) -> Result<(), AdminError> {
             if report.get("error").is_some()
                 || report["failed"].as_array().is_some_and(|f| !f.is_empty())
             {
-                return Err(AdminError::Invalid(
-                    "the reload reported failures (above)".into(),
-                ));
+                return Err(AdminError::Invalid(format!(
+                    "the {kind} reported failures (above)"
+                )));
             }
             return Ok(());
         }
         if std::time::Instant::now() >= until {
             println!(
-                "reload requested; no server on this database answered within {wait} s (is one \
+                "{kind} requested; no server on this database answered within {wait} s (is one \
                  running?). A server that starts later reads the models folder anyway."
             );
             return Ok(());

@@ -54,6 +54,15 @@ pub struct ServeArgs {
     /// How long a request may wait for a free instance before it gets 503.
     #[arg(long, env = "KILN_QUEUE_TIMEOUT_MS")]
     pub queue_timeout_ms: Option<u64>,
+    /// Load every model at startup (and on reload), as if each said `warm = true`.
+    #[arg(long, env = "KILN_WARM_ALL")]
+    pub warm_all: Option<bool>,
+    /// Memory budget of loaded models, MiB (default: half of the machine's memory).
+    #[arg(long, env = "KILN_MODEL_MEMORY_MB")]
+    pub model_memory_mb: Option<u64>,
+    /// Longest a request with `wait_for_model` waits for its model to load, ms.
+    #[arg(long, env = "KILN_MODEL_WAIT_MS")]
+    pub model_wait_ms: Option<u64>,
     /// Interval of keep-alive comments in a streamed response while no token comes, ms.
     #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
     pub stream_keepalive_ms: Option<u64>,
@@ -294,6 +303,13 @@ pub struct Config {
     /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
     pub instance_slots: u32,
     pub queue_timeout: Duration,
+    /// Every model loads at startup, as if `warm = true` (tests, small deployments).
+    pub warm_all: bool,
+    /// Bytes of loaded models (estimated from their files) before the least recently used idle
+    /// ones are unloaded.
+    pub model_memory_bytes: u64,
+    /// How long `wait_for_model` waits.
+    pub model_wait: Duration,
     pub stream_keepalive: Duration,
     pub plugin_log_lines_per_second: u32,
     pub plugin_log_burst: u32,
@@ -329,6 +345,12 @@ impl Default for Config {
             max_model_file_bytes: 2 << 30,
             instance_slots: 64,
             queue_timeout: Duration::from_secs(5),
+            warm_all: false,
+            // Half the machine: the rest is for requests' activations, plugin instances
+            // (512 MiB of linear memory each at most) and the OS.
+            model_memory_bytes: crate::infer::catalog::default_budget(),
+            // The request timeout callers are told to use (30-60 s) less time to answer.
+            model_wait: Duration::from_secs(30),
             // Well under the 60 s idle timeouts of common proxies and load balancers.
             stream_keepalive: Duration::from_secs(15),
             // A plugin that logs a line or two per request stays within this on a 2-core
@@ -432,6 +454,15 @@ impl Config {
         }
         if let Some(v) = a.queue_timeout_ms {
             self.queue_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = a.warm_all {
+            self.warm_all = v;
+        }
+        if let Some(v) = a.model_memory_mb {
+            self.model_memory_bytes = v << 20;
+        }
+        if let Some(v) = a.model_wait_ms {
+            self.model_wait = Duration::from_millis(v);
         }
         if let Some(v) = a.plugin_log_lines_per_second {
             self.plugin_log_lines_per_second = v;

@@ -46,7 +46,6 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     .await
     .context("database thread failed")?
     .context("opening the database")?;
-    let inference = Arc::new(inference);
     spawn_reload_watcher(Arc::downgrade(&inference), Arc::clone(tenancy.store()));
     Ok(Arc::new(AppState {
         inference,
@@ -59,39 +58,49 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     }))
 }
 
-/// Reloads the models folder whenever `kiln admin reload` (or `kiln admin model register`) asks,
-/// through the database, and writes the report back for the command to print. Polls like the
-/// tenancy refresher: a reload is an operator's action, a quarter second is soon enough.
+/// Does what `kiln admin reload` and `kiln admin model warm` ask through the database, and
+/// writes the report back for the command to print. Polls like the tenancy refresher: these are
+/// an operator's actions, a quarter second is soon enough.
 fn spawn_reload_watcher(inference: std::sync::Weak<Inference>, store: Arc<dyn tenancy::Store>) {
-    let mut seen = match store.reload_status() {
-        Ok(status) => status.requested,
+    let mut seen = match store.last_request() {
+        Ok(id) => id,
         Err(e) => {
-            tracing::error!("reading the reload requests failed, `kiln admin reload` will not reach this server: {e:#}");
+            tracing::error!("reading server requests failed, `kiln admin reload` will not reach this server: {e:#}");
             return;
         }
     };
     let _ = std::thread::Builder::new()
-        .name("kiln-reload-watch".into())
+        .name("kiln-requests".into())
         .spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_millis(250));
             let Some(inference) = inference.upgrade() else {
                 return;
             };
-            let requested = match store.reload_status() {
-                Ok(status) if status.requested > seen => status.requested,
-                Ok(_) => continue,
+            let requests = match store.requests_after(seen) {
+                Ok(requests) => requests,
                 Err(e) => {
-                    tracing::error!("reading the reload requests failed: {e:#}");
+                    tracing::error!("reading server requests failed: {e:#}");
                     continue;
                 }
             };
-            seen = requested;
-            let report = match inference.reload() {
-                Ok(report) => serde_json::to_value(&report).unwrap_or_default(),
-                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
-            };
-            if let Err(e) = store.finish_reload(requested, &report.to_string()) {
-                tracing::error!("writing the reload report failed: {e:#}");
+            for request in requests {
+                seen = request.id;
+                let report = match request.kind.as_str() {
+                    "reload" => match inference.reload() {
+                        Ok(report) => serde_json::to_value(&report).unwrap_or_default(),
+                        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+                    },
+                    "warm" => match inference.warm(&request.model) {
+                        Ok(_) => serde_json::json!({ "model": request.model, "state": "loaded" }),
+                        Err(e) => {
+                            serde_json::json!({ "model": request.model, "error": e.to_string() })
+                        }
+                    },
+                    other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+                };
+                if let Err(e) = store.finish_request(request.id, &report.to_string()) {
+                    tracing::error!("writing a request's report failed: {e:#}");
+                }
             }
         });
 }

@@ -209,6 +209,9 @@ pub fn config(models_dir: &Path) -> Config {
         instance_slots: 16,
         queue_timeout: Duration::from_secs(10),
         limits: Limits::default(),
+        // Every model loads at startup, as before lazy loading: tests of cold starts and of the
+        // memory budget turn this off.
+        warm_all: true,
         ..Config::default()
     }
 }

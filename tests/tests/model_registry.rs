@@ -50,7 +50,12 @@ async fn config_of(server: &TestServer, model: &str, key: &str) -> (u16, String)
             let bytes: Vec<u8> = bytes.iter().map(|b| b.as_f64().unwrap() as u8).collect();
             String::from_utf8(bytes).unwrap()
         })
-        .unwrap_or_else(|| r.body["error"]["code"].as_str().unwrap_or_default().to_owned());
+        .unwrap_or_else(|| {
+            r.body["error"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        });
     (r.status, text)
 }
 

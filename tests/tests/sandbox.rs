@@ -235,6 +235,7 @@ async fn concurrent_requests_to_one_model_run_at_once() {
         b.body
     );
     let model = server.state.inference.get("test/probe").unwrap();
+    let model = model.loaded().expect("loaded");
     let slow = model.graphs().get("slow").unwrap();
     assert_eq!(slow.stats().runs(), 2);
     assert_eq!(

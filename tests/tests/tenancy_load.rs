@@ -146,6 +146,8 @@ impl KilnProcess {
             .arg("--models-dir")
             .arg(models)
             .args(["--addr", &format!("127.0.0.1:{port}"), "--database-url", db])
+            // Loaded before the port opens: the load clients start at once.
+            .args(["--warm-all", "true"])
             .arg("--ort-dylib")
             .arg(kiln_tests::ort_dylib())
             .arg("--cache-dir")

@@ -34,6 +34,7 @@ const MINILM_TOKENIZER_SHA256: &str =
 const MINILM_MODEL_TOML: &str = r#"# all-MiniLM-L6-v2 (int8 ONNX) sentence embeddings, 384 dimensions.
 # Written by `cargo xtask setup`; edits here are overwritten.
 task = "embeddings"
+warm = true                                 # loaded at startup, not on first use
 
 [plugin]
 path = "../../../plugins/embeddings.wasm"   # relative to this folder

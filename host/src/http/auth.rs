@@ -56,6 +56,14 @@ impl Authed {
         Ok(())
     }
 
+    /// The request's [`Tenant`] with its `options` applied (`wait_for_model` from the body or
+    /// the `X-Wait-For-Model` header).
+    pub fn tenant(&self, options: &super::RequestOptions) -> Tenant {
+        let mut tenant = self.tenant.clone();
+        tenant.wait_for_model |= options.wait_for_model;
+        tenant
+    }
+
     fn model(&self) -> String {
         self.model
             .lock()
@@ -214,6 +222,11 @@ pub async fn inference_gate(
     };
     let mut tenant = Tenant::new(format!("user:{}", caller.user.id));
     tenant.request_id = request_id::current();
+    tenant.wait_for_model = request
+        .headers()
+        .get("x-wait-for-model")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
     let authed = Authed {
         tenant,
         caller: caller.clone(),

@@ -21,6 +21,9 @@ pub struct ApiError {
     pub close_connection: bool,
     /// `WWW-Authenticate` (401s).
     pub www_authenticate: Option<&'static str>,
+    /// Seconds a loading model is expected to take (`estimated_time` in the body of a cold
+    /// start's 503).
+    pub estimated_time: Option<f64>,
 }
 
 impl ApiError {
@@ -32,6 +35,7 @@ impl ApiError {
             retry_after: None,
             close_connection: false,
             www_authenticate: None,
+            estimated_time: None,
         }
     }
 
@@ -68,6 +72,8 @@ impl ApiError {
             }
             InferError::Rejected(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             InferError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            InferError::Loading { .. } => (StatusCode::SERVICE_UNAVAILABLE, "model_loading"),
+            InferError::ModelFailed(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unavailable"),
             InferError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             InferError::TensorBudget(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "tensor_budget_exceeded")
@@ -98,8 +104,15 @@ impl From<InferError> for ApiError {
             _ => {}
         }
         let mut error = ApiError::new(status, code, message);
-        if let InferError::Overloaded { retry_after } = e {
-            error.retry_after = Some(retry_after.as_secs().max(1));
+        match e {
+            InferError::Overloaded { retry_after } => {
+                error.retry_after = Some(retry_after.as_secs().max(1));
+            }
+            InferError::Loading { wait, .. } => {
+                error.retry_after = Some(crate::infer::catalog::retry_after_secs(wait));
+                error.estimated_time = Some((wait.as_secs_f64() * 10.0).ceil() / 10.0);
+            }
+            _ => {}
         }
         error
     }
@@ -114,10 +127,14 @@ impl ApiError {
         } else {
             self.message.clone()
         };
-        json!({
+        let mut body = json!({
             "error": {"code": self.code, "message": message},
             "request_id": request_id,
-        })
+        });
+        if let Some(secs) = self.estimated_time {
+            body["estimated_time"] = json!(secs);
+        }
+        body
     }
 }
 

@@ -151,26 +151,59 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn ready(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    // Models load before the port is bound, so a server that answers is ready. Model names are
-    // not listed: some will be private once tenancy exists.
-    // Models whose plugin is not (or no longer) allowed: counted here, named at /admin/models.
-    let unavailable = state
-        .inference
-        .models()
-        .into_iter()
-        .filter(|m| {
+/// `GET /ready`: 200 once the server takes requests (models discovered, the warm ones loaded:
+/// both happen before the port is bound). Model names are not listed to just anyone (some are
+/// private): the answer counts them; with an admin token it also lists each model's state
+/// (loaded, loading, unloaded, failed with the reason) and whether its plugin may run.
+async fn ready(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Json<serde_json::Value> {
+    let models = state.inference.models();
+    let unavailable: Vec<(String, String)> = models
+        .iter()
+        .filter_map(|m| {
             state
                 .tenancy
                 .plugin_allowed(&m.plugin_digest, m.signature.as_ref())
-                .is_err()
+                .err()
+                .map(|why| (m.spec.id.to_string(), why))
         })
-        .count();
-    Json(serde_json::json!({
+        .collect();
+    let count = |name: &str| models.iter().filter(|m| m.state().name() == name).count();
+    let mut body = serde_json::json!({
         "status": "ready",
-        "models": state.inference.models().len(),
-        "unavailable": unavailable,
-    }))
+        "models": models.len(),
+        "loaded": count("loaded"),
+        "loading": count("loading"),
+        "failed": count("failed"),
+        "unavailable": unavailable.len(),
+    });
+    if auth::authenticate(&state, &headers, crate::tenancy::Scope::Admin).is_ok() {
+        let list: Vec<_> = models
+            .iter()
+            .map(|m| {
+                let entry = m.state();
+                let id = m.spec.id.to_string();
+                let mut item = serde_json::json!({
+                    "id": id,
+                    "task": m.spec.task.to_string(),
+                    "state": entry.name(),
+                    "estimated_mb": m.estimated_bytes >> 20,
+                });
+                if let crate::infer::LoadState::Failed { reason } = entry {
+                    item["reason"] = reason.into();
+                }
+                if let Some((_, why)) = unavailable.iter().find(|(u, _)| *u == id) {
+                    item["unavailable"] = why.clone().into();
+                }
+                item
+            })
+            .collect();
+        body["model_states"] = list.into();
+        body["memory_budget_mb"] = (state.inference.memory_budget() >> 20).into();
+    }
+    Json(body)
 }
 
 /// `GET /playground`: one static page (no build step) to try streamed generation in a browser.
@@ -242,6 +275,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         );
     };
+    let l = &state.inference.load_stats;
+    metric(
+        "kiln_model_loads_total",
+        "counter",
+        "Model loads that succeeded (startup, first use, warm, reload).",
+        l.loads.load(Relaxed),
+    );
+    metric(
+        "kiln_model_load_failures_total",
+        "counter",
+        "Model loads that failed.",
+        l.load_failures.load(Relaxed),
+    );
+    metric(
+        "kiln_model_unloads_total",
+        "counter",
+        "Models unloaded to stay within the memory budget.",
+        l.unloads.load(Relaxed),
+    );
     metric(
         "kiln_streams_started_total",
         "counter",
@@ -339,10 +391,20 @@ impl<'de> Deserialize<'de> for TextInputs {
     }
 }
 
+/// `"options"` of any inference request.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RequestOptions {
+    /// Wait for a model that is loading (up to `model_wait_ms`) instead of a 503.
+    #[serde(default)]
+    pub wait_for_model: bool,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingsRequest {
     pub model: String,
     pub inputs: TextInputs,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -358,7 +420,11 @@ async fn embeddings(
     authed.use_model(&state, &request.model)?;
     let result = state
         .inference
-        .embed(&authed.tenant, &request.model, request.inputs.texts)
+        .embed(
+            &authed.tenant(&request.options),
+            &request.model,
+            request.inputs.texts,
+        )
         .await?;
     Ok(Json(EmbeddingsResponse {
         embeddings: result.vectors,

@@ -5,6 +5,7 @@
 //! PUT    /v1/models/{ns}/{name}[?replace=true] model.toml (text): checks and installs the folder
 //! DELETE /v1/models/{ns}/{name}                removes the model
 //! POST   /admin/reload                         looks at the whole models folder again (admin)
+//! POST   /admin/models/{ns}/{name}/warm        loads a model now (admin)
 //! ```
 //!
 //! Files go to a hidden upload folder beside the model's (`.<name>.upload`), which the registry
@@ -45,6 +46,7 @@ pub fn routes() -> Router<Arc<AppState>> {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_MODEL_TOML_BYTES)),
         )
         .route("/admin/reload", post(reload))
+        .route("/admin/models/{ns}/{name}/warm", post(warm))
 }
 
 /// The caller, if it may change models in `ns`: an admin token, or an inference token of the
@@ -201,7 +203,7 @@ async fn register(
         let _ = std::fs::remove_dir_all(&dir);
         let report = s.inference.reload().map_err(AdminError::Store)?;
         // Other servers on this database (sharing the models folder) load it too.
-        if let Err(e) = s.tenancy.store().request_reload() {
+        if let Err(e) = s.tenancy.store().request("reload", "") {
             tracing::warn!("asking other servers to reload failed: {e:#}");
         }
         let key = id.to_string();
@@ -248,7 +250,7 @@ async fn remove(
             return Err(AdminError::NotFound(format!("no model {id}")));
         }
         s.inference.reload().map_err(AdminError::Store)?;
-        if let Err(e) = s.tenancy.store().request_reload() {
+        if let Err(e) = s.tenancy.store().request("reload", "") {
             tracing::warn!("asking other servers to reload failed: {e:#}");
         }
         Ok(())
@@ -266,4 +268,26 @@ async fn reload(
     authenticate(&state, &headers, Scope::Admin)?;
     let report = run(&state, |s| s.inference.reload().map_err(AdminError::Store)).await?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
+}
+
+/// `POST /admin/models/{ns}/{name}/warm`: loads the model now (waiting for it), so that its first
+/// request is not a cold start.
+async fn warm(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&state, &headers, Scope::Admin)?;
+    let id = model_id(&ns, &name)?.to_string();
+    let inference = Arc::clone(&state.inference);
+    let started = std::time::Instant::now();
+    let loaded = tokio::task::spawn_blocking(move || inference.warm(&id).map(|_| id))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::from)?;
+    Ok(Json(json!({
+        "model": loaded,
+        "state": "loaded",
+        "ms": started.elapsed().as_millis() as u64,
+    })))
 }

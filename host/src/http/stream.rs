@@ -52,7 +52,7 @@ pub async fn respond(
     let mut tokens = state
         .inference
         .generate_stream(
-            &authed.tenant,
+            &authed.tenant(&request.options),
             &request.model,
             request.input,
             request.params,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::auth::Authed;
-use super::{ApiError, ApiJson, AppState, TextInputs};
+use super::{ApiError, ApiJson, AppState, RequestOptions, TextInputs};
 use crate::infer::{InferError, Ranked};
 use crate::media;
 use crate::runtime::instance::{FinishReason, GenerationInput, GenerationParams, Message};
@@ -32,6 +32,8 @@ pub struct TextClassificationRequest {
     pub model: String,
     pub inputs: TextInputs,
     pub top_k: Option<usize>,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 /// `POST /v1/inference/text-classification`: an object for a string input, a list of objects
@@ -48,7 +50,11 @@ pub async fn text_classification(
     let single = request.inputs.single;
     let result = state
         .inference
-        .classify_texts(&authed.tenant, &request.model, request.inputs.texts)
+        .classify_texts(
+            &authed.tenant(&request.options),
+            &request.model,
+            request.inputs.texts,
+        )
         .await?;
     let mut answers = result.results.into_iter().map(|mut ranked| {
         if let Some(k) = request.top_k {
@@ -95,6 +101,8 @@ pub struct ImageClassificationRequest {
     #[serde(flatten)]
     pub source: MediaSource,
     pub top_k: Option<u32>,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 /// Labels returned when the caller does not say `top_k`.
@@ -114,7 +122,12 @@ pub async fn image_classification(
     let image = request.source.bytes(&state).await?;
     let (ranked, _) = state
         .inference
-        .classify_image(&authed.tenant, &request.model, image, top_k)
+        .classify_image(
+            &authed.tenant(&request.options),
+            &request.model,
+            image,
+            top_k,
+        )
         .await?;
     Ok(Json(labels_and_scores(ranked)))
 }
@@ -125,6 +138,8 @@ pub struct ObjectDetectionRequest {
     #[serde(flatten)]
     pub source: MediaSource,
     pub threshold: Option<f32>,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 /// Detections scoring below this are dropped when the caller does not say `threshold`.
@@ -162,7 +177,12 @@ pub async fn object_detection(
     let image = request.source.bytes(&state).await?;
     let (detections, _) = state
         .inference
-        .detect(&authed.tenant, &request.model, image, threshold)
+        .detect(
+            &authed.tenant(&request.options),
+            &request.model,
+            image,
+            threshold,
+        )
         .await?;
     let detections: Vec<DetectionDto> = detections
         .into_iter()
@@ -187,6 +207,8 @@ pub struct AsrRequest {
     pub audio: Option<String>,
     #[serde(default)]
     pub audio_url: Option<String>,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 /// `POST /v1/inference/asr`.
@@ -212,7 +234,7 @@ pub async fn asr(
     };
     let (text, _) = state
         .inference
-        .transcribe(&authed.tenant, &request.model, wav)
+        .transcribe(&authed.tenant(&request.options), &request.model, wav)
         .await?;
     Ok(Json(json!({ "text": text })))
 }
@@ -238,6 +260,8 @@ pub struct TextGenerationRequest {
     pub seed: Option<u64>,
     pub return_full_text: Option<bool>,
     pub stream: Option<bool>,
+    #[serde(default)]
+    pub options: RequestOptions,
 }
 
 /// Tokens generated when the caller does not say `max_tokens` (the API's own example).
@@ -256,6 +280,7 @@ pub struct ValidGenerateRequest {
     pub return_full_text: bool,
     /// Answer with Server-Sent Events (`"stream": true`).
     pub stream: bool,
+    pub options: RequestOptions,
 }
 
 fn in_range(name: &str, value: f32, range: std::ops::RangeInclusive<f32>) -> Result<f32, ApiError> {
@@ -352,6 +377,7 @@ impl TryFrom<TextGenerationRequest> for ValidGenerateRequest {
         }
         Ok(ValidGenerateRequest {
             model: r.model,
+            options: r.options,
             input,
             params: GenerationParams {
                 max_tokens,
@@ -409,7 +435,7 @@ pub async fn text_generation(
     let generated = state
         .inference
         .generate(
-            &authed.tenant,
+            &authed.tenant(&request.options),
             &request.model,
             request.input,
             request.params,

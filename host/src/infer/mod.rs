@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+pub mod catalog;
 mod stream;
+pub use catalog::{LoadState, ModelEntry};
 pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
 
 use crate::config::{Config, Limits};
@@ -39,6 +41,9 @@ pub struct Tenant {
     pub meter: Arc<Meter>,
     /// The request being served, for the plugin's log lines.
     pub request_id: String,
+    /// Wait for a model that is loading (the request's `wait_for_model` option) instead of
+    /// answering 503.
+    pub wait_for_model: bool,
 }
 
 impl Tenant {
@@ -47,6 +52,7 @@ impl Tenant {
             id: id.into(),
             meter: Arc::default(),
             request_id: "-".into(),
+            wait_for_model: false,
         }
     }
 
@@ -108,6 +114,12 @@ pub enum InferError {
     /// The plugin's own `invalid-input` or `unsupported` message.
     #[error("{0}")]
     Rejected(String),
+    /// The model is loading (a cold start): retry after `wait`, or send `wait_for_model`.
+    #[error("model {model} is loading: retry in about {} s, or send \"options\": {{\"wait_for_model\": true}} to wait for it", catalog::retry_after_secs(*.wait))]
+    Loading { model: String, wait: Duration },
+    /// The model's last load failed (the message says why).
+    #[error("{0}")]
+    ModelFailed(String),
     #[error("the server is busy: no instance of this model became free in time")]
     Overloaded { retry_after: Duration },
     #[error("{0}")]
@@ -129,11 +141,6 @@ pub struct LoadedModel {
     pub spec: ModelSpec,
     pub limits: Limits,
     pub plugin_digest: String,
-    /// The plugin's publisher signature (`<plugin>.sig` beside it), if it has one; an error
-    /// when the file is malformed.
-    pub signature: Option<Result<crate::signing::PluginSignature, String>>,
-    /// [`ModelSpec::stamp`] when it was loaded: a reload loads the folder again when it changed.
-    pub stamp: String,
     /// Which load this is (the server counts them): instances are pooled per load, so a
     /// reloaded model never reuses an instance of its previous version.
     pub load_seq: u64,
@@ -187,8 +194,8 @@ pub struct Embeddings {
     pub compute: Duration,
 }
 
-/// The models being served, by id. Swapped whole by a reload.
-pub type Catalog = BTreeMap<ModelId, Arc<LoadedModel>>;
+/// The models this server knows, by id, loaded or not. Swapped whole by a reload.
+pub type Catalog = BTreeMap<ModelId, Arc<ModelEntry>>;
 
 /// What a reload did, for the admin who asked for it.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -211,17 +218,34 @@ pub struct ReloadFailure {
     pub kept_previous: bool,
 }
 
+/// Counters of model loads, for `/metrics` and the tests.
+#[derive(Debug, Default)]
+pub struct LoadStats {
+    pub loads: AtomicU64,
+    pub load_failures: AtomicU64,
+    /// Models unloaded to stay within the memory budget.
+    pub unloads: AtomicU64,
+}
+
 pub struct Inference {
     models: RwLock<Arc<Catalog>>,
     /// What loading a model needs (the models folder, the server's limits and ORT options).
     config: Config,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// Held while a load makes room within the memory budget (so two loads do not both count
+    /// the same free bytes).
+    budget_lock: Mutex<()>,
     load_seq: AtomicU64,
     runtime: Arc<PluginRuntime>,
     pool: Arc<InstancePool>,
     queue_timeout: Duration,
+    /// When the server started (models' last use is counted from it).
+    started: Instant,
+    /// Itself, for the load threads a request starts.
+    this: std::sync::Weak<Inference>,
     pub stream_stats: Arc<StreamStats>,
+    pub load_stats: LoadStats,
     /// Host tensor bytes of all this server's instances.
     pub tensor_gauge: TensorGauge,
 }
@@ -235,8 +259,10 @@ impl std::fmt::Debug for Inference {
 }
 
 impl Inference {
-    /// Loads every model under `config.models_dir`. Blocking: call before serving.
-    pub fn load(config: &Config) -> anyhow::Result<Inference> {
+    /// Discovers every model under `config.models_dir` and loads the warm ones (all of them with
+    /// `warm_all`). Blocking: call before serving. A folder that does not parse, or a warm model
+    /// that does not load, stops startup.
+    pub fn load(config: &Config) -> anyhow::Result<Arc<Inference>> {
         nn::init_ort(&config.ort_dylib)?;
         let runtime = Arc::new(PluginRuntime::new(&RuntimeOptions {
             cache_dir: config.cache_dir.clone(),
@@ -245,27 +271,34 @@ impl Inference {
             log_lines_per_second: config.plugin_log_lines_per_second,
             log_burst: config.plugin_log_burst,
         })?);
-        let tensor_gauge = TensorGauge::default();
-        let load_seq = AtomicU64::new(0);
         let mut models = BTreeMap::new();
         for spec in registry::discover(&config.models_dir)? {
-            let id = spec.id.clone();
-            let seq = load_seq.fetch_add(1, Ordering::Relaxed);
-            let model = load_model(config, &runtime, &tensor_gauge, spec, seq)
-                .with_context(|| format!("loading model {id}"))?;
-            models.insert(id, Arc::new(model));
+            let entry = discovered(config, spec)?;
+            models.insert(entry.spec.id.clone(), Arc::new(entry));
         }
-        Ok(Inference {
+        let inference = Arc::new_cyclic(|this| Inference {
             models: RwLock::new(Arc::new(models)),
             config: config.clone(),
             reloading: Mutex::new(()),
-            load_seq,
+            budget_lock: Mutex::new(()),
+            load_seq: AtomicU64::new(0),
             runtime,
             pool: InstancePool::new(config.instance_slots),
             queue_timeout: config.queue_timeout,
+            started: Instant::now(),
+            this: this.clone(),
             stream_stats: Arc::default(),
-            tensor_gauge,
-        })
+            load_stats: LoadStats::default(),
+            tensor_gauge: TensorGauge::default(),
+        });
+        for entry in inference.models() {
+            if entry.spec.warm || config.warm_all {
+                inference
+                    .load_now(&entry)
+                    .with_context(|| format!("loading model {}", entry.spec.id))?;
+            }
+        }
+        Ok(inference)
     }
 
     /// Plugin log lines dropped over their budgets.
@@ -278,26 +311,32 @@ impl Inference {
         &self.config.models_dir
     }
 
-    /// The models being served now (a snapshot: a reload swaps in a new catalog).
+    /// The memory budget of loaded models, bytes.
+    pub fn memory_budget(&self) -> u64 {
+        self.config.model_memory_bytes
+    }
+
+    /// The models this server knows now (a snapshot: a reload swaps in a new catalog).
     pub fn catalog(&self) -> Arc<Catalog> {
         Arc::clone(&self.models.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The models being served now, in id order.
-    pub fn models(&self) -> Vec<Arc<LoadedModel>> {
+    /// The models this server knows now, in id order, loaded or not.
+    pub fn models(&self) -> Vec<Arc<ModelEntry>> {
         self.catalog().values().cloned().collect()
     }
 
-    /// A loaded model by `namespace/name`.
-    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+    /// A model by `namespace/name`, loaded or not.
+    pub fn get(&self, name: &str) -> Option<Arc<ModelEntry>> {
         ModelId::parse(name).and_then(|id| self.catalog().get(&id).cloned())
     }
 
-    /// Looks at the models folder again: loads new folders and folders whose
-    /// [`ModelSpec::stamp`] changed, drops folders that are gone, keeps the rest as they are.
-    /// A folder that fails to load is reported and, if it was served before, keeps its last good
-    /// version. Requests in flight finish on the version they started with. Blocking (ORT
-    /// sessions are created here): call it off the async executor.
+    /// Looks at the models folder again: new folders become known (and load if warm), folders
+    /// whose [`ModelSpec::stamp`] changed are replaced (loaded before the swap when the old
+    /// version was loaded, so no caller sees a cold start), folders that are gone are dropped,
+    /// the rest stay as they are. A folder that fails is reported and, if it was known before,
+    /// keeps its last good version. Requests in flight finish on the version they started with.
+    /// Blocking (ORT sessions are created here): call it off the async executor.
     pub fn reload(&self) -> anyhow::Result<ReloadReport> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.catalog();
@@ -310,27 +349,31 @@ impl Inference {
                 .id
                 .as_ref()
                 .map_or_else(|| found.dir.display().to_string(), ModelId::to_string);
-            let loaded = found.spec.and_then(|spec| {
+            let entry = found.spec.and_then(|spec| {
                 if let Some(previous) = previous.filter(|p| p.stamp == spec.stamp()) {
                     return Ok(Arc::clone(previous));
                 }
-                let seq = self.load_seq.fetch_add(1, Ordering::Relaxed);
-                load_model(&self.config, &self.runtime, &self.tensor_gauge, spec, seq).map(Arc::new)
-            });
-            match (loaded, previous) {
-                (Ok(model), Some(previous)) if Arc::ptr_eq(&model, previous) => {
-                    report.unchanged += 1;
-                    next.insert(model.spec.id.clone(), model);
+                let entry = Arc::new(discovered(&self.config, spec)?);
+                let was_loaded = previous.is_some_and(|p| p.loaded().is_some());
+                if was_loaded || entry.spec.warm || self.config.warm_all {
+                    self.load_now(&entry)?;
                 }
-                (Ok(model), previous) => {
+                Ok(entry)
+            });
+            match (entry, previous) {
+                (Ok(entry), Some(previous)) if Arc::ptr_eq(&entry, previous) => {
+                    report.unchanged += 1;
+                    next.insert(entry.spec.id.clone(), entry);
+                }
+                (Ok(entry), previous) => {
                     match previous {
                         Some(previous) => {
                             report.changed.push(label);
-                            retired.push(pool_model_key(previous));
+                            retired.push(Arc::clone(previous));
                         }
                         None => report.added.push(label),
                     }
-                    next.insert(model.spec.id.clone(), model);
+                    next.insert(entry.spec.id.clone(), entry);
                 }
                 (Err(e), previous) => {
                     tracing::error!(model = %label, "reload: the model folder did not load: {e:#}");
@@ -345,34 +388,216 @@ impl Inference {
                 }
             }
         }
-        for (id, model) in current.iter() {
+        for (id, entry) in current.iter() {
             if !next.contains_key(id) {
                 report.removed.push(id.to_string());
-                retired.push(pool_model_key(model));
+                retired.push(Arc::clone(entry));
             }
         }
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         // Idle instances of replaced versions go now; busy ones when their request ends.
-        for key in retired {
-            self.pool.retire_model(&key);
+        for entry in retired {
+            if let Some(model) = entry.unload(false) {
+                self.pool.retire_model(&pool_model_key(&model));
+            }
         }
         tracing::info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
             unchanged = report.unchanged, failed = report.failed.len(), "models reloaded");
         Ok(report)
     }
 
-    fn model(&self, name: &str, requested: Task) -> Result<Arc<LoadedModel>, InferError> {
-        let model = self
+    /// Loads `name` now unless it is loaded (an admin's `warm`), waiting for a load in progress.
+    /// Blocking.
+    pub fn warm(&self, name: &str) -> Result<Arc<LoadedModel>, InferError> {
+        let entry = self
             .get(name)
             .ok_or_else(|| InferError::ModelNotFound(name.to_owned()))?;
-        if model.spec.task != requested {
+        if let Some(model) = entry.loaded() {
+            return Ok(model);
+        }
+        self.load_now(&entry)
+            .map_err(|e| InferError::ModelFailed(format!("model {name} failed to load: {e:#}")))
+    }
+
+    /// Runs `entry`'s load on this thread (blocking) if nobody else is loading it, else waits
+    /// for that load; the outcome either way.
+    fn load_now(&self, entry: &Arc<ModelEntry>) -> anyhow::Result<Arc<LoadedModel>> {
+        if entry.begin_load() {
+            self.run_load(entry);
+        }
+        loop {
+            match entry.state() {
+                LoadState::Loaded(model) => return Ok(model),
+                LoadState::Failed { reason } => anyhow::bail!("{reason}"),
+                LoadState::Unloaded => {
+                    if entry.begin_load() {
+                        self.run_load(entry);
+                    }
+                }
+                LoadState::Loading { .. } => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// The load itself, after [`ModelEntry::begin_load`] said it is ours: make room within the
+    /// budget, create the sessions, compile the plugin, settle the entry.
+    fn run_load(&self, entry: &Arc<ModelEntry>) {
+        let started = Instant::now();
+        let result = self.make_room(entry).and_then(|()| {
+            let seq = self.load_seq.fetch_add(1, Ordering::Relaxed);
+            let model = load_model(
+                &self.config,
+                &self.runtime,
+                &self.tensor_gauge,
+                entry.spec.clone(),
+                seq,
+            )?;
+            if model.plugin_digest != entry.plugin_digest {
+                anyhow::bail!(
+                    "the plugin file changed since the model was discovered ({} then, {} now): \
+                     run `kiln admin reload`",
+                    entry.plugin_digest,
+                    model.plugin_digest
+                );
+            }
+            Ok(Arc::new(model))
+        });
+        let took = started.elapsed();
+        match &result {
+            Ok(_) => {
+                self.load_stats.loads.fetch_add(1, Ordering::Relaxed);
+                entry.touch(self.now_ms());
+                tracing::info!(model = %entry.spec.id, ms = took.as_millis() as u64, "model loaded");
+            }
+            Err(e) => {
+                self.load_stats
+                    .load_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(model = %entry.spec.id, "model failed to load: {e:#}");
+            }
+        }
+        entry.finish_load(result.map_err(|e| format!("{e:#}")), took);
+    }
+
+    /// Unloads least recently used models until `entry` fits within the memory budget: idle ones
+    /// first, then (if still short) busy ones, whose requests finish on their copy. A model larger
+    /// than the whole budget is an error.
+    fn make_room(&self, entry: &Arc<ModelEntry>) -> anyhow::Result<()> {
+        let budget = self.config.model_memory_bytes;
+        let need = entry.estimated_bytes;
+        if need > budget {
+            anyhow::bail!(
+                "model {} needs about {:.1} MiB, more than the whole memory budget of {:.1} MiB \
+                 (model_memory_mb)",
+                entry.spec.id,
+                need as f64 / 1048576.0,
+                budget as f64 / 1048576.0
+            );
+        }
+        let _lock = self.budget_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let others: Vec<Arc<ModelEntry>> = self
+            .models()
+            .into_iter()
+            .filter(|e| !Arc::ptr_eq(e, entry))
+            .collect();
+        let used = |others: &[Arc<ModelEntry>]| -> u64 {
+            others
+                .iter()
+                .filter(|e| matches!(e.state(), LoadState::Loaded(_) | LoadState::Loading { .. }))
+                .map(|e| e.estimated_bytes)
+                .sum()
+        };
+        for only_idle in [true, false] {
+            let mut loaded: Vec<&Arc<ModelEntry>> = others
+                .iter()
+                .filter(|e| matches!(e.state(), LoadState::Loaded(_)))
+                .collect();
+            loaded.sort_by_key(|e| e.last_used_ms());
+            for victim in loaded {
+                if used(&others) + need <= budget {
+                    return Ok(());
+                }
+                if let Some(model) = victim.unload(only_idle) {
+                    self.pool.retire_model(&pool_model_key(&model));
+                    self.load_stats.unloads.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(model = %victim.spec.id, idle = only_idle,
+                        for_model = %entry.spec.id, "unloaded to stay within the memory budget");
+                }
+            }
+        }
+        // Models still loading elsewhere may leave it short; they finish, and the next load
+        // makes room again.
+        Ok(())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The model `name` for a request of task `requested`, loaded: at once when it is; else its
+    /// load starts (or is already running) and the caller gets [`InferError::Loading`] with the
+    /// expected wait, or with `wait_for_model` waits up to the configured limit.
+    async fn model(
+        &self,
+        tenant: &Tenant,
+        name: &str,
+        requested: Task,
+    ) -> Result<Arc<LoadedModel>, InferError> {
+        let entry = self
+            .get(name)
+            .ok_or_else(|| InferError::ModelNotFound(name.to_owned()))?;
+        if entry.spec.task != requested {
             return Err(InferError::WrongTask {
                 model: name.to_owned(),
-                task: model.spec.task,
+                task: entry.spec.task,
                 requested,
             });
         }
-        Ok(model)
+        let give_up = tokio::time::Instant::now() + self.config.model_wait;
+        loop {
+            // Registered before looking, so a load that settles in between is not missed.
+            let settled = entry.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            match entry.state() {
+                LoadState::Loaded(model) => {
+                    entry.touch(self.now_ms());
+                    return Ok(model);
+                }
+                LoadState::Failed { reason } => {
+                    return Err(InferError::ModelFailed(format!(
+                        "model {name} failed to load: {reason}"
+                    )))
+                }
+                LoadState::Unloaded => {
+                    if entry.begin_load() {
+                        self.spawn_load(&entry);
+                    }
+                    continue;
+                }
+                LoadState::Loading { .. } => {}
+            }
+            let loading = || InferError::Loading {
+                model: name.to_owned(),
+                wait: entry.estimated_wait(),
+            };
+            if !tenant.wait_for_model {
+                return Err(loading());
+            }
+            if tokio::time::timeout_at(give_up, settled).await.is_err() {
+                return Err(loading());
+            }
+        }
+    }
+
+    /// Runs the load that [`ModelEntry::begin_load`] gave this caller on a blocking thread.
+    fn spawn_load(&self, entry: &Arc<ModelEntry>) {
+        let Some(this) = self.this.upgrade() else {
+            entry.finish_load(Err("the server is shutting down".into()), Duration::ZERO);
+            return;
+        };
+        let entry = Arc::clone(entry);
+        tokio::task::spawn_blocking(move || this.run_load(&entry));
     }
 
     /// `POST /v1/inference/embeddings`.
@@ -382,7 +607,7 @@ impl Inference {
         model: &str,
         inputs: Vec<String>,
     ) -> Result<Embeddings, InferError> {
-        let model = self.model(model, Task::Embeddings)?;
+        let model = self.model(tenant, model, Task::Embeddings).await?;
         check_texts(&inputs, &model.limits)?;
         let count = inputs.len();
         let (output, compute) = self
@@ -417,7 +642,7 @@ impl Inference {
         model: &str,
         inputs: Vec<String>,
     ) -> Result<TextClassification, InferError> {
-        let model = self.model(model, Task::TextClassification)?;
+        let model = self.model(tenant, model, Task::TextClassification).await?;
         check_texts(&inputs, &model.limits)?;
         let count = inputs.len();
         let (output, compute) = self
@@ -453,7 +678,7 @@ impl Inference {
         image: Vec<u8>,
         top_k: u32,
     ) -> Result<(Ranked, Duration), InferError> {
-        let model = self.model(model, Task::ImageClassification)?;
+        let model = self.model(tenant, model, Task::ImageClassification).await?;
         let image = checked_image(image, &model.limits)?;
         let (scores, compute) = self
             .call(tenant, &model, move |instance, deadline| {
@@ -474,7 +699,7 @@ impl Inference {
         image: Vec<u8>,
         threshold: f32,
     ) -> Result<(Vec<Detection>, Duration), InferError> {
-        let model = self.model(model, Task::ObjectDetection)?;
+        let model = self.model(tenant, model, Task::ObjectDetection).await?;
         let image = checked_image(image, &model.limits)?;
         let (mut detections, compute) = self
             .call(tenant, &model, move |instance, deadline| {
@@ -497,7 +722,7 @@ impl Inference {
         model: &str,
         wav: Vec<u8>,
     ) -> Result<(String, Duration), InferError> {
-        let model = self.model(model, Task::Asr)?;
+        let model = self.model(tenant, model, Task::Asr).await?;
         let header = media::inspect_wav(&wav, model.limits.max_audio_seconds)?;
         let audio = types::Audio {
             bytes: wav,
@@ -526,7 +751,7 @@ impl Inference {
         input: GenerationInput,
         params: GenerationParams,
     ) -> Result<Generated, InferError> {
-        let model = self.model(model, Task::TextGeneration)?;
+        let model = self.model(tenant, model, Task::TextGeneration).await?;
         check_generation(&model, &input, &params)?;
         let ((text, finish_reason, usage), compute) = self
             .call(tenant, &model, move |instance, deadline| {
@@ -663,6 +888,24 @@ async fn run_on<T: Send + 'static>(
     }
 }
 
+/// A model folder as discovery found it: the plugin's digest and signature read, its memory
+/// estimated, nothing loaded.
+fn discovered(config: &Config, spec: ModelSpec) -> anyhow::Result<ModelEntry> {
+    let bytes = std::fs::read(&spec.plugin_path)
+        .with_context(|| format!("reading plugin {}", spec.plugin_path.display()))?;
+    let digest = crate::plugin_tools::digest(&bytes);
+    let sig_path = {
+        let mut p = spec.plugin_path.clone().into_os_string();
+        p.push(".sig");
+        std::path::PathBuf::from(p)
+    };
+    let signature = std::fs::read_to_string(&sig_path)
+        .ok()
+        .map(|text| crate::signing::PluginSignature::parse(&text).map_err(|e| format!("{e:#}")));
+    let estimate = catalog::estimate_bytes(&spec, config.ort_sessions_per_graph);
+    Ok(ModelEntry::new(spec, digest, signature, estimate))
+}
+
 /// The instance pool's name for one load of a model.
 fn pool_model_key(model: &LoadedModel) -> String {
     format!("{}#{}", model.spec.id, model.load_seq)
@@ -675,8 +918,6 @@ fn load_model(
     spec: ModelSpec,
     load_seq: u64,
 ) -> anyhow::Result<LoadedModel> {
-    let started = Instant::now();
-    let stamp = spec.stamp();
     let (limits, raised) = config.limits.lowered_by(&spec.limits);
     if !raised.is_empty() {
         tracing::warn!(model = %spec.id, fields = ?raised,
@@ -704,20 +945,8 @@ fn load_model(
         plugin_digest: plugin.digest.clone(),
         log_budget: Arc::clone(&plugin.log_budget),
     };
-    let sig_path = {
-        let mut p = spec.plugin_path.clone().into_os_string();
-        p.push(".sig");
-        std::path::PathBuf::from(p)
-    };
-    let signature = std::fs::read_to_string(&sig_path)
-        .ok()
-        .map(|text| crate::signing::PluginSignature::parse(&text).map_err(|e| format!("{e:#}")));
-    tracing::info!(model = %spec.id, task = %spec.task, plugin = %plugin.digest,
-        ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(LoadedModel {
         plugin_digest: plugin.digest.clone(),
-        signature,
-        stamp,
         load_seq,
         spec,
         limits,

@@ -119,7 +119,7 @@ impl Inference {
         params: GenerationParams,
         on_end: Option<StreamHook>,
     ) -> Result<TokenStream, InferError> {
-        let model = self.model(model, Task::TextGeneration)?;
+        let model = self.model(tenant, model, Task::TextGeneration).await?;
         check_generation(&model, &input, &params)?;
         let lease = self.lease(tenant, &model).await?;
         // Capacity one: see the module comment for why that bounds the host's lead.

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! task = "embeddings"
+//! warm = true                                 # optional: load at startup, not on first use
 //! [plugin]
 //! path = "../../../plugins/embeddings.wasm"   # relative to the model folder
 //! [plugin.config]                             # handed to the plugin as JSON (host.config)
@@ -93,6 +94,9 @@ impl fmt::Display for ModelId {
 #[serde(deny_unknown_fields)]
 struct ModelFile {
     task: Task,
+    /// Load at startup (and on reload) instead of on first use.
+    #[serde(default)]
+    warm: bool,
     plugin: PluginFile,
     graphs: BTreeMap<String, GraphFile>,
     #[serde(default)]
@@ -144,6 +148,8 @@ pub struct ModelSpec {
     pub plugin_config: serde_json::Map<String, serde_json::Value>,
     pub graphs: BTreeMap<String, GraphSpec>,
     pub limits: LimitsArgs,
+    /// `warm = true`: loaded at startup, not on first use.
+    pub warm: bool,
 }
 
 impl ModelSpec {
@@ -215,6 +221,7 @@ impl ModelSpec {
             plugin_config,
             graphs,
             limits: parsed.limits,
+            warm: parsed.warm,
         })
     }
 }

@@ -129,21 +129,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn usage(&self, user_id: i64, from_ms: i64, to_ms: i64) -> anyhow::Result<Vec<UsageRow>>;
     /// Compute microseconds of every user since `from_ms` (the month's quota counters).
     fn compute_since(&self, from_ms: i64) -> anyhow::Result<HashMap<i64, u64>>;
-    /// Asks the servers on this database to look at their models folders again (`kiln admin
-    /// reload`); returns the request's number.
-    fn request_reload(&self) -> anyhow::Result<u64>;
-    /// The latest reload requested, the latest done, and the done one's report (JSON).
-    fn reload_status(&self) -> anyhow::Result<ReloadStatus>;
-    /// A server finished reload `number` with `report`.
-    fn finish_reload(&self, number: u64, report: &str) -> anyhow::Result<()>;
+    /// Asks the servers on this database to do something (`kiln admin reload`, `kiln admin
+    /// model warm`): `kind` is "reload" or "warm", `model` the model a warm is for. Returns the
+    /// request's id.
+    fn request(&self, kind: &str, model: &str) -> anyhow::Result<i64>;
+    /// Requests after `after_id`, oldest first.
+    fn requests_after(&self, after_id: i64) -> anyhow::Result<Vec<ServerRequest>>;
+    /// The newest request's id (0 when there is none): a starting server skips older ones.
+    fn last_request(&self) -> anyhow::Result<i64>;
+    /// A server did request `id`; `report` (JSON) is what the command prints.
+    fn finish_request(&self, id: i64, report: &str) -> anyhow::Result<()>;
+    /// The report of request `id`, once a server did it.
+    fn request_report(&self, id: i64) -> anyhow::Result<Option<String>>;
 }
 
-/// See [`Store::reload_status`].
-#[derive(Debug, Clone, Default)]
-pub struct ReloadStatus {
-    pub requested: u64,
-    pub done: u64,
-    pub report: String,
+/// See [`Store::request`].
+#[derive(Debug, Clone)]
+pub struct ServerRequest {
+    pub id: i64,
+    pub kind: String,
+    pub model: String,
 }
 
 /// Where the database is: `sqlite:<path>` or a plain path. (`postgres://` is for a later store.)
@@ -216,15 +221,15 @@ CREATE INDEX IF NOT EXISTS usage_user_time ON usage (user_id, at_ms);
 -- reload their snapshot only when it changed.
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), generation INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (id, generation) VALUES (1, 0);
--- `kiln admin reload` asks running servers to look at the models folder again: `requested` is
--- bumped by the CLI, `done` and `report` written by the server that did it.
-CREATE TABLE IF NOT EXISTS reloads (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    requested INTEGER NOT NULL,
-    done INTEGER NOT NULL,
-    report TEXT NOT NULL
+-- `kiln admin reload` / `model warm` ask running servers to act: the CLI inserts a row, a
+-- server's watcher does it and writes the report, which the CLI prints.
+CREATE TABLE IF NOT EXISTS server_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
+    requested_at_ms INTEGER NOT NULL,
+    report TEXT
 );
-INSERT OR IGNORE INTO reloads (id, requested, done, report) VALUES (1, 0, 0, '');
 ";
 
 /// The tables of the snapshot: each change to them bumps `meta.generation`.
@@ -554,25 +559,55 @@ impl Store for SqliteStore {
         Ok(rows)
     }
 
-    fn request_reload(&self) -> anyhow::Result<u64> {
+    fn request(&self, kind: &str, model: &str) -> anyhow::Result<i64> {
         let conn = self.write();
         conn.execute(
-            "UPDATE reloads SET requested = requested + 1 WHERE id = 1",
-            [],
+            "INSERT INTO server_requests (kind, model, requested_at_ms) VALUES (?1, ?2, ?3)",
+            rusqlite::params![kind, model, now_ms()],
         )?;
-        Ok(Self::reload_row(&conn)?.requested)
+        Ok(conn.last_insert_rowid())
     }
 
-    fn reload_status(&self) -> anyhow::Result<ReloadStatus> {
-        Self::reload_row(&self.read())
+    fn requests_after(&self, after_id: i64) -> anyhow::Result<Vec<ServerRequest>> {
+        let conn = self.read();
+        let mut query =
+            conn.prepare("SELECT id, kind, model FROM server_requests WHERE id > ?1 ORDER BY id")?;
+        let rows = query.query_map([after_id], |r| {
+            Ok(ServerRequest {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                model: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn finish_reload(&self, number: u64, report: &str) -> anyhow::Result<()> {
+    fn last_request(&self) -> anyhow::Result<i64> {
+        Ok(self.read().query_row(
+            "SELECT COALESCE(MAX(id), 0) FROM server_requests",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn finish_request(&self, id: i64, report: &str) -> anyhow::Result<()> {
         self.write().execute(
-            "UPDATE reloads SET done = MAX(done, ?1), report = ?2 WHERE id = 1",
-            rusqlite::params![number as i64, report],
+            "UPDATE server_requests SET report = ?2 WHERE id = ?1 AND report IS NULL",
+            rusqlite::params![id, report],
         )?;
         Ok(())
+    }
+
+    fn request_report(&self, id: i64) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT report FROM server_requests WHERE id = ?1",
+                [id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     fn compute_since(&self, from_ms: i64) -> anyhow::Result<HashMap<i64, u64>> {
@@ -584,22 +619,6 @@ impl Store for SqliteStore {
             .query_map([from_ms], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
             .collect::<Result<HashMap<_, _>, _>>()?;
         Ok(map)
-    }
-}
-
-impl SqliteStore {
-    fn reload_row(conn: &Connection) -> anyhow::Result<ReloadStatus> {
-        Ok(conn.query_row(
-            "SELECT requested, done, report FROM reloads WHERE id = 1",
-            [],
-            |r| {
-                Ok(ReloadStatus {
-                    requested: r.get::<_, i64>(0)? as u64,
-                    done: r.get::<_, i64>(1)? as u64,
-                    report: r.get(2)?,
-                })
-            },
-        )?)
     }
 }
 
