@@ -14,6 +14,7 @@ pub mod nn;
 pub mod plugin_tools;
 pub mod registry;
 pub mod runtime;
+pub mod scaffold;
 pub mod signing;
 pub mod tenancy;
 

@@ -31,6 +31,18 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Writes a plugin crate for a task into `dir` (new or empty): a handler that serves the
+    /// task's demo model, its Cargo.toml, a model.toml.example and a README.
+    New {
+        /// embeddings, text-classification, image-classification, object-detection, asr or
+        /// text-generation.
+        task: String,
+        /// The crate's folder (its name becomes the package's).
+        dir: PathBuf,
+        /// The kiln-sdk crate to depend on (default: the one this kiln was built with).
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
+    },
     /// Which kiln:plugin world a component targets, what it imports, its size and digest.
     Inspect { file: PathBuf },
     /// Builds the plugin crate in `dir` for wasm32-wasip2 (release), inspects the component and
@@ -76,6 +88,11 @@ fn run() -> anyhow::Result<()> {
         }
         Some(Command::Plugin(PluginCommand::Keygen { name })) => return keygen(&name),
         Some(Command::Plugin(PluginCommand::Build { dir })) => return build(&dir),
+        Some(Command::Plugin(PluginCommand::New {
+            task,
+            dir,
+            sdk_path,
+        })) => return new_plugin(&task, &dir, sdk_path.as_deref()),
         Some(Command::Plugin(PluginCommand::Sign { key, file })) => return sign(&key, &file),
         None => cli.serve,
     };
@@ -166,6 +183,25 @@ fn sign(key: &std::path::Path, file: &std::path::Path) -> anyhow::Result<()> {
     std::fs::write(&sig_path, signature)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", sig_path.to_string_lossy()))?;
     println!("signed {} -> {}", found.digest, sig_path.to_string_lossy());
+    Ok(())
+}
+
+/// `kiln plugin new <task> <dir>`: the files written, then the next command.
+fn new_plugin(
+    task: &str,
+    dir: &std::path::Path,
+    sdk_path: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let made = kiln_host::scaffold::new_plugin(task, dir, sdk_path)?;
+    for file in &made.files {
+        println!("wrote {}", made.dir.join(file).display());
+    }
+    println!(
+        "{task} plugin crate `{}` (kiln-sdk at {})",
+        made.name,
+        made.sdk.display()
+    );
+    println!("next: kiln plugin build {}", made.dir.display());
     Ok(())
 }
 

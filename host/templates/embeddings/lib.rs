@@ -1,0 +1,101 @@
+//! A Kiln embeddings plugin (`kiln:plugin/embeddings-plugin`), written by `kiln plugin new` for
+//! a BERT-style sentence encoder such as the demo all-MiniLM-L6-v2.
+//!
+//! `init` loads the tokenizer; `embed` tokenizes the whole batch, runs the graph once, averages
+//! each input's token states (padding left out) and scales the vector to unit length.
+//!
+//! Configuration (`[plugin.config]` of the model), both optional:
+//!
+//! | key          | default            | meaning                                    |
+//! |--------------|--------------------|--------------------------------------------|
+//! | `tokenizer`  | `"tokenizer.json"` | tokenizer file, in the model's folder      |
+//! | `max_length` | `256`              | tokens per input (special tokens included) |
+
+use std::sync::OnceLock;
+
+use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
+use kiln_sdk::text::{EncoderInputs, Tokenizer};
+use kiln_sdk::{Error, Graph, Usage};
+
+/// What `init` loads once per instance.
+struct State {
+    tokenizer: Tokenizer,
+    graph: Graph,
+    inputs: EncoderInputs,
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+struct Plugin;
+
+impl Lifecycle for Plugin {
+    fn init() -> Result<(), Error> {
+        // `[plugin.config]` values (JSON, deserialised), with defaults for the demo model.
+        let tokenizer_file =
+            kiln_sdk::config::<String>("tokenizer")?.unwrap_or_else(|| "tokenizer.json".into());
+        let max_length = kiln_sdk::config::<usize>("max_length")?.unwrap_or(256);
+        let tokenizer =
+            kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
+                .map_err(Error::internal)?;
+        let _ = STATE.set(State {
+            tokenizer,
+            graph: Graph::load("model")?,
+            // input_ids, attention_mask, token_type_ids: the usual Hugging Face names.
+            inputs: EncoderInputs::from_config()?,
+        });
+        Ok(())
+    }
+}
+
+impl Guest for Plugin {
+    fn embed(inputs: Vec<String>) -> Result<Output, Error> {
+        let state = STATE
+            .get()
+            .ok_or_else(|| Error::internal("embed called before init"))?;
+        let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
+        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
+        // f32 [batch, seq, hidden]
+        let states = kiln_sdk::to_f32_vec(&outputs.take("last_hidden_state")?)?;
+        let tokens = batch.batch * batch.seq;
+        if tokens == 0 || states.len() % tokens != 0 {
+            return Err(Error::internal(format!(
+                "{} values for {} inputs of {} tokens",
+                states.len(),
+                batch.batch,
+                batch.seq
+            )));
+        }
+        let hidden = states.len() / tokens;
+        let vectors = states
+            .chunks_exact(batch.seq * hidden)
+            .zip(batch.attention_mask.chunks_exact(batch.seq))
+            .map(|(input, mask)| mean_pool(input, mask, hidden))
+            .collect();
+        Ok(Output {
+            vectors,
+            usage: Usage {
+                input_tokens: batch.real_tokens() as u32,
+                output_tokens: 0,
+            },
+        })
+    }
+}
+
+/// The mean of one input's token states (`[seq, hidden]`) where `mask` is 1, scaled to unit
+/// length.
+fn mean_pool(states: &[f32], mask: &[i64], hidden: usize) -> Vec<f32> {
+    let mut sum = vec![0.0f32; hidden];
+    for (token, _) in states
+        .chunks_exact(hidden)
+        .zip(mask)
+        .filter(|(_, &m)| m == 1)
+    {
+        sum.iter_mut().zip(token).for_each(|(s, v)| *s += v);
+    }
+    let norm = sum.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    sum.iter_mut().for_each(|v| *v /= norm);
+    sum
+}
+
+kiln_sdk::export_embeddings!(Plugin);
