@@ -64,9 +64,9 @@ async fn call(server: &TestServer, model: &str, command: &str, wait: bool) -> Re
         .await
 }
 
-/// `/ready` as an admin sees it: model id -> state.
-async fn states(server: &TestServer) -> Value {
-    let ready: Value = server
+/// `/ready` as an admin sees it.
+async fn ready_as_admin(server: &TestServer) -> Value {
+    server
         .client
         .get(server.url("/ready"))
         .bearer_auth(&server.admin_token)
@@ -75,7 +75,12 @@ async fn states(server: &TestServer) -> Value {
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Model id -> state, from `/ready` as an admin sees it.
+async fn states(server: &TestServer) -> Value {
+    let ready = ready_as_admin(server).await;
     let mut out = serde_json::Map::new();
     for m in ready["model_states"]
         .as_array()
@@ -240,16 +245,7 @@ async fn a_model_larger_than_the_budget_fails_with_a_clear_error() {
         "{}",
         r.message()
     );
-    let ready: Value = server
-        .client
-        .get(server.url("/ready"))
-        .bearer_auth(&server.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = ready_as_admin(&server).await;
     assert_eq!(ready["failed"], 1);
     let state = &ready["model_states"][0];
     assert_eq!(state["state"], "failed");
