@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod peers;
 mod python;
 mod setup;
 
@@ -24,6 +25,7 @@ commands:
   demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
   test           setup + Python venv + ONNX fixtures + browser, then fmt, clippy and cargo test
   bench          setup, then the benchmarks: embeddings (criterion) and one line per task
+  bench peers    Kiln beside a FastAPI peer (and TEI with TEI_BIN): docs/benchmarks.md
   fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
   browser        Chromium (apt-get) and the npm packages of tests/browser/, for the client tests
   reference      demo model + Python venv, then regenerate tests/reference/minilm_embeddings.json";
@@ -34,7 +36,8 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    if args.len() > 1 {
+    let bench_peers = args.len() == 2 && command == "bench" && args[1] == "peers";
+    if args.len() > 1 && !bench_peers {
         eprintln!(
             "xtask: `{command}` takes no arguments, got {:?}\n\n{USAGE}",
             &args[1..]
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         "build-plugins" => steps.run("build plugins", || setup::build_plugins(&repo)),
         "demo" => demo(&repo, &mut steps),
         "test" => test(&repo, &mut steps),
+        "bench" if bench_peers => peers::bench_peers(&repo, &mut steps),
         "bench" => bench(&repo, &mut steps),
         "fixtures" => fixtures(&repo, &mut steps),
         "browser" => setup::browser(&repo, &mut steps),

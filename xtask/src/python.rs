@@ -3,7 +3,8 @@
 //! (`tests/fixtures/make_onnx_fixtures.py`) and the independent embeddings reference
 //! (`tests/reference/embeddings_reference.py`), and `requests` for the streaming client example
 //! (`examples/clients/stream.py`, run by `tests/tests/stream_clients.rs`). Not needed by `demo`
-//! or `bench`.
+//! or `bench`; `bench peers` adds the hand-rolled FastAPI peer's packages ([`BENCH_REQUIREMENTS`],
+//! a separate stamp, so the fixtures' fingerprint does not change with them).
 
 use std::fs;
 use std::path::PathBuf;
@@ -26,11 +27,21 @@ const REQUIREMENTS: &[&str] = &[
     "requests==2.34.2",
 ];
 
+/// The hand-rolled peer of `cargo xtask bench peers` (`bench/peers/fastapi_server.py`): FastAPI on
+/// uvicorn with its `standard` extras (uvloop, httptools), as a platform team would install it.
+/// Installed on top of [`REQUIREMENTS`] (its onnxruntime, tokenizers and numpy).
+pub const BENCH_REQUIREMENTS: &[&str] = &[
+    "fastapi==0.165.0",
+    "uvicorn==0.54.0",
+    "uvloop==0.23.0",
+    "httptools==0.9.0",
+];
+
 const FIXTURES_SCRIPT: &str = "tests/fixtures/make_onnx_fixtures.py";
 const FIXTURES_DIR: &str = ".kiln/fixtures";
 const REFERENCE_SCRIPT: &str = "tests/reference/embeddings_reference.py";
 
-fn venv_python(repo: &Repo) -> PathBuf {
+pub fn venv_python(repo: &Repo) -> PathBuf {
     repo.path(".kiln/venv/bin/python")
 }
 
@@ -70,6 +81,33 @@ pub fn setup_python(repo: &Repo, steps: &mut Steps) -> Result<()> {
             ])
             .args(REQUIREMENTS))
         .context("installing the pinned Python packages from PyPI")?;
+        write_if_changed(&stamp, wanted.as_bytes())
+    })
+}
+
+/// `.kiln/venv` as [`setup_python`] makes it, plus [`BENCH_REQUIREMENTS`] (own stamp).
+pub fn setup_bench_python(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup_python(repo, steps)?;
+    steps.run("Python packages of the FastAPI peer", || {
+        let stamp = repo.path(".kiln/venv/kiln-bench-requirements.txt");
+        let wanted = BENCH_REQUIREMENTS.join("\n") + "\n";
+        if fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+            println!("up to date ({})", BENCH_REQUIREMENTS.join(", "));
+            return Ok(());
+        }
+        run(repo
+            .command(venv_python(repo))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--only-binary=:all:",
+                "--progress-bar",
+                "off",
+            ])
+            .args(REQUIREMENTS)
+            .args(BENCH_REQUIREMENTS))
+        .context("installing the FastAPI peer's Python packages from PyPI")?;
         write_if_changed(&stamp, wanted.as_bytes())
     })
 }

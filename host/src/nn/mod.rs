@@ -184,8 +184,9 @@ pub struct RequestNnState {
     pub refusal: Option<Refusal>,
     /// Time ORT spent running for this request (the usage's compute time).
     pub compute: Duration,
-    /// When the last `wasi:nn` call returned: the CPU deadline counts guest time from here.
-    pub last_call_end: Option<Instant>,
+    /// The calling thread's CPU time when the last `wasi:nn` call returned: the CPU deadline
+    /// counts guest time from here ([`crate::runtime::thread_cpu_time`]).
+    pub last_call_end: Option<Duration>,
     /// Latest time at which an ORT run must end (the request's wall-clock deadline).
     pub deadline: Option<Instant>,
 }
@@ -409,7 +410,7 @@ pub fn add_to_linker<T: Send + 'static>(
 macro_rules! host_call {
     ($view:expr, $body:expr) => {{
         let result = $body;
-        $view.ctx.request.last_call_end = Some(Instant::now());
+        $view.ctx.request.last_call_end = Some(crate::runtime::thread_cpu_time());
         result
     }};
 }

@@ -2,9 +2,10 @@
 //!
 //! - Memory: [`MemoryLimiter`] caps linear memory and tables for the instance's life.
 //! - Time: each export call is armed with the model's CPU limit and the request's wall-clock
-//!   deadline. The epoch callback counts guest time from the later of the call's start and the
-//!   end of the last `wasi:nn` call (re-arming after every host call), so ORT time does not
-//!   count as plugin CPU.
+//!   deadline. The epoch callback counts guest CPU time (the calling thread's own CPU clock, so
+//!   time the thread spends waiting for a core on a busy machine, or blocked while ORT runs, is
+//!   not counted) from the later of the call's start and the end of the last `wasi:nn` call, so
+//!   neither ORT time nor other tenants' load counts as this plugin's CPU.
 //! - WASI: no network, no environment, no arguments; the model's folder is the only preopen,
 //!   read-only, at `/model`; stdout/stderr go to the host log.
 //! - A trap (deadline, memory, panic) leaves the instance unusable: callers discard it.
@@ -119,7 +120,8 @@ impl ResourceLimiter for MemoryLimiter {
 /// Deadlines of the call in progress.
 #[derive(Debug, Default)]
 struct CallClock {
-    armed_at: Option<Instant>,
+    /// The calling thread's CPU time when the call started.
+    armed_at: Option<Duration>,
     cpu_limit: Duration,
     wall_deadline: Option<Instant>,
     expired: Option<TrapKind>,
@@ -587,7 +589,7 @@ impl PluginInstance {
 fn arm(store: &mut Store<StoreState>, deadline: Instant) {
     let now = Instant::now();
     let state = store.data_mut();
-    state.clock.armed_at = Some(now);
+    state.clock.armed_at = Some(super::thread_cpu_time());
     state.clock.wall_deadline = Some(deadline);
     state.clock.expired = None;
     state.limiter.exceeded = None;
@@ -614,14 +616,16 @@ fn on_epoch_deadline(
             return Ok(UpdateDeadline::Interrupt);
         }
     }
-    // Guest time counts from the later of the call's start and the last wasi:nn return.
+    // Guest CPU time counts from the later of the call's start and the last wasi:nn return
+    // (both read on this thread: a call runs on one thread from start to end).
+    let cpu_now = super::thread_cpu_time();
     let since = match (state.clock.armed_at, state.nn.request.last_call_end) {
         (Some(a), Some(b)) => a.max(b),
         (Some(a), None) => a,
         (None, Some(b)) => b,
-        (None, None) => now,
+        (None, None) => cpu_now,
     };
-    let used = now.saturating_duration_since(since);
+    let used = cpu_now.saturating_sub(since);
     if used >= state.clock.cpu_limit {
         state.clock.expired = Some(TrapKind::CpuDeadline(state.clock.cpu_limit));
         return Ok(UpdateDeadline::Interrupt);

@@ -226,3 +226,45 @@ impl Drop for PluginRuntime {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`): what a plugin's CPU
+/// limit counts. Unlike wall time it does not grow while the thread waits for a core on a busy
+/// machine, so one tenant's load cannot make another tenant's plugin look like a runaway loop.
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer; the thread CPU clock
+    // exists on every Linux kernel Kiln supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod cpu_clock_tests {
+    use super::thread_cpu_time;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_thread_cpu_clock_counts_work_not_waiting() {
+        let before = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(200));
+        let slept = thread_cpu_time() - before;
+        assert!(slept < Duration::from_millis(50), "sleeping used {slept:?} of CPU");
+
+        let before = thread_cpu_time();
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let worked = thread_cpu_time() - before;
+        // On a loaded machine the thread gets less than the whole 200 ms, never more.
+        assert!(worked > Duration::from_millis(20), "spinning used only {worked:?}");
+        assert!(worked <= started.elapsed() + Duration::from_millis(5), "{worked:?}");
+    }
+}
