@@ -73,6 +73,8 @@ fn main() {
         models_dir: root.join(".kiln/models"),
         cache_dir: root.join(".kiln/cache"),
         warm_all: true,
+        // Every iteration repeats a request: measure the plugin and the model, not the cache.
+        response_cache_bytes: 0,
         ..Config::default()
     };
     if let Some(dylib) = std::env::var_os("KILN_ORT_DYLIB") {

@@ -702,6 +702,8 @@ fn main() {
         cache_dir: root.join(".kiln/cache"),
         database_url: format!("sqlite:{}", bench_db.display()),
         warm_all: true,
+        // Every iteration repeats a request: measure the plugin and the model, not the cache.
+        response_cache_bytes: 0,
         ..Config::default()
     };
     // The benchmark's caller: a plan no benchmark reaches, so rate limits never interfere.

@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Longest a request with `wait_for_model` waits for its model to load, ms.
     #[arg(long, env = "KILN_MODEL_WAIT_MS")]
     pub model_wait_ms: Option<u64>,
+    /// Memory of the response cache (answers of deterministic requests), MiB; 0 disables it.
+    #[arg(long, env = "KILN_RESPONSE_CACHE_MB")]
+    pub response_cache_mb: Option<u64>,
     /// Interval of keep-alive comments in a streamed response while no token comes, ms.
     #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
     pub stream_keepalive_ms: Option<u64>,
@@ -101,6 +104,10 @@ pub struct OrtArgs {
     /// Runs that may queue for a graph's sessions before callers are refused.
     #[arg(long, env = "KILN_ORT_QUEUE")]
     pub queue_capacity: Option<usize>,
+    /// Merge concurrent runs of graphs whose model.toml declares `batch` (default true; false
+    /// runs every call alone).
+    #[arg(long, env = "KILN_ORT_BATCHING")]
+    pub batching: Option<bool>,
 }
 
 /// `[limits]` of the server (ceilings) or `[limits]` of a model (lower only).
@@ -310,6 +317,8 @@ pub struct Config {
     pub model_memory_bytes: u64,
     /// How long `wait_for_model` waits.
     pub model_wait: Duration,
+    /// Bytes of answers the response cache keeps (0: no cache).
+    pub response_cache_bytes: u64,
     pub stream_keepalive: Duration,
     pub plugin_log_lines_per_second: u32,
     pub plugin_log_burst: u32,
@@ -329,6 +338,8 @@ pub struct Config {
     pub ort_intra_threads: usize,
     pub ort_queue_capacity: usize,
     pub limits: Limits,
+    /// Cross-request batching where a graph declares it (`[ort] batching`).
+    pub ort_batching: bool,
 }
 
 impl Default for Config {
@@ -351,6 +362,10 @@ impl Default for Config {
             model_memory_bytes: crate::infer::catalog::default_budget(),
             // The request timeout callers are told to use (30-60 s) less time to answer.
             model_wait: Duration::from_secs(30),
+            // 256 MiB: ~150,000 answers of one MiniLM sentence (384 f32 + bookkeeping, ~1.7 KB)
+            // or ~1,000,000 short classifications, a small share of the memory next to the
+            // models' budget (half the machine).
+            response_cache_bytes: 256 << 20,
             // Well under the 60 s idle timeouts of common proxies and load balancers.
             stream_keepalive: Duration::from_secs(15),
             // A plugin that logs a line or two per request stays within this on a 2-core
@@ -370,6 +385,7 @@ impl Default for Config {
             ort_intra_threads: (cores / sessions).max(1),
             ort_queue_capacity: 256,
             limits: Limits::default(),
+            ort_batching: true,
         }
     }
 }
@@ -464,6 +480,9 @@ impl Config {
         if let Some(v) = a.model_wait_ms {
             self.model_wait = Duration::from_millis(v);
         }
+        if let Some(v) = a.response_cache_mb {
+            self.response_cache_bytes = v << 20;
+        }
         if let Some(v) = a.plugin_log_lines_per_second {
             self.plugin_log_lines_per_second = v;
         }
@@ -489,6 +508,9 @@ impl Config {
         }
         if let Some(v) = a.ort.queue_capacity {
             self.ort_queue_capacity = v;
+        }
+        if let Some(v) = a.ort.batching {
+            self.ort_batching = v;
         }
         self.limits = self.limits.clone().overridden_by(&a.limits);
     }

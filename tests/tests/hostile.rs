@@ -61,8 +61,13 @@ async fn probe_server(config: &str, limits: &str) -> (ModelsDir, TestServer) {
 }
 
 async fn probe(server: &TestServer, model: &str, command: &str) -> Reply {
+    // Past the response cache: "still serving" must mean the plugin ran.
+    let options = json!({"use_cache": false});
     server
-        .post(EMBED, &json!({"model": model, "inputs": [command]}))
+        .post(
+            EMBED,
+            &json!({"model": model, "inputs": [command], "options": options}),
+        )
         .await
 }
 

@@ -40,10 +40,12 @@ const DEFAULT_LIMITS: &str =
     "memory_mb = 64\ncpu_ms = 300\ntimeout_ms = 20000\ntensor_mb = 32\nmax_instances = 2";
 
 async fn probe(server: &TestServer, model: &str, command: &str) -> kiln_tests::Reply {
+    // Past the response cache: every probe command must really run in the plugin.
+    let options = json!({"use_cache": false});
     server
         .post(
             "/v1/inference/embeddings",
-            &json!({"model": model, "inputs": [command]}),
+            &json!({"model": model, "inputs": [command], "options": options}),
         )
         .await
 }

@@ -44,8 +44,24 @@ max_length = 256
 pooling = "mean"
 normalize = true
 
-[graphs]
-model = "model.onnx"
+[graphs.model]
+file = "model.onnx"
+
+# Concurrent requests share one ONNX Runtime run: their rows stacked on axis 0, each padded to
+# the longest sequence (axis 1) with 0 (the [PAD] id, mask 0); the hidden states are split back
+# and cut to each request's own length. A lone request runs at once (max_wait_us = 0), and calls
+# merge only while padding stays under 10% of the run (padding costs more than merging saves).
+[graphs.model.batch]
+axis = 0
+max_size = 32
+max_wait_us = 0
+max_padding = 0.1
+outputs = { last_hidden_state = 1 }
+
+[graphs.model.batch.pad]
+input_ids = { axis = 1, value = 0 }
+attention_mask = { axis = 1, value = 0 }
+token_type_ids = { axis = 1, value = 0 }
 "#;
 
 /// Guest plugins: (cargo package, file built in target/wasm32-wasip2/plugin/, name in .kiln/plugins/).

@@ -1,7 +1,8 @@
 //! The gate in front of `/v1/inference/*`: the bearer token (401), the plan's rate limit and
 //! monthly compute quota (429), then the handler; afterwards the request's usage record is
 //! committed before the response leaves (a stream commits its own when it ends). Every answer
-//! carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`.
+//! carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`, and every admitted one `X-Kiln-Cache`
+//! (`hit`, `miss` or `bypass`: what the response cache did for it).
 
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{request_id, ApiError, AppState};
-use crate::infer::{InferError, Tenant};
+use crate::infer::{CacheOutcome, InferError, Tenant};
 use crate::tenancy::{self, AuthError, Caller, Decision, Refused, Scope, UsageRecord};
 
 /// The authenticated caller of an inference request (a request extension).
@@ -57,10 +58,11 @@ impl Authed {
     }
 
     /// The request's [`Tenant`] with its `options` applied (`wait_for_model` from the body or
-    /// the `X-Wait-For-Model` header).
+    /// the `X-Wait-For-Model` header; `use_cache: false` from the body or `X-Use-Cache: false`).
     pub fn tenant(&self, options: &super::RequestOptions) -> Tenant {
         let mut tenant = self.tenant.clone();
         tenant.wait_for_model |= options.wait_for_model;
+        tenant.use_cache &= options.use_cache.unwrap_or(true);
         tenant
     }
 
@@ -179,6 +181,14 @@ async fn model_of(request: Request, limit: usize) -> String {
         .unwrap_or_default()
 }
 
+/// A boolean request header: `true`/`1` is true, anything else false, None when absent.
+fn flag(headers: &HeaderMap, name: &str) -> Option<bool> {
+    headers.get(name).map(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+    })
+}
+
 pub async fn inference_gate(
     State(state): State<Arc<AppState>>,
     mut request: Request,
@@ -222,11 +232,8 @@ pub async fn inference_gate(
     };
     let mut tenant = Tenant::new(format!("user:{}", caller.user.id));
     tenant.request_id = request_id::current();
-    tenant.wait_for_model = request
-        .headers()
-        .get("x-wait-for-model")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    tenant.wait_for_model = flag(request.headers(), "x-wait-for-model").unwrap_or(false);
+    tenant.use_cache = flag(request.headers(), "x-use-cache").unwrap_or(true);
     let authed = Authed {
         tenant,
         caller: caller.clone(),
@@ -235,6 +242,13 @@ pub async fn inference_gate(
     request.extensions_mut().insert(authed.clone());
     let mut response = next.run(request).await;
     rate_headers(response.headers_mut(), &decision);
+    // What the response cache did; `bypass` when it was not consulted (a stream, an error
+    // before the lookup, `use_cache: false`, a non-deterministic generation).
+    let cache = authed.tenant.meter.cache_outcome();
+    response.headers_mut().insert(
+        "x-kiln-cache",
+        HeaderValue::from_static(cache.unwrap_or(CacheOutcome::Bypass).as_str()),
+    );
     if response.extensions().get::<UsageDeferred>().is_none() {
         let status = response.status().as_u16();
         commit(&state, record(status, authed.model(), Some(&authed.tenant))).await;

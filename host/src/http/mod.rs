@@ -330,6 +330,50 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         "Plugin log lines dropped because the plugin logged over its rate.",
         state.inference.log_lines_dropped(),
     );
+    let cache = &state.inference.cache;
+    metric(
+        "kiln_cache_hits_total",
+        "counter",
+        "Inference requests answered from the response cache.",
+        cache.hits.load(Relaxed),
+    );
+    metric(
+        "kiln_cache_misses_total",
+        "counter",
+        "Cacheable inference requests not found in the response cache (they ran).",
+        cache.misses.load(Relaxed),
+    );
+    metric(
+        "kiln_cache_evictions_total",
+        "counter",
+        "Response cache entries dropped, least recently used first, to stay within its size.",
+        cache.evictions.load(Relaxed),
+    );
+    metric(
+        "kiln_cache_bytes",
+        "gauge",
+        "Bytes held by the response cache (estimated).",
+        cache.bytes(),
+    );
+    let batches = &crate::nn::batch::TOTALS;
+    metric(
+        "kiln_batched_runs_total",
+        "counter",
+        "ONNX Runtime runs that merged the compute calls of two or more requests (batch axis).",
+        batches.runs(),
+    );
+    metric(
+        "kiln_batched_jobs_total",
+        "counter",
+        "Compute calls answered by merged runs (divided by the runs: the mean batch size).",
+        batches.jobs(),
+    );
+    metric(
+        "kiln_batch_size_max",
+        "gauge",
+        "Most compute calls merged into one ONNX Runtime run since the server started.",
+        batches.largest(),
+    );
     metric(
         "kiln_host_tensor_bytes",
         "gauge",
@@ -397,6 +441,9 @@ pub struct RequestOptions {
     /// Wait for a model that is loading (up to `model_wait_ms`) instead of a 503.
     #[serde(default)]
     pub wait_for_model: bool,
+    /// `false`: neither answer from the response cache nor store the answer (default true).
+    #[serde(default)]
+    pub use_cache: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

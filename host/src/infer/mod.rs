@@ -7,16 +7,23 @@
 //! [`Inference::reload`] looks at the folders again while serving: new and changed models are
 //! loaded beside the old ones and swapped in; requests in flight keep the version they started
 //! with (they hold an `Arc` of it), and the old version's instances are not reused.
+//!
+//! Deterministic requests are answered from the response cache ([`cache`]) when the same tenant
+//! sent the same request to the same content of the model before; the lookup comes after the
+//! model and the request's checks, so it keys on the exact version that answers.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+pub mod cache;
 pub mod catalog;
 mod stream;
+use cache::{CacheKey, Cacheable, KeyBuilder};
+pub use cache::{CacheOutcome, ResponseCache};
 pub use catalog::{LoadState, ModelEntry};
 pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
 
@@ -44,6 +51,9 @@ pub struct Tenant {
     /// Wait for a model that is loading (the request's `wait_for_model` option) instead of
     /// answering 503.
     pub wait_for_model: bool,
+    /// Answer from (and store in) the response cache when the request is deterministic (the
+    /// request's `use_cache` option; true unless it says false).
+    pub use_cache: bool,
 }
 
 impl Tenant {
@@ -53,6 +63,7 @@ impl Tenant {
             meter: Arc::default(),
             request_id: "-".into(),
             wait_for_model: false,
+            use_cache: true,
         }
     }
 
@@ -63,12 +74,14 @@ impl Tenant {
 }
 
 /// What one request used: ONNX Runtime time of every call (also of calls that failed) and the
-/// plugin's token counts.
+/// plugin's token counts; and what the response cache did for it.
 #[derive(Debug, Default)]
 pub struct Meter {
     compute_us: AtomicU64,
     input_tokens: AtomicU32,
     output_tokens: AtomicU32,
+    /// A [`CacheOutcome`] (0: the cache was not consulted).
+    cache: AtomicU8,
 }
 
 impl Meter {
@@ -92,6 +105,15 @@ impl Meter {
             self.input_tokens.load(Ordering::Relaxed),
             self.output_tokens.load(Ordering::Relaxed),
         )
+    }
+
+    pub fn set_cache(&self, outcome: CacheOutcome) {
+        self.cache.store(outcome.to_u8(), Ordering::Relaxed);
+    }
+
+    /// What the response cache did for the request; None when it was not consulted.
+    pub fn cache_outcome(&self) -> Option<CacheOutcome> {
+        CacheOutcome::from_u8(self.cache.load(Ordering::Relaxed))
     }
 }
 
@@ -144,6 +166,12 @@ pub struct LoadedModel {
     /// Which load this is (the server counts them): instances are pooled per load, so a
     /// reloaded model never reuses an instance of its previous version.
     pub load_seq: u64,
+    /// [`cache::content_digest`] of this load: every file of the folder, the plugin and its
+    /// config (empty when the response cache is disabled).
+    pub content_digest: String,
+    /// What [`LoadedModel::content_digest`] read: answers are cached only while the folder still
+    /// matches it (a folder edited without a reload is served, but not from or into the cache).
+    snapshot: cache::FolderSnapshot,
     setup: InstanceSetup,
     pre: TaskPre,
 }
@@ -152,6 +180,12 @@ impl LoadedModel {
     /// The model's graph executors (for their stats).
     pub fn graphs(&self) -> &Arc<ModelGraphs> {
         &self.setup.graphs
+    }
+
+    /// Whether the folder's files and the plugin (their sizes and modification times) are still
+    /// the ones this load read.
+    fn unchanged_on_disk(&self) -> bool {
+        self.snapshot.unchanged()
     }
 }
 
@@ -192,6 +226,132 @@ pub struct Embeddings {
     pub vectors: Vec<Vec<f32>>,
     pub input_tokens: u32,
     pub compute: Duration,
+}
+
+/// Image classification's answer, as the cache holds it.
+#[derive(Debug, Clone)]
+struct ImageLabels(Ranked);
+
+/// Object detection's answer, as the cache holds it.
+#[derive(Debug, Clone)]
+struct Detections(Vec<Detection>);
+
+/// A transcript and the usage the plugin reported, as the cache holds it.
+#[derive(Debug, Clone)]
+struct Transcript {
+    text: String,
+    input_tokens: u32,
+    output_tokens: u32,
+}
+
+/// Bytes of a ranking: a `(String, f32)` per label plus the label's text.
+fn ranked_weight(ranked: &Ranked) -> u64 {
+    24 + ranked
+        .iter()
+        .map(|(label, _)| 32 + label.len() as u64)
+        .sum::<u64>()
+}
+
+impl Cacheable for Embeddings {
+    fn weight(&self) -> u64 {
+        48 + self
+            .vectors
+            .iter()
+            .map(|v| 24 + 4 * v.len() as u64)
+            .sum::<u64>()
+    }
+    fn served_from_cache(self, meter: &Meter) -> Self {
+        meter.set_tokens(self.input_tokens, 0);
+        Embeddings {
+            compute: Duration::ZERO,
+            ..self
+        }
+    }
+}
+
+impl Cacheable for TextClassification {
+    fn weight(&self) -> u64 {
+        48 + self.results.iter().map(ranked_weight).sum::<u64>()
+    }
+    fn served_from_cache(self, meter: &Meter) -> Self {
+        meter.set_tokens(self.input_tokens, 0);
+        TextClassification {
+            compute: Duration::ZERO,
+            ..self
+        }
+    }
+}
+
+impl Cacheable for ImageLabels {
+    fn weight(&self) -> u64 {
+        ranked_weight(&self.0)
+    }
+    fn served_from_cache(self, _: &Meter) -> Self {
+        self
+    }
+}
+
+impl Cacheable for Detections {
+    fn weight(&self) -> u64 {
+        let each = std::mem::size_of::<Detection>() as u64;
+        24 + self
+            .0
+            .iter()
+            .map(|d| each + d.label.len() as u64)
+            .sum::<u64>()
+    }
+    fn served_from_cache(self, _: &Meter) -> Self {
+        self
+    }
+}
+
+impl Cacheable for Transcript {
+    fn weight(&self) -> u64 {
+        32 + self.text.len() as u64
+    }
+    fn served_from_cache(self, meter: &Meter) -> Self {
+        meter.set_tokens(self.input_tokens, self.output_tokens);
+        self
+    }
+}
+
+impl Cacheable for Generated {
+    fn weight(&self) -> u64 {
+        64 + self.text.len() as u64
+    }
+    fn served_from_cache(self, meter: &Meter) -> Self {
+        meter.set_tokens(self.input_tokens, self.output_tokens);
+        Generated {
+            compute: Duration::ZERO,
+            ..self
+        }
+    }
+}
+
+/// A generation request's part of its cache key: the input and every parameter.
+fn generation_key(key: &mut KeyBuilder, input: &GenerationInput, params: &GenerationParams) {
+    match input {
+        GenerationInput::Prompt(prompt) => {
+            key.u64(0).str(prompt);
+        }
+        GenerationInput::Chat(messages) => {
+            key.u64(1).u64(messages.len() as u64);
+            for m in messages {
+                key.str(&m.role).str(&m.content);
+            }
+        }
+    }
+    key.u64(params.max_tokens.into())
+        .f32(params.temperature)
+        .f32(params.top_p)
+        .u64(params.top_k.into())
+        .f32(params.frequency_penalty)
+        .f32(params.presence_penalty)
+        .strs(&params.stop_sequences);
+    match params.seed {
+        Some(seed) => key.u64(1).u64(seed),
+        None => key.u64(0),
+    };
 }
 
 /// The models this server knows, by id, loaded or not. Swapped whole by a reload.
@@ -248,6 +408,8 @@ pub struct Inference {
     pub load_stats: LoadStats,
     /// Host tensor bytes of all this server's instances.
     pub tensor_gauge: TensorGauge,
+    /// Answers of deterministic requests (`response_cache_mb`).
+    pub cache: ResponseCache,
 }
 
 impl std::fmt::Debug for Inference {
@@ -290,6 +452,7 @@ impl Inference {
             stream_stats: Arc::default(),
             load_stats: LoadStats::default(),
             tensor_gauge: TensorGauge::default(),
+            cache: ResponseCache::new(config.response_cache_bytes),
         });
         for entry in inference.models() {
             if entry.spec.warm || config.warm_all {
@@ -600,6 +763,56 @@ impl Inference {
         tokio::task::spawn_blocking(move || this.run_load(&entry));
     }
 
+    /// The response-cache key of a request of `tenant` on `model` (its fields written by
+    /// `fields`), or None, marked `bypass` on the meter, when the cache is not to be used: the
+    /// request is not deterministic, its `use_cache` option is false, the cache is disabled, or
+    /// the model's folder changed since this version loaded.
+    fn cache_key(
+        &self,
+        tenant: &Tenant,
+        model: &LoadedModel,
+        deterministic: bool,
+        fields: impl FnOnce(&mut KeyBuilder),
+    ) -> Option<CacheKey> {
+        let usable = deterministic && tenant.use_cache && self.cache.enabled();
+        // The `stat`s last: only for requests that would use the cache.
+        if !(usable && model.unchanged_on_disk()) {
+            tenant.meter.set_cache(CacheOutcome::Bypass);
+            return None;
+        }
+        let mut key = KeyBuilder::new(
+            &tenant.id,
+            &model.spec.id.to_string(),
+            &model.content_digest,
+            model.spec.task.as_str(),
+        );
+        fields(&mut key);
+        Some(key.finish())
+    }
+
+    /// The cached answer under `key`, as a hit serves it (no compute; its tokens on the meter);
+    /// marks the meter `hit` or `miss`.
+    fn cached<T: Cacheable>(&self, tenant: &Tenant, key: Option<&CacheKey>) -> Option<T> {
+        let key = key?;
+        match self.cache.get::<T>(key) {
+            Some(value) => {
+                tenant.meter.set_cache(CacheOutcome::Hit);
+                Some(value.served_from_cache(&tenant.meter))
+            }
+            None => {
+                tenant.meter.set_cache(CacheOutcome::Miss);
+                None
+            }
+        }
+    }
+
+    /// Stores a successful answer (when the request was looked up).
+    fn store<T: Cacheable>(&self, key: Option<CacheKey>, value: &T) {
+        if let Some(key) = key {
+            self.cache.put(key, value);
+        }
+    }
+
     /// `POST /v1/inference/embeddings`.
     pub async fn embed(
         &self,
@@ -609,6 +822,12 @@ impl Inference {
     ) -> Result<Embeddings, InferError> {
         let model = self.model(tenant, model, Task::Embeddings).await?;
         check_texts(&inputs, &model.limits)?;
+        let key = self.cache_key(tenant, &model, true, |k| {
+            k.strs(&inputs);
+        });
+        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+            return Ok(hit);
+        }
         let count = inputs.len();
         let (output, compute) = self
             .call(tenant, &model, move |instance, deadline| {
@@ -628,11 +847,13 @@ impl Inference {
             });
         }
         tenant.meter.set_tokens(output.usage.input_tokens, 0);
-        Ok(Embeddings {
+        let result = Embeddings {
             vectors: output.vectors,
             input_tokens: output.usage.input_tokens,
             compute,
-        })
+        };
+        self.store(key, &result);
+        Ok(result)
     }
 
     /// `POST /v1/inference/text-classification`: every label, best first, per input.
@@ -644,6 +865,12 @@ impl Inference {
     ) -> Result<TextClassification, InferError> {
         let model = self.model(tenant, model, Task::TextClassification).await?;
         check_texts(&inputs, &model.limits)?;
+        let key = self.cache_key(tenant, &model, true, |k| {
+            k.strs(&inputs);
+        });
+        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+            return Ok(hit);
+        }
         let count = inputs.len();
         let (output, compute) = self
             .call(tenant, &model, move |instance, deadline| {
@@ -663,11 +890,13 @@ impl Inference {
             });
         }
         tenant.meter.set_tokens(output.usage.input_tokens, 0);
-        Ok(TextClassification {
+        let result = TextClassification {
             results: output.results.into_iter().map(ranked).collect(),
             input_tokens: output.usage.input_tokens,
             compute,
-        })
+        };
+        self.store(key, &result);
+        Ok(result)
     }
 
     /// `POST /v1/inference/image-classification`: the `top_k` best labels.
@@ -680,6 +909,12 @@ impl Inference {
     ) -> Result<(Ranked, Duration), InferError> {
         let model = self.model(tenant, model, Task::ImageClassification).await?;
         let image = checked_image(image, &model.limits)?;
+        let key = self.cache_key(tenant, &model, true, |k| {
+            k.bytes(&image.bytes).u64(top_k.into());
+        });
+        if let Some(ImageLabels(hit)) = self.cached(tenant, key.as_ref()) {
+            return Ok((hit, Duration::ZERO));
+        }
         let (scores, compute) = self
             .call(tenant, &model, move |instance, deadline| {
                 instance.classify_image(&image, top_k, deadline)
@@ -688,7 +923,9 @@ impl Inference {
         check_output(&model, scores.iter().map(class_bytes).sum())?;
         let mut ranked = ranked(scores);
         ranked.truncate(top_k as usize);
-        Ok((ranked, compute))
+        let result = ImageLabels(ranked);
+        self.store(key, &result);
+        Ok((result.0, compute))
     }
 
     /// `POST /v1/inference/object-detection`: boxes in the original image's pixels.
@@ -701,6 +938,12 @@ impl Inference {
     ) -> Result<(Vec<Detection>, Duration), InferError> {
         let model = self.model(tenant, model, Task::ObjectDetection).await?;
         let image = checked_image(image, &model.limits)?;
+        let key = self.cache_key(tenant, &model, true, |k| {
+            k.bytes(&image.bytes).f32(threshold);
+        });
+        if let Some(Detections(hit)) = self.cached(tenant, key.as_ref()) {
+            return Ok((hit, Duration::ZERO));
+        }
         let (mut detections, compute) = self
             .call(tenant, &model, move |instance, deadline| {
                 instance.detect(&image, threshold, deadline)
@@ -712,7 +955,9 @@ impl Inference {
         )?;
         detections.retain(|d| d.score.is_finite() && d.score >= threshold);
         detections.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Ok((detections, compute))
+        let result = Detections(detections);
+        self.store(key, &result);
+        Ok((result.0, compute))
     }
 
     /// `POST /v1/inference/asr`: the transcript of a WAV file.
@@ -724,6 +969,12 @@ impl Inference {
     ) -> Result<(String, Duration), InferError> {
         let model = self.model(tenant, model, Task::Asr).await?;
         let header = media::inspect_wav(&wav, model.limits.max_audio_seconds)?;
+        let key = self.cache_key(tenant, &model, true, |k| {
+            k.bytes(&wav);
+        });
+        if let Some(hit) = self.cached::<Transcript>(tenant, key.as_ref()) {
+            return Ok((hit.text, Duration::ZERO));
+        }
         let audio = types::Audio {
             bytes: wav,
             sample_rate: header.sample_rate,
@@ -740,10 +991,17 @@ impl Inference {
         tenant
             .meter
             .set_tokens(usage.input_tokens, usage.output_tokens);
-        Ok((transcript.text, compute))
+        let result = Transcript {
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+            text: transcript.text,
+        };
+        self.store(key, &result);
+        Ok((result.text, compute))
     }
 
-    /// `POST /v1/inference/text-generation` (to the end, not streamed).
+    /// `POST /v1/inference/text-generation` (to the end, not streamed). Cached only when the
+    /// text is determined by the request: greedy (temperature 0) or seeded.
     pub async fn generate(
         &self,
         tenant: &Tenant,
@@ -753,6 +1011,13 @@ impl Inference {
     ) -> Result<Generated, InferError> {
         let model = self.model(tenant, model, Task::TextGeneration).await?;
         check_generation(&model, &input, &params)?;
+        let deterministic = params.temperature == 0.0 || params.seed.is_some();
+        let key = self.cache_key(tenant, &model, deterministic, |k| {
+            generation_key(k, &input, &params);
+        });
+        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+            return Ok(hit);
+        }
         let ((text, finish_reason, usage), compute) = self
             .call(tenant, &model, move |instance, deadline| {
                 instance.generate_to_end(&input, &params, deadline)
@@ -762,13 +1027,15 @@ impl Inference {
         tenant
             .meter
             .set_tokens(usage.input_tokens, usage.output_tokens);
-        Ok(Generated {
+        let result = Generated {
             text,
             finish_reason,
             input_tokens: usage.input_tokens,
             output_tokens: usage.output_tokens,
             compute,
-        })
+        };
+        self.store(key, &result);
+        Ok(result)
     }
 
     /// Borrows an instance for (model, tenant), runs `f` on a blocking thread within the
@@ -925,6 +1192,17 @@ fn load_model(
     }
     let plugin = runtime.load_plugin(&spec.plugin_path)?;
     let pre = TaskPre::new(spec.task, &plugin)?;
+    // Before the graphs load: a graph changed after this is seen by the snapshot, and the cache
+    // then stays out of this load's way.
+    let (content_digest, snapshot) = if config.response_cache_bytes > 0 {
+        let hashing = Instant::now();
+        let (digest, snapshot) = cache::content_digest(&spec, &plugin.digest)?;
+        tracing::info!(model = %spec.id, ms = hashing.elapsed().as_millis() as u64,
+            %digest, "model content hashed for the response cache");
+        (digest, snapshot)
+    } else {
+        Default::default()
+    };
     let mut graphs = BTreeMap::new();
     for (name, graph) in &spec.graphs {
         let options = ExecutorOptions {
@@ -932,7 +1210,14 @@ fn load_model(
             intra_threads: graph.intra_threads.unwrap_or(config.ort_intra_threads),
             queue_capacity: config.ort_queue_capacity,
         };
-        let executor = GraphExecutor::load(&spec.id.to_string(), name, &graph.path, &options)?;
+        let batch = graph.batch.as_ref().filter(|_| config.ort_batching);
+        let executor = GraphExecutor::load_with_batching(
+            &spec.id.to_string(),
+            name,
+            &graph.path,
+            &options,
+            batch,
+        )?;
         graphs.insert(name.clone(), executor);
     }
     let setup = InstanceSetup {
@@ -948,6 +1233,8 @@ fn load_model(
     Ok(LoadedModel {
         plugin_digest: plugin.digest.clone(),
         load_seq,
+        content_digest,
+        snapshot,
         spec,
         limits,
         setup,

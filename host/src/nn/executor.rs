@@ -5,12 +5,20 @@
 //! threads inside a `wasi:nn` `compute`) enqueue a job and wait for its reply with a time limit;
 //! past the limit they set the job's `RunOptions` terminate flag, which stops ORT between kernels.
 //! Sessions are created once when the model loads, never per request, and ORT never runs on the
-//! async executor. The queue is the place where cross-request batching can later merge jobs.
+//! async executor.
+//!
+//! A graph whose `model.toml` declares a batch axis ([`super::batch`]) merges jobs: a worker
+//! takes the first job in the queue and every compatible job queued behind it (up to the batch's
+//! `max_size` rows), runs them as one, and splits the outputs back. A lone job never waits for
+//! company; a worker that already holds two or more jobs waits up to `max_wait` for more. A
+//! merged run's compute time is shared among its jobs in proportion to their rows. If a merged
+//! run fails, each of its jobs runs again alone, so one bad call cannot fail the others.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
@@ -18,6 +26,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, ValueType};
 
+use super::batch::{BatchKey, BatchPlan, BatchSpec, Fill, TOTALS};
 use super::tensor::{DType, Tensor};
 
 static ORT_ENV: OnceLock<Environment> = OnceLock::new();
@@ -120,13 +129,17 @@ pub struct RunOutput {
     pub compute: Duration,
 }
 
-/// Counters of one graph's runs, for metrics and for tests that prove runs overlap.
+/// Counters of one graph's runs, for metrics and for tests that prove runs overlap or merge.
 #[derive(Debug, Default)]
 pub struct ExecutorStats {
     queued: AtomicUsize,
     runs: AtomicU64,
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
+    merged_runs: AtomicU64,
+    merged_jobs: AtomicU64,
+    largest_batch: AtomicUsize,
+    merge_failures: AtomicU64,
 }
 
 impl ExecutorStats {
@@ -135,7 +148,7 @@ impl ExecutorStats {
         self.queued.load(Ordering::SeqCst)
     }
 
-    /// Runs started since the graph loaded.
+    /// Runs started since the graph loaded (a merged run counts once).
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::Relaxed)
     }
@@ -145,23 +158,238 @@ impl ExecutorStats {
         self.peak_in_flight.load(Ordering::Relaxed)
     }
 
+    /// Runs that merged two or more jobs and answered them.
+    pub fn merged_runs(&self) -> u64 {
+        self.merged_runs.load(Ordering::Relaxed)
+    }
+
+    /// Jobs answered by merged runs.
+    pub fn merged_jobs(&self) -> u64 {
+        self.merged_jobs.load(Ordering::Relaxed)
+    }
+
+    /// Most jobs answered by one run (1 until a merged run succeeds, 0 before any run).
+    pub fn largest_batch(&self) -> usize {
+        self.largest_batch.load(Ordering::Relaxed)
+    }
+
+    /// Merged runs that failed, whose jobs then ran one by one.
+    pub fn merge_failures(&self) -> u64 {
+        self.merge_failures.load(Ordering::Relaxed)
+    }
+
     fn start(&self) {
         self.runs.fetch_add(1, Ordering::Relaxed);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     }
 
-    fn end(&self) {
+    fn end(&self, jobs: usize) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.largest_batch.fetch_max(jobs, Ordering::Relaxed);
     }
 }
 
-struct Job {
-    inputs: Vec<(String, DynValue)>,
-    options: Arc<RunOptions>,
+/// What a caller shares with the worker that runs its job.
+struct Control {
+    /// The job's own run options, for a run alone.
+    options: RunOptions,
     /// Set by a caller that stopped waiting: the worker skips the job.
-    abandoned: Arc<AtomicBool>,
+    abandoned: AtomicBool,
+    /// Set by the worker while the job is part of a merged run.
+    merged: Mutex<Option<Arc<MergedControl>>>,
+}
+
+impl Control {
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+
+    fn set_merged(&self, merged: Option<Arc<MergedControl>>) {
+        *self.merged.lock().unwrap_or_else(|e| e.into_inner()) = merged;
+    }
+}
+
+/// A merged run: terminated only when every one of its callers has stopped waiting.
+struct MergedControl {
+    options: RunOptions,
+    waiting: AtomicUsize,
+}
+
+enum JobInputs {
+    /// Converted on the caller's thread (a graph without batching).
+    Ort(Vec<(String, DynValue)>),
+    /// Host tensors sorted by name, merged or converted by the worker.
+    Host(Vec<(String, Tensor)>),
+}
+
+struct Job {
+    inputs: JobInputs,
+    /// Some when the job may be merged with others of an equal key.
+    key: Option<BatchKey>,
+    control: Arc<Control>,
     reply: SyncSender<Result<RunOutput, RunError>>,
+}
+
+impl Job {
+    /// Answers a job whose caller has gone.
+    fn drop_abandoned(self) {
+        let _ = self.reply.try_send(Err(RunError::TimedOut(Duration::ZERO)));
+    }
+}
+
+/// The jobs of one graph, waiting for a worker; a worker may take jobs from anywhere in it
+/// (the compatible ones), not only the first.
+struct JobQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    capacity: usize,
+    /// Worker threads (sessions) taking from this queue.
+    workers: usize,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+impl JobQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Err(true): the executor is gone; Err(false): the queue is full.
+    fn push(&self, job: Job, stats: &ExecutorStats) -> Result<(), bool> {
+        let mut state = self.lock();
+        if state.closed || state.jobs.len() >= self.capacity {
+            return Err(state.closed);
+        }
+        state.jobs.push_back(job);
+        stats.queued.fetch_add(1, Ordering::SeqCst);
+        drop(state);
+        // Every waiting worker: one collecting a batch may not want this job, an idle one will.
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// The next jobs to run together: the first queued job and, with a plan, compatible jobs
+    /// queued behind it. None once the executor is gone and the queue is empty.
+    fn take(&self, plan: Option<&BatchPlan>, stats: &ExecutorStats) -> Option<Vec<Job>> {
+        let mut state = self.lock();
+        let first = loop {
+            match state.jobs.pop_front() {
+                Some(job) => {
+                    stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    if job.control.abandoned() {
+                        job.drop_abandoned();
+                        continue;
+                    }
+                    break job;
+                }
+                None if state.closed => return None,
+                None => state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
+            }
+        };
+        let (Some(plan), Some(key)) = (plan, first.key.clone()) else {
+            return Some(vec![first]);
+        };
+        // Sessions run in parallel and a merged run on one of them: leave the other workers
+        // their share of what is queued (one that is busy now will be free soon, and a worker
+        // that took everything would keep one core busy while the others wait).
+        let max_jobs = (state.jobs.len() + 1).div_ceil(self.workers);
+        let mut fill = plan.start(&key);
+        let mut batch = vec![first];
+        gather(
+            &mut state, plan, &key, &mut fill, &mut batch, max_jobs, stats,
+        );
+        // Others were queued: calls are arriving together, so a little wait may fill the batch.
+        // A lone call does not wait.
+        if batch.len() > 1 && !plan.max_wait.is_zero() {
+            let deadline = Instant::now() + plan.max_wait;
+            loop {
+                let now = Instant::now();
+                if now >= deadline
+                    || fill.rows >= plan.max_size as u64
+                    || batch.len() >= max_jobs
+                    || state.closed
+                {
+                    break;
+                }
+                state = self
+                    .ready
+                    .wait_timeout(state, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                gather(
+                    &mut state, plan, &key, &mut fill, &mut batch, max_jobs, stats,
+                );
+            }
+        }
+        if !state.jobs.is_empty() {
+            // What this worker left (incompatible, too long, over the size) is for another one.
+            self.ready.notify_one();
+        }
+        Some(batch)
+    }
+}
+
+/// Moves queued jobs that merge with `key` into `batch`, closest in length first, while they fit
+/// the plan's size and padding (and `max_jobs`); drops abandoned jobs on the way.
+fn gather(
+    state: &mut QueueState,
+    plan: &BatchPlan,
+    key: &BatchKey,
+    fill: &mut Fill,
+    batch: &mut Vec<Job>,
+    max_jobs: usize,
+    stats: &ExecutorStats,
+) {
+    for i in (0..state.jobs.len()).rev() {
+        if state.jobs[i].control.abandoned() {
+            if let Some(job) = state.jobs.remove(i) {
+                stats.queued.fetch_sub(1, Ordering::SeqCst);
+                job.drop_abandoned();
+            }
+        }
+    }
+    let mut candidates: Vec<(u64, usize)> = state
+        .jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, job)| {
+            let k = job.key.as_ref().filter(|k| k.merges_with(key))?;
+            Some((k.distance(key), i))
+        })
+        .collect();
+    // Closest in length first, then oldest.
+    candidates.sort_unstable();
+    let mut chosen = Vec::new();
+    for (_, i) in candidates {
+        if batch.len() + chosen.len() >= max_jobs || fill.rows >= plan.max_size as u64 {
+            break;
+        }
+        let Some(k) = state.jobs[i].key.as_ref() else {
+            continue;
+        };
+        if let Some(next) = plan.add(fill, key, k, plan.max_size) {
+            *fill = next;
+            chosen.push(i);
+        }
+    }
+    // Removed from the back, so that the indices stay valid; the batch keeps queue order.
+    chosen.sort_unstable_by(|a, b| b.cmp(a));
+    let mut taken: Vec<Job> = chosen
+        .into_iter()
+        .filter_map(|i| state.jobs.remove(i))
+        .collect();
+    stats.queued.fetch_sub(taken.len(), Ordering::SeqCst);
+    taken.reverse();
+    batch.extend(taken);
 }
 
 /// A pool of ORT sessions for one graph, each on its own worker thread.
@@ -170,8 +398,8 @@ pub struct GraphExecutor {
     path: PathBuf,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
-    queue: SyncSender<Job>,
-    queue_capacity: usize,
+    queue: Arc<JobQueue>,
+    plan: Option<Arc<BatchPlan>>,
     stats: Arc<ExecutorStats>,
 }
 
@@ -180,8 +408,27 @@ impl std::fmt::Debug for GraphExecutor {
         f.debug_struct("GraphExecutor")
             .field("name", &self.name)
             .field("path", &self.path)
+            .field("batching", &self.plan.is_some())
             .finish_non_exhaustive()
     }
+}
+
+impl Drop for GraphExecutor {
+    fn drop(&mut self) {
+        // The model was unloaded: the workers end (and their sessions are freed).
+        self.queue.close();
+    }
+}
+
+/// Converts host tensors for ORT.
+fn to_ort(inputs: Vec<(String, Tensor)>) -> Result<Vec<(String, DynValue)>, RunError> {
+    inputs
+        .into_iter()
+        .map(|(name, t)| match t.to_ort() {
+            Ok(v) => Ok((name, v)),
+            Err(m) => Err(RunError::Ort(format!("input '{name}': {m}"))),
+        })
+        .collect()
 }
 
 impl GraphExecutor {
@@ -191,6 +438,18 @@ impl GraphExecutor {
         name: &str,
         path: &Path,
         options: &ExecutorOptions,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::load_with_batching(label, name, path, options, None)
+    }
+
+    /// [`GraphExecutor::load`], merging concurrent jobs as `batch` declares (checked here
+    /// against the graph's inputs and outputs).
+    pub fn load_with_batching(
+        label: &str,
+        name: &str,
+        path: &Path,
+        options: &ExecutorOptions,
+        batch: Option<&BatchSpec>,
     ) -> anyhow::Result<Arc<Self>> {
         let env = ort_env()?;
         let sessions = options.sessions.max(1);
@@ -209,25 +468,40 @@ impl GraphExecutor {
                 build().map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
             pool.push(session);
         }
-        let inputs = pool[0]
+        let inputs: Vec<IoSpec> = pool[0]
             .inputs()
             .iter()
             .map(|o| IoSpec::from_outlet(o.name(), o.dtype()))
             .collect();
-        let outputs = pool[0]
+        let outputs: Vec<IoSpec> = pool[0]
             .outputs()
             .iter()
             .map(|o| IoSpec::from_outlet(o.name(), o.dtype()))
             .collect();
-        let (queue, rx) = mpsc::sync_channel::<Job>(options.queue_capacity.max(1));
-        let rx = Arc::new(Mutex::new(rx));
+        let plan = batch
+            .map(|spec| BatchPlan::new(spec, &inputs, &outputs).map(Arc::new))
+            .transpose()?;
+        let queue = Arc::new(JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            capacity: options.queue_capacity.max(1),
+            workers: sessions,
+        });
         let stats = Arc::new(ExecutorStats::default());
         for (i, session) in pool.into_iter().enumerate() {
-            let rx = Arc::clone(&rx);
-            let stats = Arc::clone(&stats);
+            let worker = Worker {
+                session,
+                queue: Arc::clone(&queue),
+                stats: Arc::clone(&stats),
+                plan: plan.clone(),
+                graph: format!("{label}/{name}"),
+            };
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{name}-{i}"))
-                .spawn(move || worker(session, rx, stats))?;
+                .spawn(move || worker.run())?;
         }
         Ok(Arc::new(Self {
             name: name.to_owned(),
@@ -235,7 +509,7 @@ impl GraphExecutor {
             inputs,
             outputs,
             queue,
-            queue_capacity: options.queue_capacity.max(1),
+            plan,
             stats,
         }))
     }
@@ -256,42 +530,71 @@ impl GraphExecutor {
         &self.stats
     }
 
-    /// Runs the graph on a free session, waiting at most `limit` (queueing included).
+    /// Whether concurrent runs of this graph are merged.
+    pub fn batching(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Runs the graph on a free session (merged with other callers' runs where the graph
+    /// batches), waiting at most `limit` (queueing included). The inputs have been checked
+    /// against [`Self::inputs`].
     ///
     /// Blocks the calling thread: call it from a plugin thread, never from the async executor.
     pub fn run(
         &self,
-        inputs: Vec<(String, DynValue)>,
+        inputs: Vec<(String, Tensor)>,
         limit: Duration,
     ) -> Result<RunOutput, RunError> {
-        let options = Arc::new(RunOptions::new().map_err(|e| RunError::Ort(e.to_string()))?);
-        let abandoned = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(Control {
+            options: RunOptions::new().map_err(|e| RunError::Ort(e.to_string()))?,
+            abandoned: AtomicBool::new(false),
+            merged: Mutex::new(None),
+        });
+        let (inputs, key) = match &self.plan {
+            Some(plan) => {
+                let mut inputs = inputs;
+                inputs.sort_by(|a, b| a.0.cmp(&b.0));
+                let key = plan.key(&inputs);
+                (JobInputs::Host(inputs), key)
+            }
+            None => (JobInputs::Ort(to_ort(inputs)?), None),
+        };
         let (reply, result) = mpsc::sync_channel(1);
         let job = Job {
             inputs,
-            options: Arc::clone(&options),
-            abandoned: Arc::clone(&abandoned),
+            key,
+            control: Arc::clone(&control),
             reply,
         };
-        self.stats.queued.fetch_add(1, Ordering::SeqCst);
-        match self.queue.try_send(job) {
+        match self.queue.push(job, &self.stats) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(RunError::QueueFull(self.name.clone(), self.queue_capacity))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(RunError::Shutdown(self.name.clone()))
-            }
+            Err(true) => return Err(RunError::Shutdown(self.name.clone())),
+            Err(false) => return Err(RunError::QueueFull(self.name.clone(), self.queue.capacity)),
         }
         match result.recv_timeout(limit) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
-                abandoned.store(true, Ordering::SeqCst);
+                control.abandoned.store(true, Ordering::SeqCst);
                 // Stops a run in progress between kernels; a queued job is skipped instead.
-                let _ = options.terminate();
+                let _ = control.options.terminate();
+                // A merged run goes on for the callers still waiting; the last one to give up
+                // stops it.
+                let merged = control
+                    .merged
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let wait_for_worker = match merged {
+                    Some(m) if m.waiting.fetch_sub(1, Ordering::SeqCst) > 1 => false,
+                    Some(m) => {
+                        let _ = m.options.terminate();
+                        true
+                    }
+                    None => true,
+                };
                 // Wait (briefly) for the worker so that this session is free again before the
                 // caller goes on; a run that ignores termination for this long is logged.
-                if result.recv_timeout(Duration::from_secs(5)).is_err() {
+                if wait_for_worker && result.recv_timeout(Duration::from_secs(5)).is_err() {
                     tracing::warn!(graph = %self.name, "ORT run did not stop within 5 s of termination");
                 }
                 Err(RunError::TimedOut(limit))
@@ -301,42 +604,145 @@ impl GraphExecutor {
     }
 }
 
-fn worker(mut session: Session, queue: Arc<Mutex<Receiver<Job>>>, stats: Arc<ExecutorStats>) {
-    loop {
-        let job = {
-            let rx = queue.lock().unwrap_or_else(|e| e.into_inner());
-            match rx.recv() {
-                Ok(job) => {
-                    stats.queued.fetch_sub(1, Ordering::SeqCst);
-                    job
+/// One session and the thread that runs it.
+struct Worker {
+    session: Session,
+    queue: Arc<JobQueue>,
+    stats: Arc<ExecutorStats>,
+    plan: Option<Arc<BatchPlan>>,
+    /// `<model>/<graph>`, for logs.
+    graph: String,
+}
+
+impl Worker {
+    fn run(mut self) {
+        while let Some(mut jobs) = self.queue.take(self.plan.as_deref(), &self.stats) {
+            if jobs.len() == 1 {
+                if let Some(job) = jobs.pop() {
+                    self.run_alone(job);
                 }
-                // The executor was dropped: the model was unloaded.
-                Err(_) => return,
+            } else {
+                self.run_merged(jobs);
             }
-        };
-        if job.abandoned.load(Ordering::SeqCst) {
-            let _ = job.reply.try_send(Err(RunError::TimedOut(Duration::ZERO)));
-            continue;
         }
+    }
+
+    /// Runs the session and converts its outputs; the time is ORT's run alone.
+    fn run_session(
+        &mut self,
+        inputs: Vec<(String, DynValue)>,
+        options: &RunOptions,
+        jobs: usize,
+    ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
-        stats.start();
-        let run = session.run_with_options(job.inputs, &*job.options);
-        stats.end();
-        let result = match run {
-            Ok(outputs) => {
-                let compute = started.elapsed();
-                outputs
-                    .iter()
-                    .map(|(name, value)| {
-                        Tensor::from_ort(name, &value).map(|t| (name.to_string(), t))
-                    })
-                    .collect::<Result<Vec<_>, String>>()
-                    .map(|outputs| RunOutput { outputs, compute })
-                    .map_err(RunError::Ort)
-            }
-            Err(e) => Err(RunError::Ort(e.to_string())),
-        };
+        self.stats.start();
+        let run = self.session.run_with_options(inputs, options);
+        self.stats.end(if run.is_ok() { jobs } else { 0 });
+        let compute = started.elapsed();
+        let outputs = run.map_err(|e| RunError::Ort(e.to_string()))?;
+        outputs
+            .iter()
+            .map(|(name, value)| Tensor::from_ort(name, &value).map(|t| (name.to_string(), t)))
+            .collect::<Result<Vec<_>, String>>()
+            .map(|outputs| RunOutput { outputs, compute })
+            .map_err(RunError::Ort)
+    }
+
+    fn run_alone(&mut self, job: Job) {
+        if job.control.abandoned() {
+            job.drop_abandoned();
+            return;
+        }
+        let result = match job.inputs {
+            JobInputs::Ort(inputs) => Ok(inputs),
+            JobInputs::Host(inputs) => to_ort(inputs),
+        }
+        .and_then(|inputs| self.run_session(inputs, &job.control.options, 1));
         // The caller may have gone; then nobody wants the result.
         let _ = job.reply.try_send(result);
+    }
+
+    fn run_merged(&mut self, jobs: Vec<Job>) {
+        let Some(plan) = self.plan.clone() else {
+            jobs.into_iter().for_each(|job| self.run_alone(job));
+            return;
+        };
+        let result = self.try_merged(&plan, &jobs);
+        for job in &jobs {
+            job.control.set_merged(None);
+        }
+        match result {
+            Ok((per_job, compute)) => {
+                let n = jobs.len();
+                self.stats.merged_runs.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .merged_jobs
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                TOTALS.record(n);
+                // Each job's share of the run, in proportion to its rows; the last one takes
+                // the rounding so that the shares add up to the run.
+                let rows: Vec<u128> = jobs
+                    .iter()
+                    .map(|j| j.key.as_ref().map_or(0, |k| u128::from(k.rows)))
+                    .collect();
+                let total_rows: u128 = rows.iter().sum::<u128>().max(1);
+                let total = compute.as_nanos();
+                let mut given = 0u128;
+                tracing::debug!(graph = %self.graph, batch = n, rows = total_rows as u64,
+                    compute_us = compute.as_micros() as u64, "merged run");
+                for (i, (job, outputs)) in jobs.into_iter().zip(per_job).enumerate() {
+                    let share = if i + 1 == n {
+                        total - given
+                    } else {
+                        total * rows[i] / total_rows
+                    };
+                    given += share;
+                    let compute = Duration::from_nanos(u64::try_from(share).unwrap_or(u64::MAX));
+                    let _ = job.reply.try_send(Ok(RunOutput { outputs, compute }));
+                }
+            }
+            Err(e) => {
+                if jobs.iter().all(|j| j.control.abandoned()) {
+                    // Stopped because every caller gave up: nothing to retry.
+                    jobs.into_iter().for_each(Job::drop_abandoned);
+                    return;
+                }
+                self.stats.merge_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(graph = %self.graph, batch = jobs.len(), error = %e,
+                    "a merged run failed; running its calls one by one");
+                jobs.into_iter().for_each(|job| self.run_alone(job));
+            }
+        }
+    }
+
+    /// The merged run of `jobs` (all with keys that merge), split back per job.
+    #[allow(clippy::type_complexity)]
+    fn try_merged(
+        &mut self,
+        plan: &BatchPlan,
+        jobs: &[Job],
+    ) -> Result<(Vec<Vec<(String, Tensor)>>, Duration), RunError> {
+        let mut parts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match (&job.key, &job.inputs) {
+                (Some(key), JobInputs::Host(inputs)) => parts.push((key, inputs.as_slice())),
+                _ => return Err(RunError::Ort("a job without a batch key was merged".into())),
+            }
+        }
+        let merged = plan.merge(&parts);
+        let control = Arc::new(MergedControl {
+            options: RunOptions::new().map_err(|e| RunError::Ort(e.to_string()))?,
+            waiting: AtomicUsize::new(jobs.len()),
+        });
+        for job in jobs {
+            job.control.set_merged(Some(Arc::clone(&control)));
+        }
+        let values = to_ort(merged.inputs.clone())?;
+        let out = self.run_session(values, &control.options, jobs.len())?;
+        let keys: Vec<&BatchKey> = parts.iter().map(|(k, _)| *k).collect();
+        let per_job = plan
+            .split(&merged, &keys, out.outputs)
+            .map_err(RunError::Ort)?;
+        Ok((per_job, out.compute))
     }
 }

@@ -12,8 +12,10 @@
 //! - Tensors stay on the host until read; a per-instance budget of tensor bytes and live
 //!   tensors turns a flood into an error ([`TensorBudget`]).
 //! - ORT runs on the graph's executor threads with a time limit ([`executor`]); a run stopped
-//!   by it is remembered as a [`Refusal`] that decides the request's status.
+//!   by it is remembered as a [`Refusal`] that decides the request's status. Concurrent calls on
+//!   a graph that declares a batch axis may share one run ([`batch`]): plugins see no difference.
 
+pub mod batch;
 pub mod bindings;
 pub mod executor;
 pub mod tensor;
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+pub use batch::BatchSpec;
 use bindings::kiln::plugin::tensor_ext;
 use bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
 pub use executor::{init_ort, ExecutorOptions, GraphExecutor, IoSpec, RunError};
@@ -292,13 +295,12 @@ impl<'a> NnView<'a> {
         graph: Arc<GraphExecutor>,
         inputs: Vec<(String, Tensor)>,
     ) -> Result<Vec<(String, Tensor)>, NnError> {
-        let values = check_inputs(&graph, &inputs)?;
+        check_inputs(&graph, &inputs)?;
         let mut limit = self.ctx.run_timeout;
         if let Some(deadline) = self.ctx.request.deadline {
             limit = limit.min(deadline.saturating_duration_since(Instant::now()));
         }
-        drop(inputs);
-        match graph.run(values, limit) {
+        match graph.run(inputs, limit) {
             Ok(out) => {
                 self.ctx.request.compute += out.compute;
                 Ok(out.outputs)
@@ -319,13 +321,9 @@ impl<'a> NnView<'a> {
     }
 }
 
-/// Checks the guest's tensors against what the graph declares and converts them for ORT.
-fn check_inputs(
-    graph: &GraphExecutor,
-    inputs: &[(String, Tensor)],
-) -> Result<Vec<(String, ort::value::DynValue)>, NnError> {
+/// Checks the guest's tensors against what the graph declares.
+fn check_inputs(graph: &GraphExecutor, inputs: &[(String, Tensor)]) -> Result<(), NnError> {
     let invalid = |m: String| NnError::new(ErrorCode::InvalidArgument, m);
-    let mut values = Vec::with_capacity(inputs.len());
     for (i, (name, tensor)) in inputs.iter().enumerate() {
         if inputs[..i].iter().any(|(n, _)| n == name) {
             return Err(invalid(format!("input '{name}' is given twice")));
@@ -366,10 +364,6 @@ fn check_inputs(
         tensor
             .check_len()
             .map_err(|m| invalid(format!("input '{name}': {m}")))?;
-        let value = tensor
-            .to_ort()
-            .map_err(|m| NnError::new(ErrorCode::RuntimeError, format!("input '{name}': {m}")))?;
-        values.push((name.clone(), value));
     }
     let missing: Vec<&str> = graph
         .inputs()
@@ -384,7 +378,7 @@ fn check_inputs(
             missing.join(", ")
         )));
     }
-    Ok(values)
+    Ok(())
 }
 
 struct HasNn;

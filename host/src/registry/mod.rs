@@ -10,6 +10,9 @@
 //! [graphs]                                    # name the plugin loads -> ONNX file in the folder
 //! model = "model.onnx"
 //! # encoder = { file = "encoder.onnx", sessions = 1 }
+//! # Cross-request batching (see `nn::batch`): concurrent calls merged into one run.
+//! # model = { file = "model.onnx", batch = { axis = 0, max_size = 32, max_wait_us = 0,
+//! #     pad = { input_ids = { axis = 1, value = 0 } }, outputs = { last_hidden_state = 1 } } }
 //! [limits]                                    # optional; can only lower the server's
 //! memory_mb = 256
 //! ```
@@ -24,6 +27,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::config::LimitsArgs;
+use crate::nn::BatchSpec;
 
 /// The inference tasks of the API; each has its own plugin world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -98,7 +102,8 @@ struct ModelFile {
     #[serde(default)]
     warm: bool,
     plugin: PluginFile,
-    graphs: BTreeMap<String, GraphFile>,
+    /// A file name, or a [`GraphTable`]; parsed per graph so that an error names the graph.
+    graphs: BTreeMap<String, toml::Value>,
     #[serde(default)]
     limits: LimitsArgs,
 }
@@ -112,18 +117,12 @@ struct PluginFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum GraphFile {
-    File(PathBuf),
-    Table(GraphTable),
-}
-
-#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GraphTable {
     file: PathBuf,
     sessions: Option<usize>,
     intra_threads: Option<usize>,
+    batch: Option<BatchSpec>,
 }
 
 /// One graph of a model.
@@ -134,6 +133,8 @@ pub struct GraphSpec {
     pub sessions: Option<usize>,
     /// Overrides the server's intra-op threads.
     pub intra_threads: Option<usize>,
+    /// Cross-request batching, when declared (`batch = { ... }`).
+    pub batch: Option<BatchSpec>,
 }
 
 /// A model folder, parsed and checked.
@@ -176,11 +177,23 @@ impl ModelSpec {
         }
         let mut graphs = BTreeMap::new();
         for (name, entry) in parsed.graphs {
-            let (rel, sessions, intra_threads) = match entry {
-                GraphFile::File(p) => (p, None, None),
-                GraphFile::Table(t) => (t.file, t.sessions, t.intra_threads),
-            };
             let field = format!("graphs.{name}");
+            let (rel, sessions, intra_threads, mut batch) = match entry {
+                toml::Value::String(p) => (PathBuf::from(p), None, None, None),
+                table => {
+                    let t: GraphTable = table
+                        .try_into()
+                        .map_err(|e| in_file(&field, e.to_string().trim().to_owned()))?;
+                    (t.file, t.sessions, t.intra_threads, t.batch)
+                }
+            };
+            if let Some(batch) = &mut batch {
+                batch
+                    .check()
+                    .map_err(|(f, m)| in_file(&format!("{field}.batch.{f}"), m))?;
+                // Checked against the graph's inputs and outputs when the model loads.
+                batch.origin = format!("{}: field `{field}.batch", file.display());
+            }
             // Graph files live inside the model folder: the folder is the unit an operator
             // deploys, and a model must not reach another model's files.
             if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
@@ -205,6 +218,7 @@ impl ModelSpec {
                     path,
                     sessions,
                     intra_threads,
+                    batch,
                 },
             );
         }
@@ -545,6 +559,65 @@ mod tests {
         );
         let err = spec.unwrap_err().to_string();
         assert!(err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn batch_declarations_are_checked_where_they_are_parsed() {
+        let base = "task = \"embeddings\"\n[plugin]\npath = \"p.wasm\"\n\
+                    [graphs.model]\nfile = \"model.onnx\"\n[graphs.model.batch]\n";
+        let (_, spec) = folder(&format!(
+            "{base}max_size = 8\nmax_wait_us = 500\noutputs = {{ h = 1 }}\n\
+             [graphs.model.batch.pad]\nids = {{ axis = 1, value = 0 }}\n"
+        ));
+        let batch = spec.unwrap().graphs["model"].batch.clone().unwrap();
+        assert_eq!((batch.axis, batch.max_size, batch.max_wait_us), (0, 8, 500));
+        assert_eq!(batch.pad["ids"].axis, 1);
+        assert!(
+            batch.origin.contains("model.toml") && batch.origin.ends_with("graphs.model.batch"),
+            "{}",
+            batch.origin
+        );
+        let (_, spec) = folder(
+            "task = \"embeddings\"\n[plugin]\npath = \"p.wasm\"\n\
+             [graphs]\nmodel = { file = \"model.onnx\", batch = { max_size = 4 } }\n",
+        );
+        assert_eq!(
+            spec.unwrap().graphs["model"]
+                .batch
+                .as_ref()
+                .unwrap()
+                .max_size,
+            4
+        );
+
+        for (body, field, words) in [
+            (
+                "max_wait_us = 1000000\n",
+                "graphs.model.batch.max_wait_us",
+                "at most",
+            ),
+            ("max_size = 0\n", "graphs.model.batch.max_size", "between 1"),
+            ("max_wait = 3\n", "graphs.model", "max_wait"),
+            (
+                "pad = { ids = { axis = 0 } }\n",
+                "graphs.model.batch.pad.ids.axis",
+                "batch axis",
+            ),
+            (
+                "outputs = { h = 1 }\n",
+                "graphs.model.batch.outputs.h",
+                "pad",
+            ),
+        ] {
+            let (_, spec) = folder(&format!("{base}{body}"));
+            let err = spec.unwrap_err().to_string();
+            assert!(
+                err.contains("model.toml")
+                    && err.contains(&format!("`{field}`"))
+                    && err.contains(words),
+                "{body}: {err}"
+            );
+        }
     }
 
     #[test]

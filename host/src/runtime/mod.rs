@@ -254,7 +254,10 @@ mod cpu_clock_tests {
         let before = thread_cpu_time();
         std::thread::sleep(Duration::from_millis(200));
         let slept = thread_cpu_time() - before;
-        assert!(slept < Duration::from_millis(50), "sleeping used {slept:?} of CPU");
+        assert!(
+            slept < Duration::from_millis(50),
+            "sleeping used {slept:?} of CPU"
+        );
 
         let before = thread_cpu_time();
         let started = Instant::now();
@@ -264,7 +267,13 @@ mod cpu_clock_tests {
         }
         let worked = thread_cpu_time() - before;
         // On a loaded machine the thread gets less than the whole 200 ms, never more.
-        assert!(worked > Duration::from_millis(20), "spinning used only {worked:?}");
-        assert!(worked <= started.elapsed() + Duration::from_millis(5), "{worked:?}");
+        assert!(
+            worked > Duration::from_millis(20),
+            "spinning used only {worked:?}"
+        );
+        assert!(
+            worked <= started.elapsed() + Duration::from_millis(5),
+            "{worked:?}"
+        );
     }
 }
