@@ -414,6 +414,19 @@ impl TestServer {
     }
 
     /// The value of a counter or gauge at `/metrics`.
+    /// `POST /admin/reload` with the admin token; the reload report (asserts a 200).
+    pub async fn admin_reload(&self) -> serde_json::Value {
+        let r = self
+            .client
+            .post(self.url("/admin/reload"))
+            .bearer_auth(&self.admin_token)
+            .send()
+            .await
+            .expect("POST /admin/reload");
+        assert_eq!(r.status(), 200, "POST /admin/reload");
+        r.json().await.expect("reload report")
+    }
+
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self
             .client

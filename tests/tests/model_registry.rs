@@ -59,18 +59,6 @@ async fn config_of(server: &TestServer, model: &str, key: &str) -> (u16, String)
     (r.status, text)
 }
 
-async fn admin_reload(server: &TestServer) -> Value {
-    let r = server
-        .client
-        .post(server.url("/admin/reload"))
-        .bearer_auth(&server.admin_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_config_reaches_the_plugin_as_json() {
     let models = ModelsDir::new();
@@ -105,7 +93,7 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
     );
 
     // Nothing changed: nothing reloads.
-    let report = admin_reload(&server).await;
+    let report = server.admin_reload().await;
     assert_eq!(report["unchanged"], 1, "{report}");
     assert_eq!(report["changed"], json!([]));
 
@@ -134,7 +122,7 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
     .unwrap();
     // In the test user's own namespace: models are private to their owner until made public.
     add(&models, "tester/added", "version = 7");
-    let report = admin_reload(&server).await;
+    let report = server.admin_reload().await;
     assert_eq!(report["changed"], json!(["test/probe"]), "{report}");
     assert_eq!(report["added"], json!(["tester/added"]), "{report}");
     assert_eq!(slow.await.unwrap(), 200, "the request in flight finished");
@@ -149,7 +137,7 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
 
     // A folder that breaks keeps its last good version, and the report says why.
     std::fs::write(dir.join("model.toml"), "task = \"embedings\"\n").unwrap();
-    let report = admin_reload(&server).await;
+    let report = server.admin_reload().await;
     let failed = &report["failed"][0];
     assert_eq!(failed["model"], "test/probe", "{report}");
     assert_eq!(failed["kept_previous"], true);
@@ -164,7 +152,7 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
 
     // Removed: 404 from then on.
     std::fs::remove_dir_all(&dir).unwrap();
-    let report = admin_reload(&server).await;
+    let report = server.admin_reload().await;
     assert_eq!(report["removed"], json!(["test/probe"]), "{report}");
     let gone = server
         .post(EMBED, &json!({"model": "test/probe", "inputs": ["ok"]}))

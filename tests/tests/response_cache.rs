@@ -104,18 +104,6 @@ async fn usage(server: &TestServer) -> Value {
     r.json::<Value>().await.unwrap()["total"].clone()
 }
 
-async fn admin_reload(server: &TestServer) -> Value {
-    let r = server
-        .client
-        .post(server.url("/admin/reload"))
-        .bearer_auth(&server.admin_token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
 /// Miss then hit with the same body; `use_cache: false` (or `X-Use-Cache: false`) runs the
 /// plugin and stores nothing; another tenant's identical request is its own miss; /metrics
 /// counts hits, misses and bytes.
@@ -308,7 +296,7 @@ async fn a_changed_model_file_is_never_answered_from_the_old_entries() {
     // Before the reload the old version serves, but not from its cache: the folder changed.
     let r = server.post(EMBED, &version).await;
     assert_eq!((text(&r).as_str(), cache_header(&r)), ("1", "bypass"));
-    let report = admin_reload(&server).await;
+    let report = server.admin_reload().await;
     assert_eq!(report["changed"], json!([PROBE]), "{report}");
     let r = server.post(EMBED, &version).await;
     assert_eq!((text(&r).as_str(), cache_header(&r)), ("2", "miss"));
@@ -327,7 +315,7 @@ async fn a_changed_model_file_is_never_answered_from_the_old_entries() {
         (&r.body["embeddings"], cache_header(&r)),
         (&json!([[2.0, 4.0, 6.0, 8.0]]), "bypass")
     );
-    admin_reload(&server).await;
+    server.admin_reload().await;
     let r = server.post(EMBED, &ok).await;
     assert_eq!(
         (&r.body["embeddings"], cache_header(&r)),
@@ -338,7 +326,7 @@ async fn a_changed_model_file_is_never_answered_from_the_old_entries() {
 
     // 3. A file the plugin never reads is still the model's content: a miss after the reload.
     std::fs::write(dir.join("notes.txt"), "version 2").unwrap();
-    admin_reload(&server).await;
+    server.admin_reload().await;
     let r = server.post(EMBED, &ok).await;
     assert_eq!(
         (&r.body["embeddings"], cache_header(&r)),

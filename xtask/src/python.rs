@@ -69,20 +69,28 @@ pub fn setup_python(repo: &Repo, steps: &mut Steps) -> Result<()> {
                 .arg(&venv))
             .context("creating the venv (python3 with the venv module is needed)")?;
         }
-        run(repo
-            .command(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--only-binary=:all:",
-                "--progress-bar",
-                "off",
-            ])
-            .args(REQUIREMENTS))
-        .context("installing the pinned Python packages from PyPI")?;
+        pip_install(repo, &python, &[REQUIREMENTS])
+            .context("installing the pinned Python packages from PyPI")?;
         write_if_changed(&stamp, wanted.as_bytes())
     })
+}
+
+/// `pip install` of pinned packages into the venv of `python`, wheels only (no compiler on a
+/// fresh machine, and the same files every time).
+fn pip_install(repo: &Repo, python: &std::path::Path, lists: &[&[&str]]) -> Result<()> {
+    let mut cmd = repo.command(python);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--only-binary=:all:",
+        "--progress-bar",
+        "off",
+    ]);
+    for list in lists {
+        cmd.args(*list);
+    }
+    run(&mut cmd)
 }
 
 /// `.kiln/venv` as [`setup_python`] makes it, plus [`BENCH_REQUIREMENTS`] (own stamp).
@@ -95,18 +103,11 @@ pub fn setup_bench_python(repo: &Repo, steps: &mut Steps) -> Result<()> {
             println!("up to date ({})", BENCH_REQUIREMENTS.join(", "));
             return Ok(());
         }
-        run(repo
-            .command(venv_python(repo))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--only-binary=:all:",
-                "--progress-bar",
-                "off",
-            ])
-            .args(REQUIREMENTS)
-            .args(BENCH_REQUIREMENTS))
+        pip_install(
+            repo,
+            &venv_python(repo),
+            &[REQUIREMENTS, BENCH_REQUIREMENTS],
+        )
         .context("installing the FastAPI peer's Python packages from PyPI")?;
         write_if_changed(&stamp, wanted.as_bytes())
     })
