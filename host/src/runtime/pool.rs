@@ -7,6 +7,12 @@
 //! IDLE instance of another key is evicted; with none idle, the request waits (bounded) and then
 //! gets `Busy` (HTTP 503).
 //!
+//! Waiting is first come, first served per key: a caller that finds nothing free takes a ticket,
+//! and neither a newcomer nor a later ticket of the same key may take what frees up while an
+//! earlier ticket waits. Without this, every release woke all waiters to race for the instance
+//! and the connection that had just released it usually won again: with 32 connections on 4
+//! instances, p50 was 29 ms and p99 1.3 s (some callers starved).
+//!
 //! The bookkeeping is a plain struct (`PoolState`) with unit tests; [`InstancePool`] adds the
 //! lock and the waiting.
 
@@ -37,6 +43,9 @@ struct PoolState<I> {
     tick: u64,
     /// Models (pool keys' `model`) replaced by a reload: their instances are not pooled again.
     retired: std::collections::HashSet<String>,
+    /// Callers waiting, oldest first, with their ticket.
+    waiting: std::collections::VecDeque<(u64, PoolKey)>,
+    next_ticket: u64,
 }
 
 /// What `PoolState::take` decided.
@@ -59,7 +68,36 @@ impl<I> PoolState<I> {
             idle: HashMap::new(),
             tick: 0,
             retired: Default::default(),
+            waiting: Default::default(),
+            next_ticket: 0,
         }
+    }
+
+    /// [`Self::take`] in turn: `ticket` is the caller's place in the queue (None: it has not
+    /// waited yet). Anyone behind an earlier waiter of the same key waits.
+    fn take_in_turn(&mut self, key: &PoolKey, max_for_key: u32, ticket: Option<u64>) -> Take<I> {
+        let first = self.waiting.iter().find(|(_, k)| k == key).map(|(t, _)| *t);
+        if first.is_some() && first != ticket {
+            return Take::Wait;
+        }
+        self.take(key, max_for_key)
+    }
+
+    /// Joins the queue; returns the ticket.
+    fn enqueue(&mut self, key: &PoolKey) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiting.push_back((ticket, key.clone()));
+        ticket
+    }
+
+    /// Leaves the queue (served, timed out or gone). True when others of its key still wait.
+    fn dequeue(&mut self, ticket: u64) -> bool {
+        let Some(at) = self.waiting.iter().position(|(t, _)| *t == ticket) else {
+            return false;
+        };
+        let (_, key) = self.waiting.remove(at).expect("found above");
+        self.waiting.iter().any(|(_, k)| *k == key)
     }
 
     fn take(&mut self, key: &PoolKey, max_for_key: u32) -> Take<I> {
@@ -206,6 +244,23 @@ impl Drop for PooledInstance {
     }
 }
 
+/// A waiting caller's ticket; dropping it leaves the queue and lets the next one look.
+struct QueuePlace {
+    pool: Arc<InstancePool>,
+    ticket: u64,
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let others = self.pool.lock().dequeue(self.ticket);
+        if others {
+            // The next in line may be able to take something now (a slot freed while we held
+            // the head of the queue, or more than one instance came back).
+            self.pool.freed.notify_waiters();
+        }
+    }
+}
+
 impl InstancePool {
     pub fn new(slots: u32) -> Arc<Self> {
         Arc::new(Self {
@@ -226,12 +281,25 @@ impl InstancePool {
         wait: Duration,
     ) -> Result<PooledInstance, Busy> {
         let deadline = tokio::time::Instant::now() + wait;
+        // Our place in the queue once we have had to wait; leaves it however this ends
+        // (served, timed out, or the request dropped while waiting).
+        let mut place: Option<QueuePlace> = None;
         loop {
             // Register for wake-ups before looking, so a release in between is not missed.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let taken = self.lock().take(&key, max_for_key);
+            let taken = {
+                let mut state = self.lock();
+                let taken = state.take_in_turn(&key, max_for_key, place.as_ref().map(|p| p.ticket));
+                if matches!(taken, Take::Wait) && place.is_none() {
+                    place = Some(QueuePlace {
+                        pool: Arc::clone(self),
+                        ticket: state.enqueue(&key),
+                    });
+                }
+                taken
+            };
             match taken {
                 Take::Idle(instance) => {
                     return Ok(PooledInstance {
@@ -327,6 +395,65 @@ mod tests {
         // Everything live and busy: wait.
         assert!(matches!(s.take(&b, 4), Take::Idle("b")));
         assert!(matches!(s.take(&a, 4), Take::Wait));
+    }
+
+    #[test]
+    fn waiting_callers_are_served_in_turn() {
+        let mut s = PoolState::<&str>::new(10);
+        let (a, b) = (key("m", "a"), key("m", "b"));
+        assert!(matches!(s.take_in_turn(&a, 1, None), Take::New { .. }));
+        // Two callers of `a` wait, in order.
+        assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
+        let first = s.enqueue(&a);
+        let second = s.enqueue(&a);
+        s.put_back(a.clone(), "a1");
+        // A newcomer and the second ticket must not jump the queue...
+        assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
+        assert!(matches!(s.take_in_turn(&a, 1, Some(second)), Take::Wait));
+        // ...another key is not held up by them...
+        assert!(matches!(s.take_in_turn(&b, 1, None), Take::New { .. }));
+        // ...the first takes it, and then the second is next.
+        assert!(matches!(
+            s.take_in_turn(&a, 1, Some(first)),
+            Take::Idle("a1")
+        ));
+        assert!(s.dequeue(first), "the second still waits");
+        s.put_back(a.clone(), "a1");
+        assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
+        assert!(matches!(
+            s.take_in_turn(&a, 1, Some(second)),
+            Take::Idle("a1")
+        ));
+        assert!(!s.dequeue(second));
+        assert!(!s.dequeue(second), "leaving twice is harmless");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_leaves_the_queue() {
+        let pool = InstancePool::new(4);
+        let a = key("m", "a");
+        // A reservation (no instance yet) holds the only instance `a` may have.
+        let held = pool
+            .acquire(a.clone(), 1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        // This one waits, then times out: its ticket must not block the queue afterwards.
+        let timed_out = pool.acquire(a.clone(), 1, Duration::from_millis(20)).await;
+        assert!(timed_out.is_err());
+        // This one is dropped while waiting (a client that went away).
+        let gone = tokio::time::timeout(
+            Duration::from_millis(20),
+            pool.acquire(a.clone(), 1, Duration::from_secs(10)),
+        )
+        .await;
+        assert!(gone.is_err());
+        assert!(pool.lock().waiting.is_empty(), "both left the queue");
+        drop(held);
+        let next = pool.acquire(a.clone(), 1, Duration::from_millis(100)).await;
+        assert!(
+            next.is_ok(),
+            "the freed reservation goes to the next caller"
+        );
     }
 
     #[test]
