@@ -66,6 +66,9 @@ fn main() -> ExitCode {
         }
     };
     steps.print_summary();
+    if let Some(gib) = free_disk_gib(&repo.target_dir()) {
+        println!("  free disk where target/ is: {gib:.1} GiB");
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -173,6 +176,18 @@ fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
 
 /// `cargo xtask test`: what CI runs (`.ci/run`).
 fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    // A clean run fills target/ with about 12 GiB (clippy's and the debug build's artifacts, one
+    // ~75 MB binary per test file). A full disk shows up much later as "No space left on device"
+    // deep inside a rustc command line; say it at the start instead.
+    if let Some(gib) = free_disk_gib(&repo.target_dir()) {
+        println!("free disk where target/ is: {gib:.1} GiB");
+        if gib < NEEDED_DISK_GIB {
+            println!(
+                "WARNING: a clean `cargo xtask test` needs about {NEEDED_DISK_GIB} GiB free; \
+                 the build may fail with \"No space left on device\""
+            );
+        }
+    }
     setup::all(repo, steps)?;
     fixtures(repo, steps)?;
     setup::browser(repo, steps)?;
@@ -286,6 +301,25 @@ impl Repo {
 }
 
 /// Runs `cmd`, echoing it first; a non-zero exit is an error that quotes the command.
+/// Disk space a clean `cargo xtask test` uses (target/, .kiln/, node_modules), rounded up.
+const NEEDED_DISK_GIB: f64 = 15.0;
+
+/// Free space on the filesystem holding `path` (or its nearest existing parent), from `df`.
+fn free_disk_gib(path: &Path) -> Option<f64> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let out = Command::new("df").arg("-Pk").arg(existing).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // POSIX format: a header, then "fs 1024-blocks used available capacity mount".
+    let kib: f64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = describe(cmd);
     println!("$ {shown}");
