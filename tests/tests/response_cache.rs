@@ -188,6 +188,22 @@ async fn a_repeated_request_is_answered_from_the_cache_of_its_own_tenant() {
     assert_eq!(server.metric("kiln_cache_evictions_total").await, 0);
 }
 
+/// `cache = false` in model.toml: every request runs the plugin and says bypass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_can_opt_out_of_the_cache() {
+    let models = ModelsDir::new();
+    let dir = probe_folder(&models, "");
+    let toml = std::fs::read_to_string(dir.join("model.toml")).unwrap();
+    std::fs::write(dir.join("model.toml"), format!("cache = false\n{toml}")).unwrap();
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    for expected in [1.0, 2.0, 3.0] {
+        let reply = server.post(EMBED, &state(None)).await;
+        assert_eq!((count(&reply), cache_header(&reply)), (expected, "bypass"));
+    }
+    assert_eq!(server.metric("kiln_cache_hits_total").await, 0);
+    assert_eq!(server.metric("kiln_cache_bytes").await, 0);
+}
+
 /// A hit is a request in the usage report and for the rate limit, with the tokens its answer
 /// reported and no compute time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

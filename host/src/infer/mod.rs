@@ -765,8 +765,8 @@ impl Inference {
 
     /// The response-cache key of a request of `tenant` on `model` (its fields written by
     /// `fields`), or None, marked `bypass` on the meter, when the cache is not to be used: the
-    /// request is not deterministic, its `use_cache` option is false, the cache is disabled, or
-    /// the model's folder changed since this version loaded.
+    /// request is not deterministic, its `use_cache` option is false, the model says `cache =
+    /// false`, the cache is disabled, or the model's folder changed since this version loaded.
     fn cache_key(
         &self,
         tenant: &Tenant,
@@ -774,7 +774,7 @@ impl Inference {
         deterministic: bool,
         fields: impl FnOnce(&mut KeyBuilder),
     ) -> Option<CacheKey> {
-        let usable = deterministic && tenant.use_cache && self.cache.enabled();
+        let usable = deterministic && tenant.use_cache && model.spec.cache && self.cache.enabled();
         // The `stat`s last: only for requests that would use the cache.
         if !(usable && model.unchanged_on_disk()) {
             tenant.meter.set_cache(CacheOutcome::Bypass);

@@ -3,6 +3,7 @@
 //! ```toml
 //! task = "embeddings"
 //! warm = true                                 # optional: load at startup, not on first use
+//! cache = false                               # optional: never answer from the response cache
 //! [plugin]
 //! path = "../../../plugins/embeddings.wasm"   # relative to the model folder
 //! [plugin.config]                             # handed to the plugin as JSON (host.config)
@@ -101,6 +102,9 @@ struct ModelFile {
     /// Load at startup (and on reload) instead of on first use.
     #[serde(default)]
     warm: bool,
+    /// Answers may come from the response cache (default true).
+    #[serde(default = "yes")]
+    cache: bool,
     plugin: PluginFile,
     /// A file name, or a [`GraphTable`]; parsed per graph so that an error names the graph.
     graphs: BTreeMap<String, toml::Value>,
@@ -151,6 +155,14 @@ pub struct ModelSpec {
     pub limits: LimitsArgs,
     /// `warm = true`: loaded at startup, not on first use.
     pub warm: bool,
+    /// `cache = false`: never answered from (or stored in) the response cache, for a plugin
+    /// whose answers depend on more than its folder and the request (the clock, randomness it
+    /// does not take from the request's seed).
+    pub cache: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ModelSpec {
@@ -236,6 +248,7 @@ impl ModelSpec {
             graphs,
             limits: parsed.limits,
             warm: parsed.warm,
+            cache: parsed.cache,
         })
     }
 }
