@@ -37,7 +37,9 @@ fn minilm_executors() -> Option<(Arc<GraphExecutor>, Arc<GraphExecutor>)> {
     let options = ExecutorOptions {
         sessions: 1,
         intra_threads: 1,
+        lead_threads: 0,
         queue_capacity: 64,
+        memory_arena: true,
     };
     let batched =
         GraphExecutor::load_with_batching("test", "model", &graph.path, &options, Some(&batch))

@@ -52,7 +52,12 @@ fn probe_estimate(models: &ModelsDir, id: &str) -> u64 {
         &dir,
     )
     .unwrap();
-    estimate_bytes(&spec, kiln_host::Config::default().ort_sessions_per_graph)
+    let config = kiln_host::Config::default();
+    estimate_bytes(
+        &spec,
+        config.ort_sessions_per_graph,
+        config.ort_lead_threads > config.ort_intra_threads,
+    )
 }
 
 async fn call(server: &TestServer, model: &str, command: &str, wait: bool) -> Reply {

@@ -30,12 +30,21 @@ fn executor_with_queue(
     sessions: usize,
     queue: usize,
 ) -> Arc<GraphExecutor> {
+    executor_with_options(
+        name,
+        file,
+        ExecutorOptions {
+            sessions,
+            intra_threads: 1,
+            lead_threads: 0,
+            queue_capacity: queue,
+            memory_arena: true,
+        },
+    )
+}
+
+fn executor_with_options(name: &str, file: &str, options: ExecutorOptions) -> Arc<GraphExecutor> {
     nn::init_ort(&ort_dylib()).expect("ORT");
-    let options = ExecutorOptions {
-        sessions,
-        intra_threads: 1,
-        queue_capacity: queue,
-    };
     GraphExecutor::load("test", name, &fixture_onnx(file), &options).expect("graph loads")
 }
 
@@ -377,6 +386,52 @@ fn two_sessions_run_two_requests_at_once() {
     assert_eq!(slow.stats().runs(), 2);
     // A single session behind a lock would never have two runs in ORT at once.
     assert_eq!(slow.stats().peak_in_flight(), 2, "the two runs overlapped");
+}
+
+/// With a lead session, calls one at a time all run on it (every core for a lone caller); calls
+/// that arrive while it is busy run beside it on the other session.
+#[test]
+fn a_lone_call_runs_on_the_lead_session_and_others_beside_it() {
+    let slow = executor_with_options(
+        "slow",
+        "slow.onnx",
+        ExecutorOptions {
+            sessions: 2,
+            intra_threads: 1,
+            lead_threads: 2,
+            queue_capacity: 16,
+            memory_arena: true,
+        },
+    );
+    let run = |iterations: i64| {
+        let mut h = Harness::new(&[("slow", Arc::clone(&slow))]);
+        let n = h.tensor(&[1], TensorType::I64, iterations.to_le_bytes().to_vec());
+        h.run("slow", vec![("iterations", n)]).map(|o| o.len())
+    };
+    for _ in 0..20 {
+        assert_eq!(run(1), Ok(1));
+    }
+    assert_eq!(slow.stats().lead_runs(), 20, "every lone call on the lead");
+    assert_eq!(slow.stats().peak_in_flight(), 1);
+
+    let long = {
+        let slow = Arc::clone(&slow);
+        std::thread::spawn(move || {
+            let mut h = Harness::new(&[("slow", slow)]);
+            let n = h.tensor(
+                &[1],
+                TensorType::I64,
+                kiln_tests::SLOW_ITERATIONS.to_le_bytes().to_vec(),
+            );
+            h.run("slow", vec![("iterations", n)]).map(|o| o.len())
+        })
+    };
+    wait_for("the long run is in ORT", || slow.stats().runs() == 21);
+    // The lead is busy: this call runs at once on the other session.
+    assert_eq!(run(1), Ok(1));
+    assert_eq!(slow.stats().peak_in_flight(), 2, "ran beside the lead");
+    assert_eq!(long.join().unwrap(), Ok(1));
+    assert_eq!(slow.stats().lead_runs(), 21, "the long one was the lead's");
 }
 
 /// Waits (bounded) until `done` holds; the executor's counters say when a run started or queued.

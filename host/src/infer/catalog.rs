@@ -189,16 +189,22 @@ fn first_load_estimate(bytes: u64) -> Duration {
     Duration::from_millis(500 + bytes / 100_000)
 }
 
-/// What a model is expected to take in memory once loaded: each ONNX Runtime session holds its
-/// own copy of the graph's weights (about the file's size), and the compiled plugin about three
-/// times its component's size. An estimate, from file sizes, so that the budget can be checked
+/// What a model is expected to take in memory once loaded: each ONNX Runtime session (the
+/// graph's `sessions`, plus its lead session where it has one; a graph that overrides
+/// `intra_threads` is compared with that) holds its own copy of the graph's weights (about the
+/// file's size), and the compiled plugin about three times its component's size. An estimate, from file sizes, so that the budget can be checked
 /// before loading; the resident memory measured in the tests stays within it.
-pub fn estimate_bytes(spec: &ModelSpec, default_sessions: usize) -> u64 {
+pub fn estimate_bytes(spec: &ModelSpec, default_sessions: usize, default_lead: bool) -> u64 {
     let file_len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let graphs: u64 = spec
         .graphs
         .values()
-        .map(|g| file_len(&g.path) * g.sessions.unwrap_or(default_sessions) as u64)
+        .map(|g| {
+            let threads = g.intra_threads.unwrap_or(1);
+            let lead = g.lead_threads.map_or(default_lead, |t| t > threads);
+            let sessions = g.sessions.unwrap_or(default_sessions) + usize::from(lead);
+            file_len(&g.path) * sessions as u64
+        })
         .sum();
     graphs + 3 * file_len(&spec.plugin_path)
 }

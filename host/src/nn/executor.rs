@@ -7,6 +7,12 @@
 //! Sessions are created once when the model loads, never per request, and ORT never runs on the
 //! async executor.
 //!
+//! A graph may also have a *lead* session ([`ExecutorOptions::lead_threads`]): one more session,
+//! with more intra-op threads, that runs a job only while no other session of the graph is
+//! running. A lone caller then gets every core; under load the other sessions take the jobs, one
+//! core each, and the lead waits, so the cores are not oversubscribed. While the lead runs, at
+//! most `sessions - 1` others run beside it.
+//!
 //! A graph whose `model.toml` declares a batch axis ([`super::batch`]) merges jobs: a worker
 //! takes the first job in the queue and every compatible job queued behind it (up to the batch's
 //! `max_size` rows), runs them as one, and splits the outputs back. A lone job never waits for
@@ -30,6 +36,18 @@ use super::batch::{BatchKey, BatchPlan, BatchSpec, Fill, TOTALS};
 use super::tensor::{DType, Tensor};
 
 static ORT_ENV: OnceLock<Environment> = OnceLock::new();
+/// ORT runs started in this process, and runs in ORT now, across every graph.
+static ALL_RUNS: AtomicU64 = AtomicU64::new(0);
+static ALL_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// (ORT runs started since the process began, runs in ORT now), across every graph: how the
+/// server tells that it has gone idle (see `runtime::release_freed_memory`).
+pub fn activity() -> (u64, usize) {
+    (
+        ALL_RUNS.load(Ordering::Relaxed),
+        ALL_IN_FLIGHT.load(Ordering::SeqCst),
+    )
+}
 static ORT_INIT: Mutex<()> = Mutex::new(());
 
 /// Loads the ONNX Runtime shared library (once per process) and creates the ORT environment.
@@ -69,8 +87,15 @@ pub struct ExecutorOptions {
     pub sessions: usize,
     /// ORT intra-op threads per session. sessions x threads should not exceed the cores.
     pub intra_threads: usize,
+    /// Intra-op threads of a lead session, created besides the `sessions` others when more
+    /// than `intra_threads`: it runs a job only while none of the others runs (a lone caller),
+    /// and a lone job is left to it. 0: no lead, any free session runs.
+    pub lead_threads: usize,
     /// Jobs that may wait for a free session before callers are refused.
     pub queue_capacity: usize,
+    /// ORT's CPU memory arena: it keeps the largest run's memory for the session's lifetime.
+    /// Off, runs allocate from malloc (freed memory is given back when the server goes idle).
+    pub memory_arena: bool,
 }
 
 /// What ONNX Runtime says the graph takes or returns.
@@ -138,6 +163,7 @@ pub struct ExecutorStats {
     peak_in_flight: AtomicUsize,
     merged_runs: AtomicU64,
     merged_jobs: AtomicU64,
+    lead_runs: AtomicU64,
     largest_batch: AtomicUsize,
     merge_failures: AtomicU64,
 }
@@ -151,6 +177,11 @@ impl ExecutorStats {
     /// Runs started since the graph loaded (a merged run counts once).
     pub fn runs(&self) -> u64 {
         self.runs.load(Ordering::Relaxed)
+    }
+
+    /// Runs on the lead session (0 when the graph has none).
+    pub fn lead_runs(&self) -> u64 {
+        self.lead_runs.load(Ordering::Relaxed)
     }
 
     /// Most runs that were in ORT at the same moment.
@@ -179,12 +210,15 @@ impl ExecutorStats {
     }
 
     fn start(&self) {
+        ALL_RUNS.fetch_add(1, Ordering::Relaxed);
+        ALL_IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
         self.runs.fetch_add(1, Ordering::Relaxed);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak_in_flight.fetch_max(now, Ordering::SeqCst);
     }
 
     fn end(&self, jobs: usize) {
+        ALL_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.largest_batch.fetch_max(jobs, Ordering::Relaxed);
     }
@@ -246,11 +280,18 @@ struct JobQueue {
     capacity: usize,
     /// Worker threads (sessions) taking from this queue.
     workers: usize,
+    /// The graph has a lead session (see the module's documentation).
+    has_lead: bool,
 }
 
 struct QueueState {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// The lead worker is free: from the moment its run ends (before its callers hear back, so
+    /// that a caller's next call finds it free) until it takes the next job.
+    lead_free: bool,
+    /// Jobs the other (non-lead) workers have taken and not finished.
+    others_running: usize,
 }
 
 impl JobQueue {
@@ -272,26 +313,80 @@ impl JobQueue {
         Ok(())
     }
 
+    /// A worker's run has ended (before its callers hear back, so that a caller's next call
+    /// finds the session free): with a lead, who may run next changes.
+    fn finished(&self, lead: bool) {
+        if !self.has_lead {
+            return;
+        }
+        let mut state = self.lock();
+        if lead {
+            state.lead_free = true;
+        } else {
+            state.others_running = state.others_running.saturating_sub(1);
+        }
+        let queued = !state.jobs.is_empty();
+        drop(state);
+        if queued {
+            self.ready.notify_all();
+        }
+    }
+
+    /// With a lead: may this worker start the first queued job now?
+    fn may_start(&self, state: &QueueState, lead: bool) -> bool {
+        if !self.has_lead || state.closed {
+            return true;
+        }
+        if lead {
+            // Only alone: beside others its threads would oversubscribe the cores.
+            return state.others_running == 0;
+        }
+        let lone_for_lead = state.lead_free && state.others_running == 0 && state.jobs.len() == 1;
+        // Beside a running lead, one fewer of the others (the lead has their core).
+        let room = if state.lead_free {
+            self.workers
+        } else {
+            self.workers.saturating_sub(1).max(1)
+        };
+        !lone_for_lead && state.others_running < room
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
     }
 
     /// The next jobs to run together: the first queued job and, with a plan, compatible jobs
-    /// queued behind it. None once the executor is gone and the queue is empty.
-    fn take(&self, plan: Option<&BatchPlan>, stats: &ExecutorStats) -> Option<Vec<Job>> {
+    /// queued behind it. None once the executor is gone and the queue is empty. `lead`: the
+    /// caller is the lead worker.
+    fn take(
+        &self,
+        plan: Option<&BatchPlan>,
+        stats: &ExecutorStats,
+        lead: bool,
+    ) -> Option<Vec<Job>> {
         let mut state = self.lock();
         let first = loop {
-            match state.jobs.pop_front() {
+            let next = if self.may_start(&state, lead) {
+                state.jobs.pop_front()
+            } else {
+                None
+            };
+            match next {
                 Some(job) => {
                     stats.queued.fetch_sub(1, Ordering::SeqCst);
                     if job.control.abandoned() {
                         job.drop_abandoned();
                         continue;
                     }
+                    if lead {
+                        state.lead_free = false;
+                    } else if self.has_lead {
+                        state.others_running += 1;
+                    }
                     break job;
                 }
-                None if state.closed => return None,
+                None if state.closed && state.jobs.is_empty() => return None,
                 None => state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner()),
             }
         };
@@ -453,12 +548,22 @@ impl GraphExecutor {
     ) -> anyhow::Result<Arc<Self>> {
         let env = ort_env()?;
         let sessions = options.sessions.max(1);
-        let mut pool = Vec::with_capacity(sessions);
-        for _ in 0..sessions {
+        let threads = options.intra_threads.max(1);
+        let has_lead = options.lead_threads > threads;
+        let mut pool = Vec::with_capacity(sessions + 1);
+        for i in 0..sessions + usize::from(has_lead) {
+            let threads = if i == sessions {
+                options.lead_threads
+            } else {
+                threads
+            };
             let build = || -> ort::Result<Session> {
                 Session::builder(env)?
+                    .with_execution_providers([ort::ep::CPU::default()
+                        .with_arena_allocator(options.memory_arena)
+                        .build()])?
                     .with_optimization_level(GraphOptimizationLevel::Level3)?
-                    .with_intra_threads(options.intra_threads.max(1))?
+                    .with_intra_threads(threads)?
                     .with_inter_threads(1)?
                     // Spinning threads would burn the cores other sessions need.
                     .with_intra_op_spinning(false)?
@@ -485,14 +590,19 @@ impl GraphExecutor {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
                 closed: false,
+                lead_free: true,
+                others_running: 0,
             }),
             ready: Condvar::new(),
             capacity: options.queue_capacity.max(1),
             workers: sessions,
+            has_lead,
         });
         let stats = Arc::new(ExecutorStats::default());
         for (i, session) in pool.into_iter().enumerate() {
             let worker = Worker {
+                lead: i == sessions,
+                finish_pending: false,
                 session,
                 queue: Arc::clone(&queue),
                 stats: Arc::clone(&stats),
@@ -606,6 +716,10 @@ impl GraphExecutor {
 
 /// One session and the thread that runs it.
 struct Worker {
+    /// The lead session (more threads; runs only alone).
+    lead: bool,
+    /// The jobs taken last have not been reported finished to the queue yet.
+    finish_pending: bool,
     session: Session,
     queue: Arc<JobQueue>,
     stats: Arc<ExecutorStats>,
@@ -616,7 +730,11 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
-        while let Some(mut jobs) = self.queue.take(self.plan.as_deref(), &self.stats) {
+        while let Some(mut jobs) = self
+            .queue
+            .take(self.plan.as_deref(), &self.stats, self.lead)
+        {
+            self.finish_pending = true;
             if jobs.len() == 1 {
                 if let Some(job) = jobs.pop() {
                     self.run_alone(job);
@@ -624,6 +742,17 @@ impl Worker {
             } else {
                 self.run_merged(jobs);
             }
+            // For paths that answered no one (an abandoned job); once per take in any case.
+            self.finish();
+        }
+    }
+
+    /// Tells the queue this worker's run is over, once per take: called before the callers
+    /// hear back, so that a caller's next job finds this session free. (A failed merged run's
+    /// calls, retried one by one, run after it: a rare path, where the lead rule is loose.)
+    fn finish(&mut self) {
+        if std::mem::take(&mut self.finish_pending) {
+            self.queue.finished(self.lead);
         }
     }
 
@@ -636,6 +765,9 @@ impl Worker {
     ) -> Result<RunOutput, RunError> {
         let started = Instant::now();
         self.stats.start();
+        if self.lead {
+            self.stats.lead_runs.fetch_add(1, Ordering::Relaxed);
+        }
         let run = self.session.run_with_options(inputs, options);
         self.stats.end(if run.is_ok() { jobs } else { 0 });
         let compute = started.elapsed();
@@ -658,6 +790,7 @@ impl Worker {
             JobInputs::Host(inputs) => to_ort(inputs),
         }
         .and_then(|inputs| self.run_session(inputs, &job.control.options, 1));
+        self.finish();
         // The caller may have gone; then nobody wants the result.
         let _ = job.reply.try_send(result);
     }
@@ -690,6 +823,7 @@ impl Worker {
                 let mut given = 0u128;
                 tracing::debug!(graph = %self.graph, batch = n, rows = total_rows as u64,
                     compute_us = compute.as_micros() as u64, "merged run");
+                self.finish();
                 for (i, (job, outputs)) in jobs.into_iter().zip(per_job).enumerate() {
                     let share = if i + 1 == n {
                         total - given

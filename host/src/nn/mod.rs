@@ -30,7 +30,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 pub use batch::BatchSpec;
 use bindings::kiln::plugin::tensor_ext;
 use bindings::wasi::nn::{errors, graph, inference, tensor as wit_tensor};
-pub use executor::{init_ort, ExecutorOptions, GraphExecutor, IoSpec, RunError};
+pub use executor::{activity, init_ort, ExecutorOptions, GraphExecutor, IoSpec, RunError};
 pub use tensor::{DType, Tensor};
 
 use errors::ErrorCode;

@@ -126,6 +126,8 @@ struct GraphTable {
     file: PathBuf,
     sessions: Option<usize>,
     intra_threads: Option<usize>,
+    lead_threads: Option<usize>,
+    arena: Option<bool>,
     batch: Option<BatchSpec>,
 }
 
@@ -137,6 +139,11 @@ pub struct GraphSpec {
     pub sessions: Option<usize>,
     /// Overrides the server's intra-op threads.
     pub intra_threads: Option<usize>,
+    /// Overrides the server's lead session threads (0: no lead session).
+    pub lead_threads: Option<usize>,
+    /// ONNX Runtime's CPU memory arena (default true): `arena = false` gives memory back after
+    /// large runs instead of keeping the largest run's for good.
+    pub arena: bool,
     /// Cross-request batching, when declared (`batch = { ... }`).
     pub batch: Option<BatchSpec>,
 }
@@ -190,13 +197,20 @@ impl ModelSpec {
         let mut graphs = BTreeMap::new();
         for (name, entry) in parsed.graphs {
             let field = format!("graphs.{name}");
-            let (rel, sessions, intra_threads, mut batch) = match entry {
-                toml::Value::String(p) => (PathBuf::from(p), None, None, None),
+            let (rel, sessions, intra_threads, lead_threads, arena, mut batch) = match entry {
+                toml::Value::String(p) => (PathBuf::from(p), None, None, None, None, None),
                 table => {
                     let t: GraphTable = table
                         .try_into()
                         .map_err(|e| in_file(&field, e.to_string().trim().to_owned()))?;
-                    (t.file, t.sessions, t.intra_threads, t.batch)
+                    (
+                        t.file,
+                        t.sessions,
+                        t.intra_threads,
+                        t.lead_threads,
+                        t.arena,
+                        t.batch,
+                    )
                 }
             };
             if let Some(batch) = &mut batch {
@@ -230,6 +244,8 @@ impl ModelSpec {
                     path,
                     sessions,
                     intra_threads,
+                    lead_threads,
+                    arena: arena.unwrap_or(true),
                     batch,
                 },
             );
