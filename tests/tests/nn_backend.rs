@@ -367,18 +367,7 @@ fn a_run_over_its_time_limit_is_terminated() {
 fn two_sessions_run_two_requests_at_once() {
     let slow = executor("slow", "slow.onnx", 2);
     let threads: Vec<_> = (0..2)
-        .map(|_| {
-            let slow = Arc::clone(&slow);
-            std::thread::spawn(move || {
-                let mut h = Harness::new(&[("slow", slow)]);
-                let n = h.tensor(
-                    &[1],
-                    TensorType::I64,
-                    kiln_tests::SLOW_ITERATIONS.to_le_bytes().to_vec(),
-                );
-                h.run("slow", vec![("iterations", n)]).map(|o| o.len())
-            })
-        })
+        .map(|_| spawn_slow_run(&slow, kiln_tests::SLOW_ITERATIONS))
         .collect();
     for t in threads {
         assert_eq!(t.join().unwrap(), Ok(1));
@@ -414,24 +403,26 @@ fn a_lone_call_runs_on_the_lead_session_and_others_beside_it() {
     assert_eq!(slow.stats().lead_runs(), 20, "every lone call on the lead");
     assert_eq!(slow.stats().peak_in_flight(), 1);
 
-    let long = {
-        let slow = Arc::clone(&slow);
-        std::thread::spawn(move || {
-            let mut h = Harness::new(&[("slow", slow)]);
-            let n = h.tensor(
-                &[1],
-                TensorType::I64,
-                kiln_tests::SLOW_ITERATIONS.to_le_bytes().to_vec(),
-            );
-            h.run("slow", vec![("iterations", n)]).map(|o| o.len())
-        })
-    };
+    let long = spawn_slow_run(&slow, kiln_tests::SLOW_ITERATIONS);
     wait_for("the long run is in ORT", || slow.stats().runs() == 21);
     // The lead is busy: this call runs at once on the other session.
     assert_eq!(run(1), Ok(1));
     assert_eq!(slow.stats().peak_in_flight(), 2, "ran beside the lead");
     assert_eq!(long.join().unwrap(), Ok(1));
     assert_eq!(slow.stats().lead_runs(), 21, "the long one was the lead's");
+}
+
+/// Runs `slow.onnx` for `iterations` on a thread of its own; the outputs' count, or the error.
+fn spawn_slow_run(
+    slow: &Arc<GraphExecutor>,
+    iterations: i64,
+) -> std::thread::JoinHandle<Result<usize, (ErrorCode, String)>> {
+    let slow = Arc::clone(slow);
+    std::thread::spawn(move || {
+        let mut h = Harness::new(&[("slow", slow)]);
+        let n = h.tensor(&[1], TensorType::I64, iterations.to_le_bytes().to_vec());
+        h.run("slow", vec![("iterations", n)]).map(|o| o.len())
+    })
 }
 
 /// Waits (bounded) until `done` holds; the executor's counters say when a run started or queued.
@@ -447,17 +438,9 @@ fn wait_for(what: &str, done: impl Fn() -> bool) {
 fn a_full_run_queue_refuses_at_once_instead_of_waiting() {
     // One session, room for one waiting job.
     let slow = executor_with_queue("slow", "slow.onnx", 1, 1);
-    let spawn_run = |iterations: i64| {
-        let slow = Arc::clone(&slow);
-        std::thread::spawn(move || {
-            let mut h = Harness::new(&[("slow", slow)]);
-            let n = h.tensor(&[1], TensorType::I64, iterations.to_le_bytes().to_vec());
-            h.run("slow", vec![("iterations", n)]).map(|o| o.len())
-        })
-    };
-    let running = spawn_run(kiln_tests::SLOW_ITERATIONS);
+    let running = spawn_slow_run(&slow, kiln_tests::SLOW_ITERATIONS);
     wait_for("the first run is in ORT", || slow.stats().runs() == 1);
-    let queued = spawn_run(1);
+    let queued = spawn_slow_run(&slow, 1);
     wait_for("the second run is queued", || slow.stats().queued() == 1);
 
     let mut h = Harness::new(&[("slow", Arc::clone(&slow))]);
