@@ -453,3 +453,105 @@ fn a_full_run_queue_refuses_at_once_instead_of_waiting() {
     assert_eq!(running.join().unwrap(), Ok(1));
     assert_eq!(queued.join().unwrap(), Ok(1));
 }
+
+/// A graph with several sessions optimizes its model once, and its sessions share that copy of
+/// the folded weights (`nn::shared`). On the real MiniLM model: the shared copy is the fp32
+/// weights the optimizer folds out of the int8 file, and every session (the lead and the
+/// others, under concurrent calls) answers as a session that optimized the model alone.
+#[test]
+fn sessions_share_one_copy_of_the_optimized_weights_and_answer_alike() {
+    let Some(dir) = kiln_tests::demo_model("minilm") else {
+        return;
+    };
+    let model = dir.join("demo/minilm/model.onnx");
+    nn::init_ort(&ort_dylib()).expect("ORT");
+    let options = |sessions, lead_threads| ExecutorOptions {
+        sessions,
+        intra_threads: 1,
+        lead_threads,
+        queue_capacity: 16,
+        memory_arena: false,
+    };
+    let shared = GraphExecutor::load("test", "minilm", &model, &options(2, 2)).expect("loads");
+    let alone = GraphExecutor::load("test", "minilm", &model, &options(1, 0)).expect("loads");
+    assert_eq!(
+        alone.shared_weights(),
+        None,
+        "one session: nothing to share"
+    );
+    let (count, bytes) = shared
+        .shared_weights()
+        .expect("three sessions share their weights");
+    // 22.7M parameters stored as int8 (22 MiB): folded to fp32, the word embeddings alone
+    // (30522 x 384) are 45 MiB, and the six layers' matrices 40 MiB more.
+    assert!(
+        bytes > 80 << 20 && count > 6,
+        "{count} initializers, {bytes} bytes"
+    );
+
+    // [CLS] the quick brown fox [SEP], and a longer sentence for a second shape.
+    let sentences: [&[i64]; 2] = [
+        &[101, 1996, 4248, 2829, 4419, 102],
+        &[
+            101, 2023, 2003, 1037, 2936, 6251, 2000, 2022, 11157, 2011, 1996, 2944, 102,
+        ],
+    ];
+    let inputs = |ids: &[i64]| -> Vec<(String, Tensor)> {
+        let dims = vec![1, ids.len() as u32];
+        shared
+            .inputs()
+            .iter()
+            .map(|spec| {
+                let values: Vec<i64> = match spec.name.as_str() {
+                    "input_ids" => ids.to_vec(),
+                    "attention_mask" => vec![1; ids.len()],
+                    _ => vec![0; ids.len()],
+                };
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (
+                    spec.name.clone(),
+                    Tensor::new(dims.clone(), nn::DType::I64, bytes),
+                )
+            })
+            .collect()
+    };
+    let floats = |t: &Tensor| -> Vec<f32> {
+        t.data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let limit = Duration::from_secs(60);
+    for ids in sentences {
+        let expected = alone.run(inputs(ids), limit).expect("runs").outputs;
+        // A lone call (the lead session), then four at once (the other sessions too).
+        let lone = shared.run(inputs(ids), limit).expect("runs").outputs;
+        let concurrent: Vec<_> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| shared.run(inputs(ids), limit).expect("runs").outputs))
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        for outputs in std::iter::once(&lone).chain(&concurrent) {
+            assert_eq!(outputs.len(), expected.len());
+            for ((name, got), (_, want)) in outputs.iter().zip(&expected) {
+                assert_eq!(got.dims, want.dims, "{name}");
+                let diff = floats(got)
+                    .iter()
+                    .zip(floats(want))
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // Sessions with different thread counts may sum in a different order.
+                assert!(diff <= 1e-5, "{name}: max |diff| {diff}");
+            }
+        }
+    }
+    assert!(
+        shared.stats().lead_runs() >= 2,
+        "the lone calls ran on the lead"
+    );
+    assert!(
+        shared.stats().peak_in_flight() >= 2,
+        "concurrent calls ran on the other sessions too"
+    );
+}

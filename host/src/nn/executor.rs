@@ -28,11 +28,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{RunOptions, Session};
 use ort::value::{DynValue, ValueType};
 
 use super::batch::{BatchKey, BatchPlan, BatchSpec, Fill, TOTALS};
+use super::shared::SharedWeights;
 use super::tensor::{DType, Tensor};
 
 static ORT_ENV: OnceLock<Environment> = OnceLock::new();
@@ -496,6 +497,8 @@ pub struct GraphExecutor {
     queue: Arc<JobQueue>,
     plan: Option<Arc<BatchPlan>>,
     stats: Arc<ExecutorStats>,
+    /// (count, bytes) of the weights the sessions share; None when each has its own.
+    shared_weights: Option<(usize, u64)>,
 }
 
 impl std::fmt::Debug for GraphExecutor {
@@ -550,29 +553,62 @@ impl GraphExecutor {
         let sessions = options.sessions.max(1);
         let threads = options.intra_threads.max(1);
         let has_lead = options.lead_threads > threads;
-        let mut pool = Vec::with_capacity(sessions + 1);
-        for i in 0..sessions + usize::from(has_lead) {
+        let count = sessions + usize::from(has_lead);
+        let builder = || -> ort::Result<SessionBuilder> {
+            Ok(Session::builder(env)?
+                .with_execution_providers([ort::ep::CPU::default()
+                    .with_arena_allocator(options.memory_arena)
+                    .build()])?
+                .with_inter_threads(1)?
+                // Spinning threads would burn the cores other sessions need.
+                .with_intra_op_spinning(false)?)
+        };
+        // Several sessions share one copy of the optimized weights (see `super::shared`);
+        // if that cannot be set up, each loads the model on its own.
+        let shared = if count > 1 {
+            match builder()
+                .map_err(anyhow::Error::from)
+                .and_then(|b| SharedWeights::prepare(b, path))
+            {
+                Ok(shared) => {
+                    let (n, bytes) = shared.size();
+                    tracing::debug!(graph = %format!("{label}/{name}"), initializers = n, bytes, "sessions share the optimized weights");
+                    Some(shared)
+                }
+                Err(e) => {
+                    tracing::warn!(graph = %format!("{label}/{name}"), "each session keeps its own weights: {e:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut pool = Vec::with_capacity(count);
+        for i in 0..count {
             let threads = if i == sessions {
                 options.lead_threads
             } else {
                 threads
             };
-            let build = || -> ort::Result<Session> {
-                Session::builder(env)?
-                    .with_execution_providers([ort::ep::CPU::default()
-                        .with_arena_allocator(options.memory_arena)
-                        .build()])?
-                    .with_optimization_level(GraphOptimizationLevel::Level3)?
-                    .with_intra_threads(threads)?
-                    .with_inter_threads(1)?
-                    // Spinning threads would burn the cores other sessions need.
-                    .with_intra_op_spinning(false)?
-                    .commit_from_file(path)
+            let session = || -> ort::Result<Session> {
+                Ok(match &shared {
+                    Some(shared) => shared
+                        .apply(builder()?)?
+                        .with_intra_threads(threads)?
+                        .commit_from_file(shared.model())?,
+                    None => builder()?
+                        .with_optimization_level(GraphOptimizationLevel::Level3)?
+                        .with_intra_threads(threads)?
+                        .commit_from_file(path)?,
+                })
             };
+            let session = session();
             let session =
-                build().map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+                session.map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
             pool.push(session);
         }
+        let shared_weights = shared.as_ref().map(SharedWeights::size);
+        drop(shared);
         let inputs: Vec<IoSpec> = pool[0]
             .inputs()
             .iter()
@@ -621,6 +657,7 @@ impl GraphExecutor {
             queue,
             plan,
             stats,
+            shared_weights,
         }))
     }
 
@@ -638,6 +675,12 @@ impl GraphExecutor {
 
     pub fn stats(&self) -> &ExecutorStats {
         &self.stats
+    }
+
+    /// (count, bytes) of the optimized weights the graph's sessions share ([`super::shared`]);
+    /// None when the graph has one session, or sharing could not be set up.
+    pub fn shared_weights(&self) -> Option<(usize, u64)> {
+        self.shared_weights
     }
 
     /// Whether concurrent runs of this graph are merged.

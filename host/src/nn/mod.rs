@@ -18,6 +18,7 @@
 pub mod batch;
 pub mod bindings;
 pub mod executor;
+pub mod shared;
 pub mod tensor;
 
 use std::collections::BTreeMap;
