@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Plugin instances alive at once across all models and tenants.
     #[arg(long, env = "KILN_INSTANCE_SLOTS")]
     pub instance_slots: Option<u32>,
+    /// Seconds an idle plugin instance is kept before it is dropped (each model and tenant
+    /// keeps its most recently used one); 0 keeps them all.
+    #[arg(long, env = "KILN_INSTANCE_IDLE_SECS")]
+    pub instance_idle_secs: Option<u64>,
     /// Let `image_url` / `audio_url` reach loopback addresses (tests, single-machine setups).
     #[arg(long, env = "KILN_FETCH_ALLOW_LOOPBACK")]
     pub fetch_allow_loopback: Option<bool>,
@@ -313,6 +317,10 @@ pub struct Config {
     pub max_model_file_bytes: u64,
     /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
     pub instance_slots: u32,
+    /// Idle instances unused this long are dropped, except the latest of each (model, tenant):
+    /// after a burst, the memory of the instances only the burst needed (each holds its own
+    /// copy of the plugin's state, ~7 MiB for the embeddings plugin) goes back. Zero: never.
+    pub instance_idle: Duration,
     pub queue_timeout: Duration,
     /// Every model loads at startup, as if `warm = true` (tests, small deployments).
     pub warm_all: bool,
@@ -360,6 +368,11 @@ impl Default for Config {
             max_media_body_bytes: 24 << 20,
             max_model_file_bytes: 2 << 30,
             instance_slots: 64,
+            // Long enough that steady traffic, or a short pause between bursts, does not recreate
+            // instances (a new embeddings instance takes ~60 ms, its init parsing the tokenizer;
+            // ~160 ms each when six start at once on 2 cores); short enough that a quiet server
+            // is back to one instance per caller within a minute.
+            instance_idle: Duration::from_secs(30),
             queue_timeout: Duration::from_secs(5),
             warm_all: false,
             // Half the machine: the rest is for requests' activations, plugin instances
@@ -464,6 +477,9 @@ impl Config {
         }
         if let Some(v) = a.instance_slots {
             self.instance_slots = v;
+        }
+        if let Some(v) = a.instance_idle_secs {
+            self.instance_idle = Duration::from_secs(v);
         }
         if let Some(v) = a.fetch_allow_loopback {
             self.fetch_allow_loopback = v;

@@ -63,6 +63,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
 /// Gives memory freed by ONNX Runtime runs back to the OS once the server has been idle (no
 /// run started, none in ORT) for a second after some work: glibc keeps what a burst of large
 /// runs freed in its arenas otherwise (MiniLM after 32 connections of 8 sentences: ~100 MiB).
+/// Every second it also drops the plugin instances idle for `instance_idle`.
 fn spawn_memory_trimmer(inference: std::sync::Weak<Inference>) {
     let _ = std::thread::Builder::new()
         .name("kiln-trim".into())
@@ -71,8 +72,14 @@ fn spawn_memory_trimmer(inference: std::sync::Weak<Inference>) {
             let mut trimmed_at = last_seen;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
-                if inference.upgrade().is_none() {
+                let Some(server) = inference.upgrade() else {
                     return;
+                };
+                let shed = server.shed_idle_instances();
+                drop(server);
+                if shed > 0 {
+                    tracing::debug!(instances = shed, "dropped idle plugin instances");
+                    runtime::release_freed_memory();
                 }
                 let (runs, in_flight) = nn::activity();
                 if runs == last_seen && in_flight == 0 && runs != trimmed_at {

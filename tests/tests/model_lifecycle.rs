@@ -308,3 +308,40 @@ async fn an_admin_warms_a_model_before_its_first_request() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// After a burst, the instances only the burst needed are dropped once idle for
+/// `instance_idle` (their memory goes back); the model and tenant keep their latest one, and
+/// the next request reuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_left_idle_after_a_burst_are_dropped_but_one_stays() {
+    let models = probe_models(&["test/probe"]);
+    let mut config = kiln_tests::config(models.path());
+    config.instance_idle = Duration::from_secs(1);
+    let server = TestServer::start(config).await;
+    // Four slow calls at once: each needs an instance of its own.
+    let commands: Vec<String> = (0..4).map(|i| format!("slow:{}", 400 + i)).collect();
+    let burst = commands
+        .iter()
+        .map(|c| call(&server, "test/probe", c, false));
+    for reply in futures_util::future::join_all(burst).await {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    let after_burst = server.metric("kiln_plugin_instances").await;
+    assert!(
+        after_burst >= 2,
+        "four concurrent calls used {after_burst} instance(s)"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.metric("kiln_plugin_instances").await > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle instances were not dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.metric("kiln_plugin_instances_idle").await, 1);
+    // The one kept answers the next call; no new instance is made.
+    assert_eq!(call(&server, "test/probe", "ok", false).await.status, 200);
+    assert_eq!(server.metric("kiln_plugin_instances").await, 1);
+}

@@ -330,6 +330,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         "Plugin log lines dropped because the plugin logged over its rate.",
         state.inference.log_lines_dropped(),
     );
+    let (live, idle) = state.inference.instance_counts();
+    metric(
+        "kiln_plugin_instances",
+        "gauge",
+        "Plugin instances alive (or being created), every model and tenant.",
+        u64::from(live),
+    );
+    metric(
+        "kiln_plugin_instances_idle",
+        "gauge",
+        "Plugin instances alive and idle, ready for the next request of their model and tenant.",
+        idle as u64,
+    );
     let cache = &state.inference.cache;
     metric(
         "kiln_cache_hits_total",

@@ -421,6 +421,20 @@ impl std::fmt::Debug for Inference {
 }
 
 impl Inference {
+    /// Drops plugin instances idle for `instance_idle` (keeping each pool key's latest); how
+    /// many went.
+    pub fn shed_idle_instances(&self) -> usize {
+        if self.config.instance_idle.is_zero() {
+            return 0;
+        }
+        self.pool.shed_idle(self.config.instance_idle)
+    }
+
+    /// (plugin instances alive or being created, idle ones), every model and tenant.
+    pub fn instance_counts(&self) -> (u32, usize) {
+        self.pool.counts()
+    }
+
     /// Discovers every model under `config.models_dir` and loads the warm ones (all of them with
     /// `warm_all`). Blocking: call before serving. A folder that does not parse, or a warm model
     /// that does not load, stops startup.
@@ -1112,9 +1126,16 @@ async fn run_on<T: Send + 'static>(
     let task = tokio::task::spawn_blocking(move || {
         let instance = match lease.get() {
             Some(instance) => instance,
-            None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
-                Ok(instance) => lease.set(instance),
-                Err(failure) => {
+            None => match (
+                std::time::Instant::now(),
+                PluginInstance::new(&engine, &model.pre, &model.setup, deadline),
+            ) {
+                (started, Ok(instance)) => {
+                    let us = started.elapsed().as_micros() as u64;
+                    tracing::debug!(model = %model.spec.id, us, "new plugin instance (instantiated, init ran)");
+                    lease.set(instance)
+                }
+                (_, Err(failure)) => {
                     let error = failure_to_error(&model, failure);
                     return (lease, Err(error), Duration::ZERO);
                 }

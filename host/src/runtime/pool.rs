@@ -13,12 +13,17 @@
 //! and the connection that had just released it usually won again: with 32 connections on 4
 //! instances, p50 was 29 ms and p99 1.3 s (some callers starved).
 //!
+//! Instances left idle after a burst are let go: [`InstancePool::shed_idle`] drops those unused
+//! for a while, except each key's most recently used one, so a quiet server gives back the
+//! memory of the instances only a burst needed (MiniLM's plugin: ~6.7 MiB each, mostly its
+//! tokenizer) while a caller who comes back still finds one ready.
+//!
 //! The bookkeeping is a plain struct (`PoolState`) with unit tests; [`InstancePool`] adds the
 //! lock and the waiting.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -38,8 +43,8 @@ struct PoolState<I> {
     slots: u32,
     live_total: u32,
     live: HashMap<PoolKey, u32>,
-    /// Idle items per key with their last-use tick, most recent last.
-    idle: HashMap<PoolKey, Vec<(u64, I)>>,
+    /// Idle items per key with their last-use tick and time, most recent last.
+    idle: HashMap<PoolKey, Vec<(u64, Instant, I)>>,
     tick: u64,
     /// Models (pool keys' `model`) replaced by a reload: their instances are not pooled again.
     retired: std::collections::HashSet<String>,
@@ -101,7 +106,7 @@ impl<I> PoolState<I> {
     }
 
     fn take(&mut self, key: &PoolKey, max_for_key: u32) -> Take<I> {
-        if let Some((_, item)) = self.idle.get_mut(key).and_then(Vec::pop) {
+        if let Some((_, _, item)) = self.idle.get_mut(key).and_then(Vec::pop) {
             return Take::Idle(item);
         }
         let live_for_key = self.live.get(key).copied().unwrap_or(0);
@@ -114,12 +119,12 @@ impl<I> PoolState<I> {
             let oldest = self
                 .idle
                 .iter()
-                .filter_map(|(k, v)| v.first().map(|(t, _)| (*t, k.clone())))
+                .filter_map(|(k, v)| v.first().map(|(t, _, _)| (*t, k.clone())))
                 .min_by_key(|(t, _)| *t);
             let Some((_, victim)) = oldest else {
                 return Take::Wait;
             };
-            let (_, item) = self
+            let (_, _, item) = self
                 .idle
                 .get_mut(&victim)
                 .map(|v| v.remove(0))
@@ -147,15 +152,36 @@ impl<I> PoolState<I> {
     }
 
     /// Keeps `item` for reuse; hands it back when its model was retired (the caller drops it).
-    fn put_back(&mut self, key: PoolKey, item: I) -> Option<I> {
+    fn put_back(&mut self, key: PoolKey, item: I, now: Instant) -> Option<I> {
         if self.retired.contains(&key.model) {
             self.forget(&key);
             return Some(item);
         }
         self.tick += 1;
         let tick = self.tick;
-        self.idle.entry(key).or_default().push((tick, item));
+        self.idle.entry(key).or_default().push((tick, now, item));
         None
+    }
+
+    /// Takes out (to drop) the idle items last used before `cutoff`, except the most recently
+    /// used idle item of each key.
+    fn shed(&mut self, cutoff: Instant) -> Vec<I> {
+        let mut shed = Vec::new();
+        let keys: Vec<PoolKey> = self.idle.keys().cloned().collect();
+        for key in keys {
+            let items = self.idle.get_mut(&key).expect("listed above");
+            // Oldest first; the last one is kept whatever its age.
+            let old = items[..items.len().saturating_sub(1)]
+                .iter()
+                .take_while(|(_, used, _)| *used < cutoff)
+                .count();
+            let gone: Vec<I> = items.drain(..old).map(|(_, _, item)| item).collect();
+            for item in gone {
+                shed.push(item);
+                self.forget(&key);
+            }
+        }
+        shed
     }
 
     /// Stops pooling `model`'s instances: returns its idle ones (to drop), and those in use are
@@ -170,7 +196,7 @@ impl<I> PoolState<I> {
             .collect();
         let mut items = Vec::new();
         for key in keys {
-            for (_, item) in self.idle.remove(&key).unwrap_or_default() {
+            for (_, _, item) in self.idle.remove(&key).unwrap_or_default() {
                 items.push(item);
                 self.forget(&key);
             }
@@ -230,7 +256,7 @@ impl Drop for PooledInstance {
         let mut state = self.pool.lock();
         match self.instance.take() {
             Some(instance) if instance.is_reusable() && !std::thread::panicking() => {
-                let retired = state.put_back(self.key.clone(), instance);
+                let retired = state.put_back(self.key.clone(), instance, Instant::now());
                 drop(state);
                 drop(retired);
             }
@@ -336,6 +362,22 @@ impl InstancePool {
         }
     }
 
+    /// Drops the idle instances unused for `idle_for` or longer, except each key's most recently
+    /// used one; returns how many were dropped.
+    pub fn shed_idle(&self, idle_for: Duration) -> usize {
+        let Some(cutoff) = Instant::now().checked_sub(idle_for) else {
+            return 0;
+        };
+        let shed = self.lock().shed(cutoff);
+        let n = shed.len();
+        // Dropped outside the lock: dropping an instance resets its memory slot.
+        drop(shed);
+        if n > 0 {
+            self.freed.notify_waiters();
+        }
+        n
+    }
+
     /// (live instances or reservations, idle instances), engine-wide.
     pub fn counts(&self) -> (u32, usize) {
         let state = self.lock();
@@ -355,12 +397,39 @@ mod tests {
     }
 
     #[test]
+    fn idle_items_unused_for_a_while_are_shed_but_each_keys_latest_stays() {
+        let mut s = PoolState::<&str>::new(10);
+        let (a, b) = (key("m", "t1"), key("m", "t2"));
+        for _ in 0..3 {
+            assert!(matches!(s.take(&a, 4), Take::New { evicted: None }));
+        }
+        assert!(matches!(s.take(&b, 4), Take::New { evicted: None }));
+        let t0 = Instant::now();
+        let later = |ms| t0 + Duration::from_millis(ms);
+        s.put_back(a.clone(), "a-oldest", t0);
+        s.put_back(a.clone(), "a-middle", later(10));
+        s.put_back(a.clone(), "a-latest", later(20));
+        s.put_back(b.clone(), "b-only", t0);
+
+        // Nothing was idle before t0.
+        assert!(s.shed(t0).is_empty());
+        // Used before the cutoff: a's two older ones go; b's only one stays.
+        assert_eq!(s.shed(later(15)), vec!["a-oldest", "a-middle"]);
+        assert_eq!(s.live_total, 2, "their slots are free");
+        assert_eq!(s.live.get(&a), Some(&1));
+        // However old, each key keeps its latest.
+        assert!(s.shed(later(1000)).is_empty());
+        assert!(matches!(s.take(&a, 4), Take::Idle("a-latest")));
+        assert!(matches!(s.take(&b, 4), Take::Idle("b-only")));
+    }
+
+    #[test]
     fn reuses_idle_items_of_the_same_key_only() {
         let mut s = PoolState::<&str>::new(10);
         let a = key("m", "t1");
         let b = key("m", "t2");
         assert!(matches!(s.take(&a, 2), Take::New { evicted: None }));
-        s.put_back(a.clone(), "a1");
+        s.put_back(a.clone(), "a1", Instant::now());
         assert!(
             matches!(s.take(&b, 2), Take::New { evicted: None }),
             "another tenant never gets a1"
@@ -384,8 +453,8 @@ mod tests {
         let (a, b, c) = (key("a", "t"), key("b", "t"), key("c", "t"));
         assert!(matches!(s.take(&a, 4), Take::New { .. }));
         assert!(matches!(s.take(&b, 4), Take::New { .. }));
-        s.put_back(a.clone(), "a");
-        s.put_back(b.clone(), "b");
+        s.put_back(a.clone(), "a", Instant::now());
+        s.put_back(b.clone(), "b", Instant::now());
         match s.take(&c, 4) {
             Take::New { evicted } => assert_eq!(evicted, Some("a")),
             other => panic!("expected an eviction, got {other:?}"),
@@ -406,7 +475,7 @@ mod tests {
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
         let first = s.enqueue(&a);
         let second = s.enqueue(&a);
-        s.put_back(a.clone(), "a1");
+        s.put_back(a.clone(), "a1", Instant::now());
         // A newcomer and the second ticket must not jump the queue...
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
         assert!(matches!(s.take_in_turn(&a, 1, Some(second)), Take::Wait));
@@ -418,7 +487,7 @@ mod tests {
             Take::Idle("a1")
         ));
         assert!(s.dequeue(first), "the second still waits");
-        s.put_back(a.clone(), "a1");
+        s.put_back(a.clone(), "a1", Instant::now());
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
         assert!(matches!(
             s.take_in_turn(&a, 1, Some(second)),
@@ -462,12 +531,12 @@ mod tests {
         let (old, new) = (key("m#1", "t"), key("m#2", "t"));
         assert!(matches!(s.take(&old, 4), Take::New { .. }));
         assert!(matches!(s.take(&old, 4), Take::New { .. }));
-        assert_eq!(s.put_back(old.clone(), "idle"), None);
+        assert_eq!(s.put_back(old.clone(), "idle", Instant::now()), None);
         // One idle, one busy (in flight when the reload came).
         assert_eq!(s.retire("m#1"), vec!["idle"]);
         assert_eq!(s.live_total, 1, "the idle one's slot is free");
         assert_eq!(
-            s.put_back(old.clone(), "busy"),
+            s.put_back(old.clone(), "busy", Instant::now()),
             Some("busy"),
             "the busy one is handed back to be dropped"
         );
