@@ -57,6 +57,7 @@ struct Settings {
     tei_args: Vec<String>,
     fastapi_workers: usize,
     reference_seconds: f64,
+    rest_seconds: f64,
 }
 
 fn env_number(name: &str, default: f64) -> Result<f64> {
@@ -108,6 +109,7 @@ impl Settings {
                 .collect(),
             fastapi_workers: env_number("PEERS_FASTAPI_WORKERS", 1.0)? as usize,
             reference_seconds: env_number("PEERS_REFERENCE_SECONDS", 6.0)?,
+            rest_seconds: env_number("PEERS_REST_SECONDS", 35.0)?,
         };
         if settings.seconds <= 0.0 || settings.rounds == 0 || settings.fastapi_workers == 0 {
             bail!("PEERS_SECONDS, PEERS_ROUNDS and PEERS_FASTAPI_WORKERS must be positive");
@@ -221,6 +223,16 @@ pub fn bench_peers(repo: &Repo, steps: &mut Steps) -> Result<()> {
             Ok(())
         },
     )?;
+    steps.run("at rest", || {
+        // Memory with the model loaded and nothing to do, the same wait for every server: long
+        // enough for Kiln to drop the plugin instances only the runs needed (its
+        // `instance_idle_secs`, 30 by default).
+        std::thread::sleep(Duration::from_secs_f64(settings.rest_seconds));
+        for server in &servers {
+            report.rss_rest.insert(server.name.clone(), server.memory());
+        }
+        Ok(())
+    })?;
     drop(servers);
 
     let text = report.render(&settings, &bench.machine());
@@ -773,6 +785,7 @@ struct Report {
     runs: BTreeMap<(usize, usize, String), Vec<Run>>,
     rss_warm: BTreeMap<String, Memory>,
     rss_after: BTreeMap<String, Memory>,
+    rss_rest: BTreeMap<String, Memory>,
     check: String,
     /// Every `ref threads=...` line of every round.
     reference: Vec<HashMap<String, f64>>,
@@ -915,21 +928,24 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "| server | RSS after warm-up | RSS after the runs | peak RSS |"
+            "| server | RSS after warm-up | RSS after the runs | RSS at rest ({:.0} s later) | peak RSS |",
+            settings.rest_seconds
         );
-        let _ = writeln!(t, "|---|--:|--:|--:|");
+        let _ = writeln!(t, "|---|--:|--:|--:|--:|");
         for server in &settings.servers {
-            let (w, a) = (
+            let (w, a, r) = (
                 self.rss_warm.get(server).copied().unwrap_or_default(),
                 self.rss_after.get(server).copied().unwrap_or_default(),
+                self.rss_rest.get(server).copied().unwrap_or_default(),
             );
             let mib = |kib: u64| kib as f64 / 1024.0;
             let _ = writeln!(
                 t,
-                "| {server} | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+                "| {server} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
                 mib(w.rss_kib),
                 mib(a.rss_kib),
-                mib(a.hwm_kib)
+                mib(r.rss_kib),
+                mib(r.hwm_kib.max(a.hwm_kib))
             );
         }
         let _ = writeln!(
@@ -1014,16 +1030,21 @@ impl Report {
                     verdict(k <= e)
                 );
             }
-            let (k, e) = (
-                self.rss_after.get("kiln").copied().unwrap_or_default(),
-                self.rss_after.get("tei").copied().unwrap_or_default(),
-            );
+            let memory = |m: &BTreeMap<String, Memory>| {
+                (
+                    m.get("kiln").copied().unwrap_or_default().rss_kib as f64 / 1024.0,
+                    m.get("tei").copied().unwrap_or_default().rss_kib as f64 / 1024.0,
+                )
+            };
+            let (k, e) = memory(&self.rss_after);
+            let (kr, er) = memory(&self.rss_rest);
             let _ = writeln!(
                 t,
-                "- RSS after the runs: Kiln {:.0} MiB, TEI {:.0} MiB: {} (no more)",
-                k.rss_kib as f64 / 1024.0,
-                e.rss_kib as f64 / 1024.0,
-                verdict(k.rss_kib <= e.rss_kib)
+                "- RSS with only the model loaded, at rest ({:.0} s after the runs): Kiln {kr:.0} \
+                 MiB, TEI {er:.0} MiB: {} (no more); right after the runs: Kiln {k:.0} MiB, TEI \
+                 {e:.0} MiB",
+                settings.rest_seconds,
+                verdict(kr <= er)
             );
         } else {
             let _ = writeln!(t, "- (TEI not run: set TEI_BIN for the targets against it)");
