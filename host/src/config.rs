@@ -109,6 +109,10 @@ pub struct OrtArgs {
     /// is free; the other sessions run only beside it. 0: all sessions alike.
     #[arg(long, env = "KILN_ORT_LEAD_THREADS")]
     pub lead_threads: Option<usize>,
+    /// Whether the lead session's intra-op threads spin between the parallel parts of a run
+    /// instead of sleeping (default true).
+    #[arg(long, env = "KILN_ORT_LEAD_SPINNING")]
+    pub lead_spinning: Option<bool>,
     /// Runs that may queue for a graph's sessions before callers are refused.
     #[arg(long, env = "KILN_ORT_QUEUE")]
     pub queue_capacity: Option<usize>,
@@ -349,6 +353,7 @@ pub struct Config {
     pub ort_sessions_per_graph: usize,
     pub ort_intra_threads: usize,
     pub ort_lead_threads: usize,
+    pub ort_lead_spinning: bool,
     pub ort_queue_capacity: usize,
     pub limits: Limits,
     /// Cross-request batching where a graph declares it (`[ort] batching`).
@@ -405,6 +410,11 @@ impl Default for Config {
             // core each. Measured on MiniLM (README, Performance): c=1 +42% req/s, c=32 and 8
             // sentences unchanged, against 2 sessions x 1 thread alone.
             ort_lead_threads: if cores > 1 { cores } else { 0 },
+            // The lead runs only while no other session of its graph does, so its spinning
+            // threads take cores only a lone caller is using. Measured on MiniLM at c=1: p50
+            // 5.78 -> 4.36 ms (in-process ORT: 4.33), c=32 and 8 sentences within noise
+            // (docs/benchmarks.md, "Threads and sessions").
+            ort_lead_spinning: true,
             ort_queue_capacity: 256,
             limits: Limits::default(),
             ort_batching: true,
@@ -533,6 +543,9 @@ impl Config {
         }
         if let Some(v) = a.ort.lead_threads {
             self.ort_lead_threads = v;
+        }
+        if let Some(v) = a.ort.lead_spinning {
+            self.ort_lead_spinning = v;
         }
         if let Some(v) = a.ort.queue_capacity {
             self.ort_queue_capacity = v;

@@ -38,6 +38,7 @@ fn minilm_executors() -> Option<(Arc<GraphExecutor>, Arc<GraphExecutor>)> {
         sessions: 1,
         intra_threads: 1,
         lead_threads: 0,
+        lead_spinning: false,
         queue_capacity: 64,
         memory_arena: true,
     };

@@ -37,6 +37,7 @@ fn executor_with_queue(
             sessions,
             intra_threads: 1,
             lead_threads: 0,
+            lead_spinning: false,
             queue_capacity: queue,
             memory_arena: true,
         },
@@ -388,6 +389,7 @@ fn a_lone_call_runs_on_the_lead_session_and_others_beside_it() {
             sessions: 2,
             intra_threads: 1,
             lead_threads: 2,
+            lead_spinning: false,
             queue_capacity: 16,
             memory_arena: true,
         },
@@ -469,6 +471,7 @@ fn sessions_share_one_copy_of_the_optimized_weights_and_answer_alike() {
         sessions,
         intra_threads: 1,
         lead_threads,
+        lead_spinning: lead_threads > 0,
         queue_capacity: 16,
         memory_arena: false,
     };

@@ -1237,6 +1237,7 @@ fn load_model(
             sessions: graph.sessions.unwrap_or(config.ort_sessions_per_graph),
             intra_threads: graph.intra_threads.unwrap_or(config.ort_intra_threads),
             lead_threads: graph.lead_threads.unwrap_or(config.ort_lead_threads),
+            lead_spinning: config.ort_lead_spinning,
             queue_capacity: config.ort_queue_capacity,
             memory_arena: graph.arena,
         };

@@ -92,6 +92,10 @@ pub struct ExecutorOptions {
     /// than `intra_threads`: it runs a job only while none of the others runs (a lone caller),
     /// and a lone job is left to it. 0: no lead, any free session runs.
     pub lead_threads: usize,
+    /// The lead session's intra-op threads spin between the parallel parts of a run instead
+    /// of sleeping: a lone caller's run is not slowed by thread wake-ups (the other sessions
+    /// keep sleeping threads: spinning would burn the cores they share under load).
+    pub lead_spinning: bool,
     /// Jobs that may wait for a free session before callers are refused.
     pub queue_capacity: usize,
     /// ORT's CPU memory arena: it keeps the largest run's memory for the session's lifetime.
@@ -554,19 +558,19 @@ impl GraphExecutor {
         let threads = options.intra_threads.max(1);
         let has_lead = options.lead_threads > threads;
         let count = sessions + usize::from(has_lead);
-        let builder = || -> ort::Result<SessionBuilder> {
+        let builder = |spin: bool| -> ort::Result<SessionBuilder> {
             Ok(Session::builder(env)?
                 .with_execution_providers([ort::ep::CPU::default()
                     .with_arena_allocator(options.memory_arena)
                     .build()])?
                 .with_inter_threads(1)?
-                // Spinning threads would burn the cores other sessions need.
-                .with_intra_op_spinning(false)?)
+                .with_intra_op_spinning(spin)?)
         };
+        let lead_spin = options.lead_spinning;
         // Several sessions share one copy of the optimized weights (see `super::shared`);
         // if that cannot be set up, each loads the model on its own.
         let shared = if count > 1 {
-            match builder()
+            match builder(false)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| SharedWeights::prepare(b, path))
             {
@@ -593,10 +597,10 @@ impl GraphExecutor {
             let session = || -> ort::Result<Session> {
                 Ok(match &shared {
                     Some(shared) => shared
-                        .apply(builder()?)?
+                        .apply(builder(lead_spin && i == sessions)?)?
                         .with_intra_threads(threads)?
                         .commit_from_file(shared.model())?,
-                    None => builder()?
+                    None => builder(lead_spin && i == sessions)?
                         .with_optimization_level(GraphOptimizationLevel::Level3)?
                         .with_intra_threads(threads)?
                         .commit_from_file(path)?,
