@@ -9,7 +9,8 @@ Two timings per thread count, each for --seconds after a warm-up:
 Both include the Python binding's per-call overhead (tens of microseconds).
 
 The session is set up as Kiln's executor sets up each of its sessions: all graph optimisations,
-inter-op threads 1, intra-op threads as given, intra-op spinning off.
+inter-op threads 1, intra-op threads as given, intra-op spinning off unless the environment
+says ORT_REFERENCE_SPINNING=1 (Kiln's lead session, which runs a lone request, spins by default).
 
 Usage: ort_reference.py SENTENCES_JSON THREADS[,THREADS...] [SECONDS] [MODEL_DIR]
 Prints one line per thread count:
@@ -56,7 +57,8 @@ def main() -> int:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        spinning = os.environ.get("ORT_REFERENCE_SPINNING", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         session = ort.InferenceSession(
             os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"]
         )

@@ -516,9 +516,14 @@ impl Bench<'_> {
             }
         }
         let threads: Vec<String> = threads.iter().map(ToString::to_string).collect();
+        // A lone request runs on the lead session, whose threads spin by default
+        // (`[ort] lead_spinning`): the reference spins as it does.
+        let spinning = lead_threads > kiln_threads
+            && env::var("KILN_ORT_LEAD_SPINNING").map_or(true, |v| v != "false" && v != "0");
         output(
             self.repo
                 .command(python::venv_python(self.repo))
+                .env("ORT_REFERENCE_SPINNING", if spinning { "1" } else { "0" })
                 .arg(self.repo.path("bench/peers/ort_reference.py"))
                 .arg(self.work.join("sentences.json"))
                 .arg(threads.join(","))
@@ -951,7 +956,7 @@ impl Report {
         let _ = writeln!(
             t,
             "\nONNX Runtime in-process, one sentence per run, same sentences (Python onnxruntime, \
-             Kiln's session settings; `run` excludes tokenization, `pipeline` includes it and \
+             Kiln's session settings, spinning as Kiln's lead session does; `run` excludes tokenization, `pipeline` includes it and \
              the pooling):\n"
         );
         let _ = writeln!(
