@@ -5,7 +5,8 @@
 //! threads inside a `wasi:nn` `compute`) enqueue a job and wait for its reply with a time limit;
 //! past the limit they set the job's `RunOptions` terminate flag, which stops ORT between kernels.
 //! Sessions are created once when the model loads, never per request, and ORT never runs on the
-//! async executor.
+//! async executor. The sessions of a graph share one optimized copy of its weights
+//! ([`super::shared`]).
 //!
 //! A graph may also have a *lead* session ([`ExecutorOptions::lead_threads`]): one more session,
 //! with more intra-op threads, that runs a job only while no other session of the graph is
