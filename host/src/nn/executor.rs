@@ -576,6 +576,7 @@ impl GraphExecutor {
                 .and_then(|b| SharedWeights::prepare(b, path))
             {
                 Ok(shared) => {
+                    let shared = Arc::new(shared);
                     let (n, bytes) = shared.size();
                     tracing::debug!(graph = %format!("{label}/{name}"), initializers = n, bytes, "sessions share the optimized weights");
                     Some(shared)
@@ -612,8 +613,10 @@ impl GraphExecutor {
                 session.map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
             pool.push(session);
         }
-        let shared_weights = shared.as_ref().map(SharedWeights::size);
-        drop(shared);
+        let shared_weights = shared.as_deref().map(SharedWeights::size);
+        if let Some(shared) = &shared {
+            shared.sessions_created();
+        }
         let inputs: Vec<IoSpec> = pool[0]
             .inputs()
             .iter()
@@ -649,6 +652,7 @@ impl GraphExecutor {
                 stats: Arc::clone(&stats),
                 plan: plan.clone(),
                 graph: format!("{label}/{name}"),
+                _weights: shared.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("ort-{label}-{name}-{i}"))
@@ -774,6 +778,8 @@ struct Worker {
     plan: Option<Arc<BatchPlan>>,
     /// `<model>/<graph>`, for logs.
     graph: String,
+    /// The weights `session` may read (declared after it: dropped after it).
+    _weights: Option<Arc<SharedWeights>>,
 }
 
 impl Worker {
