@@ -193,10 +193,10 @@ fn first_load_estimate(bytes: u64) -> Duration {
 /// ONNX Runtime session (the graph's `sessions`, plus its lead session where it has one; a graph
 /// that overrides `intra_threads` is compared with that), and the compiled plugin about three
 /// times its component's size. The sessions of a graph share one optimized copy of its weights
-/// (`nn::shared`), so this over-counts fp32 graphs and under-counts int8 ones, whose weights the
-/// optimizer folds to fp32: MiniLM int8, 23 MB on disk, takes ~155 MB with three sessions and is
-/// estimated at 69. An estimate from file sizes, so that the budget can be checked before
-/// loading.
+/// (`nn::shared`), mostly paged out of a mapped file, so this over-counts: MiniLM int8, 23 MB
+/// on disk, is estimated at 69 MB with three sessions, and a server with only MiniLM loaded is
+/// ready at ~95 MiB resident in all (~250 MiB at the peak of the load). An estimate from file
+/// sizes, so that the budget can be checked before loading.
 pub fn estimate_bytes(spec: &ModelSpec, default_sessions: usize, default_lead: bool) -> u64 {
     let file_len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let graphs: u64 = spec
