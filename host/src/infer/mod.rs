@@ -1124,18 +1124,16 @@ async fn run_on<T: Send + 'static>(
     let model = Arc::clone(model);
     let timeout = model.limits.request_timeout;
     let task = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let instance = match lease.get() {
             Some(instance) => instance,
-            None => match (
-                std::time::Instant::now(),
-                PluginInstance::new(&engine, &model.pre, &model.setup, deadline),
-            ) {
-                (started, Ok(instance)) => {
+            None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
+                Ok(instance) => {
                     let us = started.elapsed().as_micros() as u64;
                     tracing::debug!(model = %model.spec.id, us, "new plugin instance (instantiated, init ran)");
                     lease.set(instance)
                 }
-                (_, Err(failure)) => {
+                Err(failure) => {
                     let error = failure_to_error(&model, failure);
                     return (lease, Err(error), Duration::ZERO);
                 }

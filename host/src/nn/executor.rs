@@ -567,54 +567,53 @@ impl GraphExecutor {
                 .with_inter_threads(1)?
                 .with_intra_op_spinning(spin)?)
         };
-        let lead_spin = options.lead_spinning;
-        // Several sessions share one copy of the optimized weights (see `super::shared`);
-        // if that cannot be set up, each loads the model on its own.
-        let shared = if count > 1 {
+        let graph = format!("{label}/{name}");
+        // Several sessions share one copy of the optimized weights (see `super::shared`); if
+        // that cannot be set up, or a session cannot be built on it, each loads the model on
+        // its own.
+        let mut shared = if count > 1 {
             match builder(false)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| SharedWeights::prepare(b, path))
             {
-                Ok(shared) => {
-                    let shared = Arc::new(shared);
-                    let (n, bytes) = shared.size();
-                    tracing::debug!(graph = %format!("{label}/{name}"), initializers = n, bytes, "sessions share the optimized weights");
-                    Some(shared)
-                }
+                Ok(shared) => Some(Arc::new(shared)),
                 Err(e) => {
-                    tracing::warn!(graph = %format!("{label}/{name}"), "each session keeps its own weights: {e:#}");
+                    tracing::warn!(%graph, "each session keeps its own weights: {e:#}");
                     None
                 }
             }
         } else {
             None
         };
-        let mut pool = Vec::with_capacity(count);
-        for i in 0..count {
-            let threads = if i == sessions {
-                options.lead_threads
-            } else {
-                threads
-            };
-            let session = || -> ort::Result<Session> {
-                Ok(match &shared {
-                    Some(shared) => shared
-                        .apply(builder(lead_spin && i == sessions)?)?
-                        .with_intra_threads(threads)?
-                        .commit_from_file(shared.model())?,
-                    None => builder(lead_spin && i == sessions)?
-                        .with_optimization_level(GraphOptimizationLevel::Level3)?
-                        .with_intra_threads(threads)?
-                        .commit_from_file(path)?,
-                })
-            };
-            let session = session();
-            let session =
-                session.map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
-            pool.push(session);
+        // Session `i` (the lead is the last), on the shared weights or on the model file.
+        let build = |i: usize, shared: Option<&SharedWeights>| -> ort::Result<Session> {
+            let lead = i == sessions;
+            let threads = if lead { options.lead_threads } else { threads };
+            let builder = builder(lead && options.lead_spinning)?;
+            Ok(match shared {
+                Some(shared) => shared
+                    .apply(builder)?
+                    .with_intra_threads(threads)?
+                    .commit_from_file(shared.model())?,
+                None => builder
+                    .with_optimization_level(GraphOptimizationLevel::Level3)?
+                    .with_intra_threads(threads)?
+                    .commit_from_file(path)?,
+            })
+        };
+        let mut pool = (0..count)
+            .map(|i| build(i, shared.as_deref()))
+            .collect::<ort::Result<Vec<Session>>>();
+        if let (Err(e), Some(_)) = (&pool, &shared) {
+            tracing::warn!(%graph, "each session keeps its own weights: {e}");
+            shared = None;
+            pool = (0..count).map(|i| build(i, None)).collect();
         }
+        let pool = pool.map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
         let shared_weights = shared.as_deref().map(SharedWeights::size);
         if let Some(shared) = &shared {
+            let (initializers, bytes) = shared.size();
+            tracing::debug!(%graph, initializers, bytes, "sessions share the optimized weights");
             shared.sessions_created();
         }
         let inputs: Vec<IoSpec> = pool[0]
@@ -651,7 +650,7 @@ impl GraphExecutor {
                 queue: Arc::clone(&queue),
                 stats: Arc::clone(&stats),
                 plan: plan.clone(),
-                graph: format!("{label}/{name}"),
+                graph: graph.clone(),
                 _weights: shared.clone(),
             };
             std::thread::Builder::new()
