@@ -230,6 +230,11 @@ pub fn bench_peers(repo: &Repo, steps: &mut Steps) -> Result<()> {
         std::thread::sleep(Duration::from_secs_f64(settings.rest_seconds));
         for server in &servers {
             report.rss_rest.insert(server.name.clone(), server.memory());
+            server.save_smaps(
+                &bench
+                    .work
+                    .join(format!("{}-smaps-at-rest.txt", server.name)),
+            );
         }
         Ok(())
     })?;
@@ -333,8 +338,11 @@ impl Bench<'_> {
         Ok(token)
     }
 
+    /// The release build, or `PEERS_KILN_BIN` (another build of Kiln, to compare two builds).
     fn kiln(&self) -> PathBuf {
-        self.repo.target_dir().join("release/kiln")
+        env::var_os("PEERS_KILN_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.repo.target_dir().join("release/kiln"))
     }
 
     /// Starts `name` on a free port and waits until it answers an embeddings request.
@@ -679,6 +687,21 @@ impl Server {
             rss_kib: pids.iter().map(|&p| field(p, "VmRSS:")).sum(),
             hwm_kib: pids.iter().map(|&p| field(p, "VmHWM:")).sum(),
             processes: pids.len(),
+        }
+    }
+
+    /// Copies `/proc/<pid>/smaps` of each of the server's processes to `path`, for reading
+    /// where its resident memory is (best effort: a missing file only loses the detail).
+    fn save_smaps(&self, path: &Path) {
+        let text: String = process_tree(self.child.id())
+            .iter()
+            .map(|pid| {
+                let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+                format!("# pid {pid}\n{smaps}")
+            })
+            .collect();
+        if let Err(e) = fs::write(path, text) {
+            eprintln!("writing {}: {e}", path.display());
         }
     }
 

@@ -246,12 +246,37 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Makes glibc's malloc use one arena for every thread (unless the operator set
+/// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES`, which then decide). Call it before any thread starts.
+///
+/// Why: with an arena per thread, the free memory at the top of each extra arena stays resident
+/// however long the server idles. glibc trims an extra arena's top only when a free there
+/// leaves more than the trim threshold (which grows with the largest block seen, up to 64 MiB),
+/// and `malloc_trim` ([`release_freed_memory`]) releases the top of the main arena alone.
+/// Measured on the 2-core VM (`cargo xtask bench peers`, Kiln alone, MiniLM, 2 rounds each,
+/// interleaved): RSS at rest after the runs 292-310 MiB with an arena per thread, 107 MiB with
+/// one, at the same req/s (c=32: 263 vs 263; 8 sentences: 23.2-24.2 vs 23.5-23.7). A fixed
+/// 1 MiB mmap threshold instead gave 123 MiB but lost 10% with 8 sentences (every large
+/// activation a fresh mapping). On many cores one arena may contend; set `MALLOC_ARENA_MAX`.
+pub fn use_one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
+        && std::env::var_os("GLIBC_TUNABLES").is_none()
+    {
+        // SAFETY: mallopt only changes the allocator's own settings; M_ARENA_MAX takes effect
+        // for threads that have no arena yet (all but this one, before any other starts).
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Hands memory that has been freed but is still held by the C allocator back to the OS.
 ///
-/// glibc keeps freed blocks in per-thread arenas (and trims only the main one by itself): after
-/// a model load or a burst of large ONNX Runtime runs, tens to hundreds of MiB stay resident
-/// for nothing. `malloc_trim` walks every arena and releases their free pages. It takes about a
-/// millisecond, so it runs after loads and when the server goes idle, never per request.
+/// glibc keeps freed blocks in its arenas: after a model load or a burst of large ONNX Runtime
+/// runs, tens to hundreds of MiB stay resident for nothing. `malloc_trim` releases the free
+/// pages inside every arena and the top of the main one (see [`use_one_malloc_arena`]). It takes
+/// about a millisecond, so it runs after loads and when the server goes idle, never per request.
 pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free pages of the allocator's own arenas.
