@@ -28,7 +28,7 @@ const SENTENCES: [&str; 8] = [
 ];
 
 struct Native {
-    tokenizer: tokenizers::Tokenizer,
+    tokenizer: kiln_sdk::text::Tokenizer,
     session: Session,
 }
 

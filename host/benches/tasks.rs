@@ -265,7 +265,7 @@ struct Request {
 
 /// demo/minilm, as plugins/embeddings: tokenize, encoder, masked mean pooling, L2 norm.
 struct Embeddings {
-    tokenizer: Tokenizer,
+    tokenizer: text::Tokenizer,
     session: Session,
 }
 
@@ -305,7 +305,7 @@ impl Embeddings {
 /// demo/sentiment, as plugins/text-classification: tokenize (truncation 256, padding), the
 /// graph's `logits`, softmax, every label ranked.
 struct TextClassification {
-    tokenizer: Tokenizer,
+    tokenizer: text::Tokenizer,
     session: Session,
     labels: Vec<String>,
 }

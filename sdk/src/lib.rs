@@ -55,6 +55,8 @@ pub mod scores;
 pub mod testing;
 #[cfg(feature = "text")]
 pub mod text;
+#[cfg(feature = "text")]
+mod wordpiece;
 
 /// Bindings of every interface a plugin may import (`kiln:plugin/imports`), generated once and
 /// shared by every task module.

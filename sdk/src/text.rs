@@ -6,8 +6,27 @@ use tokenizers::{
     PaddingParams, PaddingStrategy, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
-/// The HF tokenizer type, re-exported so plugins need no direct dependency.
-pub use tokenizers::Tokenizer;
+use crate::wordpiece::AsciiWordPiece;
+
+/// A tokenizer loaded by [`load_tokenizer`]: the HF tokenizer, and for BERT's WordPiece a
+/// faster path for ASCII text that gives the same ids (see [`tokenize`]).
+#[derive(Debug, Clone)]
+pub struct Tokenizer {
+    hf: tokenizers::Tokenizer,
+    ascii: Option<AsciiWordPiece>,
+}
+
+impl Tokenizer {
+    /// The HF tokenizer (set to truncate and pad as [`load_tokenizer`] says).
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.hf
+    }
+
+    /// Whether batches of ASCII text take the fast WordPiece path.
+    pub fn has_fast_path(&self) -> bool {
+        self.ascii.is_some()
+    }
+}
 
 /// Loads the tokenizer from `path` and sets it to truncate to `max_length` tokens and pad each
 /// batch to its longest input.
@@ -44,8 +63,8 @@ pub use tokenizers::Tokenizer;
 pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Tokenizer, String> {
     // No threads in a wasm32-wasip2 instance: keep `encode_batch_fast` on the calling thread.
     tokenizers::utils::parallelism::set_parallelism(false);
-    let mut tokenizer =
-        Tokenizer::from_file(path).map_err(|e| format!("loading {}: {e}", path.display()))?;
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| format!("loading {}: {e}", path.display()))?;
     tokenizer
         .with_truncation(Some(TruncationParams {
             max_length,
@@ -73,7 +92,10 @@ pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Token
         }
     };
     tokenizer.with_padding(Some(padding));
-    Ok(tokenizer)
+    Ok(Tokenizer {
+        ascii: AsciiWordPiece::new(&tokenizer),
+        hf: tokenizer,
+    })
 }
 
 /// A tokenized batch, row-major `[batch, seq]`.
@@ -104,7 +126,7 @@ pub fn load_tokenizer(path: &std::path::Path, max_length: usize) -> Result<Token
 /// # std::fs::remove_file(&path).unwrap();
 /// # Ok::<(), String>(())
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// Inputs in the batch.
     pub batch: usize,
@@ -251,6 +273,10 @@ impl Batch {
 
 /// Tokenizes `inputs` as one batch (the tokenizer pads it to its longest input).
 ///
+/// A BERT WordPiece tokenizer (`BertNormalizer`, `BertPreTokenizer`, `WordPiece`, `[CLS] A
+/// [SEP]`) takes a faster path for a batch of ASCII text, with the same ids as the HF
+/// tokenizer's; any other tokenizer or text goes to the HF tokenizer.
+///
 /// # Examples
 ///
 /// ```
@@ -276,6 +302,14 @@ impl Batch {
 /// # Ok::<(), String>(())
 /// ```
 pub fn tokenize(tokenizer: &Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
+    if let Some(batch) = tokenizer.ascii.as_ref().and_then(|a| a.tokenize(inputs)) {
+        return Ok(batch);
+    }
+    tokenize_hf(&tokenizer.hf, inputs)
+}
+
+/// [`tokenize`] by the HF tokenizer alone.
+fn tokenize_hf(tokenizer: &tokenizers::Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
     // `_fast`: no offsets (nothing here uses them); the ids, masks and truncation are those of
     // `encode_batch`, and each sentence skips the byte-offset bookkeeping.
     let encodings = tokenizer
@@ -315,6 +349,192 @@ mod tests {
     fn tokenizer(max_length: usize) -> Option<Tokenizer> {
         let path = crate::testing::model_source_file("sentiment/tokenizer.json")?;
         Some(load_tokenizer(&path, max_length).unwrap())
+    }
+
+    /// xorshift64*: a fixed stream of pseudo-random numbers.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Random ASCII text: vocabulary words (whole and glued together), mixed case, digits,
+    /// punctuation, runs of spaces, tabs and newlines, control characters, words longer than
+    /// WordPiece takes, and now and then an added token's text.
+    fn random_text(rng: &mut Rng, vocab: &[&str]) -> String {
+        const PIECES: &[&str] = &[
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\r\n",
+            ".",
+            ",",
+            "!",
+            "?",
+            "'",
+            "\"",
+            "-",
+            "(",
+            ")",
+            "#",
+            "##",
+            "@",
+            "$",
+            "%",
+            "&",
+            "*",
+            "+",
+            "/",
+            ":",
+            ";",
+            "<",
+            "=",
+            ">",
+            "[",
+            "]",
+            "\\",
+            "^",
+            "_",
+            "`",
+            "{",
+            "|",
+            "}",
+            "~",
+            "\u{0}",
+            "\u{1}",
+            "\u{b}",
+            "\u{c}",
+            "\u{1f}",
+            "\u{7f}",
+            "0",
+            "42",
+            "3.14",
+            "1,000",
+            "don't",
+            "U.S.A.",
+            "e-mail",
+            "CamelCase",
+            "ALLCAPS",
+            "[SEP]",
+            "[sep]",
+            "[MASK]",
+            "[UNK]x",
+            "xqzjvwk",
+            "Supercalifragilisticexpialidocious",
+        ];
+        let mut text = String::new();
+        for _ in 0..rng.below(40) {
+            match rng.below(10) {
+                0..=4 => {
+                    let word = vocab[rng.below(vocab.len())];
+                    match rng.below(4) {
+                        0 => text.push_str(&word.to_uppercase()),
+                        _ => text.push_str(word),
+                    }
+                    if rng.below(3) > 0 {
+                        text.push(' ');
+                    }
+                }
+                5..=8 => text.push_str(PIECES[rng.below(PIECES.len())]),
+                _ => {
+                    // A long word: around WordPiece's limit of 100 characters.
+                    let n = 95 + rng.below(10);
+                    text.extend((0..n).map(|i| (b'a' + (i % 26) as u8) as char));
+                }
+            }
+        }
+        text
+    }
+
+    /// The fast WordPiece path gives the HF tokenizer's batch for ASCII text: thousands of
+    /// random inputs, one by one and in padded batches, at several truncation lengths.
+    #[test]
+    fn the_ascii_fast_path_matches_the_hf_tokenizer() {
+        let Some(path) = crate::testing::model_source_file("minilm/tokenizer.json") else {
+            return;
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let vocab: Vec<&str> = json["model"]["vocab"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|w| w.is_ascii())
+            .collect();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut fast_batches = 0;
+        for max_length in [2, 5, 16, 128] {
+            let tokenizer = load_tokenizer(&path, max_length).unwrap();
+            assert!(
+                tokenizer.has_fast_path(),
+                "MiniLM's tokenizer is BERT's WordPiece"
+            );
+            let fast = tokenizer.ascii.as_ref().unwrap();
+            let texts: Vec<String> = (0..1500).map(|_| random_text(&mut rng, &vocab)).collect();
+            let mut fixed = vec![
+                String::new(),
+                " ".into(),
+                "Hello, World!".into(),
+                "A man is eating food.".into(),
+                "a\tb\nc\rd  e".into(),
+                "ab\u{1}cd\u{7f}ef\u{b}gh".into(),
+                "x".repeat(100),
+                "x".repeat(101),
+                "unbelievably ##ing ###".into(),
+            ];
+            fixed.extend(texts);
+            for text in &fixed {
+                let hf = tokenize_hf(tokenizer.hf(), &[text]).unwrap();
+                if let Some(batch) = fast.tokenize(&[text]) {
+                    assert_eq!(batch, hf, "max_length {max_length}: {text:?}");
+                    fast_batches += 1;
+                }
+                assert_eq!(tokenize(&tokenizer, &[text]).unwrap(), hf, "{text:?}");
+            }
+            for group in fixed.chunks(7) {
+                let inputs: Vec<&str> = group.iter().map(String::as_str).collect();
+                let hf = tokenize_hf(tokenizer.hf(), &inputs).unwrap();
+                assert_eq!(tokenize(&tokenizer, &inputs).unwrap(), hf, "{inputs:?}");
+            }
+        }
+        // Most random inputs hold no added token: the fast path was exercised.
+        assert!(
+            fast_batches > 4000,
+            "{fast_batches} inputs took the fast path"
+        );
+    }
+
+    /// Text the fast path does not handle goes to the HF tokenizer, with its answers.
+    #[test]
+    fn non_ascii_text_and_added_tokens_take_the_hf_path() {
+        let Some(tokenizer) = tokenizer(128) else {
+            return;
+        };
+        let fast = tokenizer.ascii.as_ref().expect("the fast path");
+        for inputs in [
+            vec!["Café au lait, naïve résumé"],
+            vec!["plain", "北京 and Zürich"],
+            vec!["before [SEP] after"],
+            vec!["emoji 🙂 here"],
+        ] {
+            assert!(fast.tokenize(&inputs).is_none(), "{inputs:?}");
+            assert_eq!(
+                tokenize(&tokenizer, &inputs).unwrap(),
+                tokenize_hf(tokenizer.hf(), &inputs).unwrap()
+            );
+        }
+        assert!(fast.tokenize(&["plain", "ascii"]).is_some());
     }
 
     #[test]
