@@ -186,6 +186,20 @@ fn rand_suffix() -> u64 {
 /// The plan of the default test user: limits no functional test reaches.
 pub const TEST_PLAN: &str = "test-unlimited";
 
+/// Creates user `name` on `plan` with an inference token, makes the server see them at once
+/// (not at its next refresh), and returns the token.
+pub fn add_user(state: &AppState, name: &str, plan: &str) -> String {
+    use kiln_host::tenancy::{admin, Scope};
+    let tenancy = &state.tenancy;
+    let store = tenancy.store().as_ref();
+    admin::create_user(store, tenancy.plans(), name, plan).expect("create user");
+    let token = admin::create_token(store, name, Scope::Inference, None)
+        .expect("create token")
+        .token;
+    tenancy.refresh().expect("refresh");
+    token
+}
+
 /// Server configuration for tests: the given models, this repo's ORT and cache, port 0, a fresh
 /// database, and a plan without practical limits for the default test user.
 pub fn config(models_dir: &Path) -> Config {

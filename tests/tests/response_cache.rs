@@ -13,8 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_host::tenancy::{admin, Scope};
-use kiln_tests::{fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
+use kiln_tests::{add_user, fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
 use serde_json::{json, Value};
 
 const EMBED: &str = "/v1/inference/embeddings";
@@ -39,17 +38,6 @@ fn probe_toml(wasm: &Path, config: &str) -> String {
         "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[plugin.config]\n{config}\n\
          [graphs]\nmain = \"main.onnx\"\n"
     )
-}
-
-fn add_user(server: &TestServer, name: &str) -> String {
-    let tenancy = &server.state.tenancy;
-    let store = tenancy.store().as_ref();
-    admin::create_user(store, tenancy.plans(), name, TEST_PLAN).expect("create user");
-    let token = admin::create_token(store, name, Scope::Inference, None)
-        .expect("create token")
-        .token;
-    tenancy.refresh().expect("refresh");
-    token
 }
 
 /// POSTs `body` with `token` (the server's test user when None) and extra headers.
@@ -139,7 +127,7 @@ async fn a_repeated_request_is_answered_from_the_cache_of_its_own_tenant() {
     assert_eq!((count(&header), cache_header(&header)), (3.0, "bypass"));
 
     // Another tenant, the same request: a miss on its own instance, then its own hit.
-    let other = add_user(&server, "other");
+    let other = add_user(&server.state, "other", TEST_PLAN);
     let theirs = post_as(&server, EMBED, Some(&other), &[], &state(None)).await;
     assert_eq!((count(&theirs), cache_header(&theirs)), (1.0, "miss"));
     let theirs = post_as(&server, EMBED, Some(&other), &[], &state(None)).await;
@@ -255,13 +243,7 @@ async fn hits_are_rate_limited_like_any_request() {
         },
     );
     let server = TestServer::start(config).await;
-    let tenancy = &server.state.tenancy;
-    let store = tenancy.store().as_ref();
-    admin::create_user(store, tenancy.plans(), "tight", "tight").unwrap();
-    let token = admin::create_token(store, "tight", Scope::Inference, None)
-        .unwrap()
-        .token;
-    tenancy.refresh().unwrap();
+    let token = add_user(&server.state, "tight", "tight");
     let ok = json!({"model": PROBE, "inputs": ["ok"]});
     let first = post_as(&server, EMBED, Some(&token), &[], &ok).await;
     assert_eq!((first.status, cache_header(&first)), (200, "miss"));

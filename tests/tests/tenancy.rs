@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kiln_host::config::Config;
 use kiln_host::tenancy::{self, admin, Plan, Scope, TokenRecord};
 use kiln_host::AppState;
-use kiln_tests::{fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
+use kiln_tests::{add_user, fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
 use serde_json::{json, Value};
 
 /// `WWW-Authenticate` of a 401 for a token that was sent but is not usable.
@@ -49,19 +49,6 @@ fn plan(requests_per_minute: u32, burst: u32, compute_hours: f64) -> Plan {
         compute_hours,
         tasks: BTreeMap::new(),
     }
-}
-
-/// Creates a user on `plan` with an inference token (through the store, as `kiln admin` does),
-/// makes the server see it at once, and returns the token.
-fn add_user(state: &AppState, name: &str, plan: &str) -> String {
-    let tenancy = &state.tenancy;
-    let store = tenancy.store().as_ref();
-    admin::create_user(store, tenancy.plans(), name, plan).expect("create user");
-    let token = admin::create_token(store, name, Scope::Inference, None)
-        .expect("create token")
-        .token;
-    tenancy.refresh().expect("refresh");
-    token
 }
 
 /// A client that sends no token of its own (`TestServer::client` always sends tester's).

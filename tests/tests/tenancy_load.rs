@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_host::tenancy::{admin, Plan, Scope};
-use kiln_tests::{fixture_onnx, plugin, repo_root, ModelsDir, TestServer};
+use kiln_host::tenancy::Plan;
+use kiln_tests::{add_user, fixture_onnx, plugin, repo_root, ModelsDir, TestServer};
 use serde_json::{json, Value};
 
 const INFER_PATH: &str = "/v1/inference/embeddings";
@@ -56,18 +56,6 @@ fn plan(requests_per_minute: u32, burst: u32) -> Plan {
         compute_hours: 1e6,
         tasks: Default::default(),
     }
-}
-
-/// Creates user `name` on `plan` in a running in-process server; returns its inference token.
-fn add_user(server: &TestServer, name: &str, plan: &str) -> String {
-    let tenancy = &server.state.tenancy;
-    let store = tenancy.store().as_ref();
-    admin::create_user(store, tenancy.plans(), name, plan).expect("user");
-    let token = admin::create_token(store, name, Scope::Inference, None)
-        .expect("token")
-        .token;
-    tenancy.refresh().expect("refresh");
-    token
 }
 
 /// `total` of the caller's `GET /v1/usage`.
@@ -426,7 +414,7 @@ async fn hundred_concurrent_clients_are_counted_exactly() {
     let mut config = kiln_tests::config(models.path());
     config.plans.insert("crowd".into(), plan(PER_MINUTE, BURST));
     let server = TestServer::start(config).await;
-    let token = add_user(&server, "crowd", "crowd");
+    let token = add_user(&server.state, "crowd", "crowd");
     let url = server.url(INFER_PATH);
 
     // Each client its own connection pool, as separate programs would be; all start together.
@@ -573,7 +561,7 @@ async fn python_client_retries_429_until_every_call_succeeds() {
     // Two at once, then one a second: calls 3 and 4 are refused with Retry-After: 1.
     config.plans.insert("trickle".into(), plan(60, 2));
     let server = TestServer::start(config).await;
-    let token = add_user(&server, "py", "trickle");
+    let token = add_user(&server.state, "py", "trickle");
 
     let args = client_args(
         &server.base,

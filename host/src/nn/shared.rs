@@ -42,6 +42,8 @@ pub const EXTERNAL_MIN_BYTES: usize = 4096;
 
 /// The file names inside the temporary folder.
 const MODEL_FILE: &str = "optimized.onnx";
+/// Each temporary folder is `<temp dir>/kiln-optimized-<process id>-<n>`.
+const FOLDER_PREFIX: &str = "kiln-optimized-";
 const DATA_FILE: &str = "optimized.weights";
 
 /// The optimized model of one graph and its large weights, ready to give to each session.
@@ -261,8 +263,13 @@ struct TempFolder {
 impl TempFolder {
     fn new() -> anyhow::Result<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "kiln-optimized-{}-{}",
+        static CLEANED: std::sync::Once = std::sync::Once::new();
+        let dir = std::env::temp_dir();
+        CLEANED.call_once(|| {
+            remove_stale_folders(&dir);
+        });
+        let path = dir.join(format!(
+            "{FOLDER_PREFIX}{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
@@ -274,6 +281,76 @@ impl TempFolder {
 impl Drop for TempFolder {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes the temporary folders in `dir` of Kiln processes that are gone: a server killed
+/// while it loaded a model left its folder behind (the optimized model and its weights, 86 MB
+/// for MiniLM). A folder whose process id is in use (by any process) is left alone. Returns how
+/// many were removed.
+fn remove_stale_folders(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(FOLDER_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(folder = %entry.path().display(), "removed the optimized model a stopped server left");
+                removed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(folder = %entry.path().display(), "a stopped server's optimized model stays: {e}")
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod folder_tests {
+    use super::*;
+
+    /// Folders of gone processes go; those of running ones (this one, init) and anything else
+    /// stay.
+    #[test]
+    fn only_the_folders_of_gone_processes_are_removed() {
+        let dir = std::env::temp_dir().join(format!("kiln-stale-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let folder = |name: &str| {
+            let path = dir.join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            std::fs::write(path.join(DATA_FILE), b"weights").unwrap();
+            path
+        };
+        // Above any Linux pid_max (2^22): no process has this id.
+        let gone = folder(&format!("{FOLDER_PREFIX}4000000000-0"));
+        let mine = folder(&format!("{FOLDER_PREFIX}{}-3", std::process::id()));
+        let init = folder(&format!("{FOLDER_PREFIX}1-0"));
+        let other = folder("kiln-optimized-notapid-0");
+        let unrelated = folder("something-else");
+        std::fs::write(dir.join(format!("{FOLDER_PREFIX}4000000001-0")), b"a file").unwrap();
+
+        assert_eq!(remove_stale_folders(&dir), 1);
+        assert!(!gone.exists());
+        for kept in [&mine, &init, &other, &unrelated] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert!(dir.join(format!("{FOLDER_PREFIX}4000000001-0")).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
