@@ -302,7 +302,8 @@ impl Batch {
 /// # Ok::<(), String>(())
 /// ```
 pub fn tokenize(tokenizer: &Tokenizer, inputs: &[&str]) -> Result<Batch, String> {
-    if let Some(batch) = tokenizer.ascii.as_ref().and_then(|a| a.tokenize(inputs)) {
+    if let Some(batch) = (tokenizer.ascii.as_ref()).and_then(|a| a.tokenize(&tokenizer.hf, inputs))
+    {
         return Ok(batch);
     }
     tokenize_hf(&tokenizer.hf, inputs)
@@ -496,7 +497,7 @@ mod tests {
             fixed.extend(texts);
             for text in &fixed {
                 let hf = tokenize_hf(tokenizer.hf(), &[text]).unwrap();
-                if let Some(batch) = fast.tokenize(&[text]) {
+                if let Some(batch) = fast.tokenize(tokenizer.hf(), &[text]) {
                     assert_eq!(batch, hf, "max_length {max_length}: {text:?}");
                     fast_batches += 1;
                 }
@@ -528,13 +529,16 @@ mod tests {
             vec!["before [SEP] after"],
             vec!["emoji 🙂 here"],
         ] {
-            assert!(fast.tokenize(&inputs).is_none(), "{inputs:?}");
+            assert!(
+                fast.tokenize(tokenizer.hf(), &inputs).is_none(),
+                "{inputs:?}"
+            );
             assert_eq!(
                 tokenize(&tokenizer, &inputs).unwrap(),
                 tokenize_hf(tokenizer.hf(), &inputs).unwrap()
             );
         }
-        assert!(fast.tokenize(&["plain", "ascii"]).is_some());
+        assert!(fast.tokenize(tokenizer.hf(), &["plain", "ascii"]).is_some());
     }
 
     #[test]

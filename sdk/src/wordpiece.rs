@@ -21,22 +21,24 @@
 //! those out first); anything else goes to the HF tokenizer. The tests compare both paths on
 //! thousands of random and real inputs.
 
-use std::collections::HashMap;
-
 use serde_json::Value;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::{
+    Model, ModelWrapper, PaddingDirection, PaddingStrategy, TruncationDirection, TruncationStrategy,
+};
 
 use crate::text::Batch;
 
-/// BERT's WordPiece tokenizer for ASCII text, built from a HF tokenizer's configuration.
+/// BERT's WordPiece pipeline for ASCII text: the settings read from a HF tokenizer. The
+/// vocabulary stays in the HF tokenizer's model (no copy per plugin instance), and the ids of
+/// the pieces are looked up there.
 #[derive(Debug, Clone)]
 pub(crate) struct AsciiWordPiece {
-    /// Vocabulary entries, for the piece that starts a word.
-    words: HashMap<Box<[u8]>, u32>,
-    /// Entries with the continuing prefix (`##`), keyed without it, for the pieces after.
-    continuing: HashMap<Box<[u8]>, u32>,
     unk: u32,
     cls: u32,
     sep: u32,
+    /// The continuing-piece prefix (`##`).
+    prefix: String,
     max_word_chars: usize,
     lowercase: bool,
     /// Tokens at most, `[CLS]` and `[SEP]` included; None: no truncation.
@@ -47,50 +49,40 @@ pub(crate) struct AsciiWordPiece {
     added: Vec<String>,
 }
 
+/// The HF tokenizer's model, when it is WordPiece.
+fn wordpiece(tokenizer: &tokenizers::Tokenizer) -> Option<&WordPiece> {
+    match tokenizer.get_model() {
+        ModelWrapper::WordPiece(model) => Some(model),
+        _ => None,
+    }
+}
+
 impl AsciiWordPiece {
     /// The fast path for `tokenizer`, or None when its configuration is not BERT's WordPiece
-    /// pipeline exactly as this module implements it.
+    /// pipeline exactly as this module implements it. Reads only the small parts of the
+    /// configuration (a plugin instance builds this in its `init`).
     pub(crate) fn new(tokenizer: &tokenizers::Tokenizer) -> Option<Self> {
-        let json = serde_json::to_value(tokenizer).ok()?;
-        Self::from_json(&json)
-    }
-
-    fn from_json(json: &Value) -> Option<Self> {
         let str_of = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
         let u32_of = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
 
-        let normalizer = json.get("normalizer")?;
-        if str_of(normalizer, "type")? != "BertNormalizer"
+        let normalizer = serde_json::to_value(tokenizer.get_normalizer()?).ok()?;
+        if str_of(&normalizer, "type")? != "BertNormalizer"
             || !normalizer.get("clean_text")?.as_bool()?
         {
             return None;
         }
+        // `handle_chinese_chars` and `strip_accents` change nothing in ASCII.
         let lowercase = normalizer.get("lowercase")?.as_bool()?;
-        if str_of(json.get("pre_tokenizer")?, "type")? != "BertPreTokenizer" {
+        let pre_tokenizer = serde_json::to_value(tokenizer.get_pre_tokenizer()?).ok()?;
+        if str_of(&pre_tokenizer, "type")? != "BertPreTokenizer" {
             return None;
         }
 
-        let model = json.get("model")?;
-        if str_of(model, "type")? != "WordPiece" {
-            return None;
-        }
-        let prefix = str_of(model, "continuing_subword_prefix")?;
-        let max_word_chars =
-            usize::try_from(model.get("max_input_chars_per_word")?.as_u64()?).ok()?;
-        let vocab = model.get("vocab")?.as_object()?;
-        let mut words = HashMap::with_capacity(vocab.len());
-        let mut continuing = HashMap::new();
-        for (piece, id) in vocab {
-            let id = u32_of(id)?;
-            words.insert(piece.as_bytes().into(), id);
-            if let Some(rest) = piece.strip_prefix(prefix.as_str()) {
-                continuing.insert(rest.as_bytes().into(), id);
-            }
-        }
-        let unk = *words.get(str_of(model, "unk_token")?.as_bytes())?;
+        let model = wordpiece(tokenizer)?;
+        let unk = model.token_to_id(&model.unk_token)?;
 
-        let post = json.get("post_processor")?;
-        let (cls, sep) = match str_of(post, "type")?.as_str() {
+        let post = serde_json::to_value(tokenizer.get_post_processor()?).ok()?;
+        let (cls, sep) = match str_of(&post, "type")?.as_str() {
             "TemplateProcessing" => {
                 let single = post.get("single")?.as_array()?;
                 let [first, sequence, last] = single.as_slice() else {
@@ -124,59 +116,61 @@ impl AsciiWordPiece {
         // Added tokens are matched on the raw text; one matched after normalizing would need
         // the normalized text here.
         let mut added = Vec::new();
-        for token in json.get("added_tokens")?.as_array()? {
-            if token.get("normalized")?.as_bool()? {
+        for token in tokenizer.get_added_tokens_decoder().into_values() {
+            if token.normalized {
                 return None;
             }
-            added.push(str_of(token, "content")?);
+            added.push(token.content);
         }
 
-        let max_length = match json.get("truncation")? {
-            Value::Null => None,
-            t => {
-                if str_of(t, "direction")? != "Right"
-                    || t.get("stride")?.as_u64()? != 0
-                    || str_of(t, "strategy")? != "LongestFirst"
+        let max_length = match tokenizer.get_truncation() {
+            None => None,
+            Some(t) => {
+                if t.direction != TruncationDirection::Right
+                    || t.stride != 0
+                    || t.strategy != TruncationStrategy::LongestFirst
+                    // The HF tokenizer keeps `max_length - 2` pieces; below 2 it does otherwise.
+                    || t.max_length < 2
                 {
                     return None;
                 }
-                let max = usize::try_from(t.get("max_length")?.as_u64()?).ok()?;
-                // The HF tokenizer keeps `max_length - 2` pieces; below 2 it does otherwise.
-                if max < 2 {
-                    return None;
-                }
-                Some(max)
+                Some(t.max_length)
             }
         };
-        let padding = json.get("padding")?;
-        if str_of(padding, "strategy")? != "BatchLongest"
-            || str_of(padding, "direction")? != "Right"
-            || !padding.get("pad_to_multiple_of")?.is_null()
+        let padding = tokenizer.get_padding()?;
+        if !matches!(padding.strategy, PaddingStrategy::BatchLongest)
+            || !matches!(padding.direction, PaddingDirection::Right)
+            || padding.pad_to_multiple_of.is_some()
         {
             return None;
         }
         Some(Self {
-            words,
-            continuing,
             unk,
             cls,
             sep,
-            max_word_chars,
+            prefix: model.continuing_subword_prefix.clone(),
+            max_word_chars: model.max_input_chars_per_word,
             lowercase,
             max_length,
-            pad_id: u32_of(padding.get("pad_id")?)?,
-            pad_type_id: u32_of(padding.get("pad_type_id")?)?,
+            pad_id: padding.pad_id,
+            pad_type_id: padding.pad_type_id,
             added,
         })
     }
 
-    /// The batch as the HF tokenizer would make it, or None when an input is not for this path
-    /// (not ASCII, or holding an added token's text).
-    pub(crate) fn tokenize(&self, inputs: &[&str]) -> Option<Batch> {
+    /// The batch as `tokenizer` (the one this was built from) would make it, or None when an
+    /// input is not for this path (not ASCII, or holding an added token's text).
+    pub(crate) fn tokenize(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        inputs: &[&str],
+    ) -> Option<Batch> {
+        let model = wordpiece(tokenizer)?;
+        let mut scratch = Scratch::default();
         let mut rows = Vec::with_capacity(inputs.len());
         for text in inputs {
             let mut ids = vec![self.cls];
-            self.pieces(text, &mut ids)?;
+            self.pieces(model, text, &mut ids, &mut scratch)?;
             if let Some(max) = self.max_length {
                 ids.truncate(max - 1);
             }
@@ -212,35 +206,43 @@ impl AsciiWordPiece {
     }
 
     /// Appends the word pieces of `text` to `out`; None when `text` is not for this path.
-    fn pieces(&self, text: &str, out: &mut Vec<u32>) -> Option<()> {
+    fn pieces(
+        &self,
+        model: &WordPiece,
+        text: &str,
+        out: &mut Vec<u32>,
+        scratch: &mut Scratch,
+    ) -> Option<()> {
         if !text.is_ascii() || self.added.iter().any(|t| text.contains(t.as_str())) {
             return None;
         }
-        let mut word = Vec::with_capacity(32);
-        for &b in text.as_bytes() {
-            match b {
+        let word = &mut scratch.word;
+        word.clear();
+        for c in text.chars() {
+            match c {
                 // Whitespace (the normalizer turns these into spaces) ends a word.
-                b' ' | b'\t' | b'\n' | b'\r' => {
-                    self.word(&word, out);
+                ' ' | '\t' | '\n' | '\r' => {
+                    self.word(model, word, out, &mut scratch.piece);
                     word.clear();
                 }
                 // Other control characters are dropped: they do not end a word.
-                0..=0x1f | 0x7f => {}
-                _ if b.is_ascii_punctuation() => {
-                    self.word(&word, out);
+                '\0'..='\x1f' | '\x7f' => {}
+                _ if c.is_ascii_punctuation() => {
+                    self.word(model, word, out, &mut scratch.piece);
                     word.clear();
-                    self.word(&[b], out);
+                    let mut one = [0; 4];
+                    self.word(model, c.encode_utf8(&mut one), out, &mut scratch.piece);
                 }
-                _ if self.lowercase => word.push(b.to_ascii_lowercase()),
-                _ => word.push(b),
+                _ if self.lowercase => word.push(c.to_ascii_lowercase()),
+                _ => word.push(c),
             }
         }
-        self.word(&word, out);
+        self.word(model, word, out, &mut scratch.piece);
         Some(())
     }
 
-    /// WordPiece of one word: the longest entries, left to right, or the unknown token.
-    fn word(&self, word: &[u8], out: &mut Vec<u32>) {
+    /// WordPiece of one (ASCII) word: the longest entries, left to right, or the unknown token.
+    fn word(&self, model: &WordPiece, word: &str, out: &mut Vec<u32>, piece: &mut String) {
         if word.is_empty() {
             return;
         }
@@ -252,14 +254,17 @@ impl AsciiWordPiece {
         let mark = out.len();
         let mut start = 0;
         while start < word.len() {
-            let entries = if start == 0 {
-                &self.words
-            } else {
-                &self.continuing
-            };
-            let found = (start + 1..=word.len())
-                .rev()
-                .find_map(|end| entries.get(&word[start..end]).map(|&id| (id, end)));
+            let found = (start + 1..=word.len()).rev().find_map(|end| {
+                let id = if start == 0 {
+                    model.token_to_id(&word[..end])
+                } else {
+                    piece.clear();
+                    piece.push_str(&self.prefix);
+                    piece.push_str(&word[start..end]);
+                    model.token_to_id(piece)
+                };
+                id.map(|id| (id, end))
+            });
             match found {
                 Some((id, end)) => {
                     out.push(id);
@@ -273,4 +278,11 @@ impl AsciiWordPiece {
             }
         }
     }
+}
+
+/// Buffers reused across the words of a batch.
+#[derive(Default)]
+struct Scratch {
+    word: String,
+    piece: String,
 }
