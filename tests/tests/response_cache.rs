@@ -192,8 +192,26 @@ async fn a_model_can_opt_out_of_the_cache() {
     assert_eq!(server.metric("kiln_cache_bytes").await, 0);
 }
 
+/// `compute`, `usage` and `total` (ms) of an answer's `Server-Timing` header.
+fn server_timing(reply: &Reply) -> (f64, f64, f64) {
+    let header = reply
+        .headers
+        .get("server-timing")
+        .unwrap_or_else(|| panic!("no Server-Timing header: {reply:?}"))
+        .to_str()
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        header
+            .split(", ")
+            .find_map(|m| m.strip_prefix(name)?.strip_prefix(";dur=")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in Server-Timing: {header}"))
+    };
+    (metric("compute"), metric("usage"), metric("total"))
+}
+
 /// A hit is a request in the usage report and for the rate limit, with the tokens its answer
-/// reported and no compute time.
+/// reported and no compute time. Each answer's `Server-Timing` says the compute that usage
+/// bills (the miss's ORT run; zero for a hit) within a total that holds it and the usage commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hit_counts_as_a_request_without_compute() {
     let models = ModelsDir::new();
@@ -207,12 +225,26 @@ async fn a_hit_counts_as_a_request_without_compute() {
     assert_eq!(after_miss["requests"], 1, "{after_miss}");
     let compute = after_miss["compute_seconds"].as_f64().unwrap();
     assert!(compute > 0.0, "the miss ran graph main: {after_miss}");
+    // Both in whole microseconds: the header in ms to 3 places, the report in seconds.
+    let (miss_compute, miss_usage, miss_total) = server_timing(&miss);
+    assert!(
+        (miss_compute / 1e3 - compute).abs() < 1e-6,
+        "Server-Timing compute {miss_compute} ms, billed {compute} s"
+    );
+    assert!(miss_usage > 0.0, "the answer waited for its usage commit");
+    assert!(
+        miss_total >= miss_compute + miss_usage - 0.002,
+        "total {miss_total} ms holds compute {miss_compute} and usage {miss_usage}"
+    );
 
     for _ in 0..3 {
         let hit = server.post(EMBED, &ok).await;
         assert_eq!((hit.status, cache_header(&hit)), (200, "hit"));
         // The gate admitted it: it carries the rate-limit headers like any request.
         assert!(hit.headers.contains_key("x-ratelimit-remaining"));
+        let (hit_compute, hit_usage, _) = server_timing(&hit);
+        assert_eq!(hit_compute, 0.0, "a hit runs no model");
+        assert!(hit_usage > 0.0, "a hit's usage is committed too");
     }
     let after_hits = usage(&server).await;
     assert_eq!(after_hits["requests"], 4, "{after_hits}");

@@ -359,12 +359,13 @@ impl Target {
         Ok(sender)
     }
 
-    /// One POST on `sender`; the status and the whole body.
+    /// One POST on `sender`; the status, the whole body and the model's own time for it where
+    /// the server says (Kiln's `Server-Timing: compute;dur=<ms>`).
     async fn post(
         &self,
         sender: &mut SendRequest<Full<Bytes>>,
         body: Bytes,
-    ) -> Result<(u16, Bytes)> {
+    ) -> Result<(u16, Bytes, Option<Duration>)> {
         sender.ready().await?;
         let request = Request::post(self.path())
             .header(HOST, &self.addr)
@@ -373,8 +374,13 @@ impl Target {
             .body(Full::new(body))?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let compute = response
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .and_then(timing_compute);
         let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+        Ok((status, body, compute))
     }
 
     /// The vectors of `inputs`, on a connection of its own.
@@ -388,7 +394,7 @@ impl Target {
         sender: &mut SendRequest<Full<Bytes>>,
         inputs: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
-        let (status, body) = self.post(sender, self.body(inputs)).await?;
+        let (status, body, _) = self.post(sender, self.body(inputs)).await?;
         if status != 200 {
             bail!(
                 "{} answered {status}: {}",
@@ -499,6 +505,8 @@ struct RunPlan {
 #[derive(Default)]
 struct Tally {
     latencies_us: Vec<u32>,
+    /// Latency less the server's own model time, where it says (see [`timing_compute`]).
+    overheads_us: Vec<u32>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -545,13 +553,17 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
                 let done = Instant::now();
                 let counted = done >= window_start && done < end;
                 match result {
-                    Ok((200, _)) => {
+                    Ok((200, _, compute)) => {
                         if counted {
-                            let us = (done - sent).as_micros().min(u128::from(u32::MAX));
-                            tally.latencies_us.push(us as u32);
+                            let latency = done - sent;
+                            let us = |d: Duration| d.as_micros().min(u128::from(u32::MAX)) as u32;
+                            tally.latencies_us.push(us(latency));
+                            if let Some(compute) = compute {
+                                tally.overheads_us.push(us(latency.saturating_sub(compute)));
+                            }
                         }
                     }
-                    Ok((status, body)) => {
+                    Ok((status, body, _)) => {
                         tally.errors += u64::from(counted);
                         tally.first_error.get_or_insert_with(|| {
                             format!("{status} {}", String::from_utf8_lossy(&body))
@@ -590,15 +602,21 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
         .flat_map(|t| t.latencies_us.iter().copied())
         .collect();
     latencies.sort_unstable();
+    let mut overheads: Vec<u32> = tallies
+        .iter()
+        .flat_map(|t| t.overheads_us.iter().copied())
+        .collect();
+    overheads.sort_unstable();
     let errors: u64 = tallies.iter().map(|t| t.errors).sum();
     let first_error = tallies.iter().find_map(|t| t.first_error.clone());
-    let quantile = |q: f64| -> f64 {
-        if latencies.is_empty() {
+    let quantile_of = |values: &[u32], q: f64| -> f64 {
+        if values.is_empty() {
             return f64::NAN;
         }
-        let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        f64::from(latencies[rank - 1]) / 1000.0
+        let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        f64::from(values[rank - 1]) / 1000.0
     };
+    let quantile = |q: f64| quantile_of(&latencies, q);
     let mean = latencies.iter().map(|&v| f64::from(v)).sum::<f64>()
         / latencies.len().max(1) as f64
         / 1000.0;
@@ -618,6 +636,14 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
         quantile(1.0),
         client_cpu / wall,
     );
+    // Only when every counted answer said its model time: a p50 of some of them would mislead.
+    if !overheads.is_empty() && overheads.len() == latencies.len() {
+        line.push_str(&format!(
+            " overhead_p50_ms={:.3} overhead_p99_ms={:.3}",
+            quantile_of(&overheads, 0.50),
+            quantile_of(&overheads, 0.99)
+        ));
+    }
     if let Some(e) = first_error {
         let e: String = e.chars().take(200).collect();
         line.push_str(&format!(
@@ -626,6 +652,24 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
         ));
     }
     Ok(line)
+}
+
+/// The `compute` metric's duration of a `Server-Timing` header value (`compute;dur=3.851,
+/// usage;dur=0.085, total;dur=4.203`: milliseconds), as Kiln sends it: the time ONNX Runtime
+/// itself ran for the request, measured inside the server. Latency less this is what the server
+/// adds around the model, paired request by request (so the VM's drift between one measurement
+/// and another does not enter it).
+fn timing_compute(header: &str) -> Option<Duration> {
+    header.split(',').find_map(|metric| {
+        let mut params = metric.trim().split(';');
+        if params.next()?.trim() != "compute" {
+            return None;
+        }
+        params.find_map(|p| {
+            let ms: f64 = p.trim().strip_prefix("dur=")?.parse().ok()?;
+            (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1e3))
+        })
+    })
 }
 
 /// This process's CPU time (user + system), from /proc (Linux; clock ticks of 1/100 s).
@@ -654,5 +698,22 @@ mod tests {
         assert!(min <= 6 && max >= 30, "lengths {min}..{max}");
         // The list is part of the benchmark: it must not change by accident.
         assert_eq!(s, sentences());
+    }
+
+    #[test]
+    fn the_compute_time_is_read_from_server_timing() {
+        let ms = |h: &str| timing_compute(h).map(|d| d.as_secs_f64() * 1e3);
+        let close = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-9);
+        assert!(close(
+            ms("compute;dur=3.851, usage;dur=0.085, total;dur=4.203"),
+            3.851
+        ));
+        assert!(close(ms("total;dur=9, compute;desc=\"ort\";dur=0.5"), 0.5));
+        assert!(close(ms("compute;dur=0.000"), 0.0));
+        assert_eq!(ms("usage;dur=1, total;dur=2"), None);
+        assert_eq!(ms("computed;dur=1"), None);
+        assert_eq!(ms("compute;dur=-1"), None);
+        assert_eq!(ms("compute;dur=NaN"), None);
+        assert_eq!(ms("compute"), None);
     }
 }

@@ -2,9 +2,11 @@
 //! monthly compute quota (429), then the handler; afterwards the request's usage record is
 //! committed before the response leaves (a stream commits its own when it ends). Every answer
 //! carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`, and every admitted one `X-Kiln-Cache`
-//! (`hit`, `miss` or `bypass`: what the response cache did for it).
+//! (`hit`, `miss` or `bypass`: what the response cache did for it) and `Server-Timing` (where
+//! the server's time went: see [`server_timing`]).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -194,6 +196,7 @@ pub async fn inference_gate(
     mut request: Request,
     next: Next,
 ) -> Response {
+    let started = Instant::now();
     let caller = match authenticate(&state, request.headers(), Scope::Inference) {
         Ok(caller) => caller,
         Err(error) => return error.into_response(),
@@ -251,9 +254,35 @@ pub async fn inference_gate(
     );
     if response.extensions().get::<UsageDeferred>().is_none() {
         let status = response.status().as_u16();
+        let committing = Instant::now();
         commit(&state, record(status, authed.model(), Some(&authed.tenant))).await;
+        let timing = server_timing(
+            authed.tenant.meter.compute(),
+            committing.elapsed(),
+            started.elapsed(),
+        );
+        if let Ok(timing) = HeaderValue::from_str(&timing) {
+            response.headers_mut().insert("server-timing", timing);
+        }
     }
     response
+}
+
+/// The `Server-Timing` header (W3C Server Timing; browsers' developer tools show it) of an
+/// answered request, in milliseconds: `compute`, ONNX Runtime's own runs for it (what usage
+/// bills; 0 for a cache hit); `usage`, committing its usage record, which the answer waits for;
+/// `total`, from this gate's start (the request's head parsed) to the answer ready to send, so
+/// `total - compute` is what Kiln adds around the model (HTTP body, sandboxed pre- and
+/// post-processing, queueing, the usage commit). A stream has none: its headers leave before
+/// any of it is known.
+fn server_timing(compute: Duration, usage: Duration, total: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "compute;dur={:.3}, usage;dur={:.3}, total;dur={:.3}",
+        ms(compute),
+        ms(usage),
+        ms(total)
+    )
 }
 
 /// Commits a usage record; a failure is logged (the answer is still sent: the caller's request
