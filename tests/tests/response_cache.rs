@@ -3,7 +3,7 @@
 //! another tenant never hits a tenant's entry, a changed model file (after a reload, and before
 //! one) is never answered from the old version's entries, non-deterministic and streamed
 //! generations bypass it, a hit counts as a request with no compute, and a full cache evicts
-//! its least recently used entry.
+//! its least recently used entry. Identical requests in flight together run once.
 //!
 //! The probe plugin (`tests/fixtures/plugins/sandbox-probe`): `state` returns a per-instance
 //! call counter (a hit must not increment it), `ok` runs graph "main", `config:<key>` returns a
@@ -13,7 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kiln_tests::{add_user, fixture_onnx, plugin, ModelsDir, Reply, TestServer, TEST_PLAN};
+use kiln_tests::{
+    add_user, fixture_onnx, plugin, ModelsDir, Reply, TestServer, SLOW_ITERATIONS, TEST_PLAN,
+};
 use serde_json::{json, Value};
 
 const EMBED: &str = "/v1/inference/embeddings";
@@ -256,6 +258,73 @@ async fn a_hit_counts_as_a_request_without_compute() {
         compute,
         "hits add no compute: {after_hits}"
     );
+}
+
+/// Identical requests that arrive together run once: the first leads, the others wait for its
+/// answer and are served it as hits (no compute of their own: one run of the slow graph is
+/// billed in all). A failing leader lets its followers go: each runs, and fails, on its own,
+/// well before the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_in_flight_together_run_once() {
+    let models = ModelsDir::new();
+    let wasm = plugin("sandbox-probe");
+    models.add(
+        PROBE,
+        &format!(
+            "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[limits]\ntimeout_ms = 60000\n\
+             [graphs]\nmain = \"main.onnx\"\nslow = \"slow.onnx\"\n"
+        ),
+        &[
+            ("main.onnx", &fixture_onnx("main.onnx")),
+            ("slow.onnx", &fixture_onnx("slow.onnx")),
+        ],
+    );
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    // A few hundred ms of ORT: the six requests below all arrive while the first one runs.
+    let slow = json!({"model": PROBE, "inputs": [format!("slow:{SLOW_ITERATIONS}")]});
+    let replies = futures_util::future::join_all((0..6).map(|_| server.post(EMBED, &slow))).await;
+    let mut outcomes: Vec<&str> = replies.iter().map(cache_header).collect();
+    outcomes.sort_unstable();
+    assert_eq!(outcomes, ["hit", "hit", "hit", "hit", "hit", "miss"]);
+    let mut computed = 0.0;
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.body, replies[0].body);
+        let (compute, _, _) = server_timing(reply);
+        match cache_header(reply) {
+            "miss" => assert!(compute > 0.0, "the leader ran the slow graph"),
+            _ => assert_eq!(compute, 0.0, "a follower runs nothing"),
+        }
+        computed += compute;
+    }
+    let total = usage(&server).await;
+    assert_eq!(total["requests"], 6, "{total}");
+    let billed = total["compute_seconds"].as_f64().unwrap();
+    assert!(
+        (billed - computed / 1e3).abs() < 1e-6,
+        "billed {billed} s: one run"
+    );
+
+    // The probe traps on `panic`: no answer is stored, so the followers run on their own and
+    // fail alike, each with its own error, instead of waiting out the 60 s timeout.
+    let started = Instant::now();
+    let panic = json!({"model": PROBE, "inputs": ["panic"]});
+    let replies = futures_util::future::join_all((0..4).map(|_| server.post(EMBED, &panic))).await;
+    for reply in &replies {
+        assert_eq!(
+            (reply.status, cache_header(reply)),
+            (500, "miss"),
+            "{:?}",
+            reply.body
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the followers waited for a leader that had failed: {:?}",
+        started.elapsed()
+    );
+    let after = usage(&server).await;
+    assert_eq!(after["errors"], 4, "{after}");
 }
 
 /// Rate limits apply to hits: a plan of burst 2 answers two requests (a miss and a hit) and

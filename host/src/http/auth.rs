@@ -3,7 +3,7 @@
 //! committed before the response leaves (a stream commits its own when it ends). Every answer
 //! carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`, and every admitted one `X-Kiln-Cache`
 //! (`hit`, `miss` or `bypass`: what the response cache did for it) and `Server-Timing` (where
-//! the server's time went: see [`server_timing`]).
+//! the server's time went: see `server_timing`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -12,6 +12,11 @@
 //!
 //! Values are the typed results `infer` returns (cloned out of an `Arc` on a hit), with a byte
 //! estimate each (`Cacheable::weight`). Only successful results are stored.
+//!
+//! Identical requests that arrive together run once (`ResponseCache::lookup`): the first miss
+//! leads (holds a `Flight` while it computes), and the others wait for it and are answered
+//! from the entry it stores, as hits. A leader that fails, is cancelled or stores nothing lets
+//! its followers go; each then runs on its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -20,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::registry::ModelSpec;
 
@@ -90,6 +96,33 @@ struct Lru {
     order: BTreeMap<u64, CacheKey>,
     tick: u64,
     bytes: u64,
+    /// Keys being computed by a leading request: closed (the sender dropped) when it is done.
+    in_flight: HashMap<CacheKey, watch::Receiver<()>>,
+}
+
+/// What [`ResponseCache::lookup`] found.
+pub(super) enum Lookup<'a, T> {
+    Hit(T),
+    /// A miss, and no identical request is running: compute, store, then drop the flight.
+    Lead(Flight<'a>),
+    /// A miss while an identical request runs: wait until this closes, then look again.
+    Wait(watch::Receiver<()>),
+}
+
+/// Held by the request that computes a missing key; identical requests wait until it is
+/// dropped (after the answer is stored, or when the leader fails or is cancelled).
+pub(super) struct Flight<'a> {
+    cache: &'a ResponseCache,
+    key: CacheKey,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        // Out of the map first, so that nobody new waits; the followers' receivers close when
+        // `_done` drops, right after this.
+        self.cache.lock().in_flight.remove(&self.key);
+    }
 }
 
 /// The cache: a map under one mutex (a lookup is a hash-map probe and a B-tree move; values
@@ -142,23 +175,56 @@ impl ResponseCache {
         self.lock().map.len()
     }
 
-    /// The value stored under `key`, made the most recently used; counts a hit or a miss.
-    pub(super) fn get<T: Cacheable>(&self, key: &CacheKey) -> Option<T> {
+    /// The value stored under `key` (counted as a hit); or, on a miss, the lead of its
+    /// computation (counted as a miss), or the flight of an identical request that leads it
+    /// (counted when looked up again with [`Self::get`], once it has landed).
+    pub(super) fn lookup<T: Cacheable>(&self, key: &CacheKey) -> Lookup<'_, T> {
         let found = {
             let mut lru = self.lock();
-            lru.tick += 1;
-            let tick = lru.tick;
-            match lru.map.get_mut(key) {
-                Some(slot) => {
-                    let old = std::mem::replace(&mut slot.tick, tick);
-                    let value = Arc::clone(&slot.value);
-                    lru.order.remove(&old);
-                    lru.order.insert(tick, *key);
-                    Some(value)
+            match Self::touch(&mut lru, key) {
+                Some(value) => Some(value),
+                None => {
+                    if let Some(done) = lru.in_flight.get(key) {
+                        return Lookup::Wait(done.clone());
+                    }
+                    let (done, waiting) = watch::channel(());
+                    lru.in_flight.insert(*key, waiting);
+                    drop(lru);
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Lead(Flight {
+                        cache: self,
+                        key: *key,
+                        _done: done,
+                    });
                 }
-                None => None,
             }
         };
+        match found.as_deref().and_then(|v| v.downcast_ref::<T>()) {
+            Some(value) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Lookup::Hit(value.clone())
+            }
+            // The key covers the task, so the type always matches; a mismatch would wait for
+            // nothing (a closed flight) and miss again in `get`, and run uncached.
+            None => Lookup::Wait(watch::channel(()).1),
+        }
+    }
+
+    /// The slot's value under `key`, made the most recently used.
+    fn touch(lru: &mut Lru, key: &CacheKey) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        lru.tick += 1;
+        let tick = lru.tick;
+        let slot = lru.map.get_mut(key)?;
+        let old = std::mem::replace(&mut slot.tick, tick);
+        let value = Arc::clone(&slot.value);
+        lru.order.remove(&old);
+        lru.order.insert(tick, *key);
+        Some(value)
+    }
+
+    /// The value stored under `key`, made the most recently used; counts a hit or a miss.
+    pub(super) fn get<T: Cacheable>(&self, key: &CacheKey) -> Option<T> {
+        let found = Self::touch(&mut self.lock(), key);
         // The key covers the task, so the type always matches; a mismatch would be a miss.
         match found.as_deref().and_then(|v| v.downcast_ref::<T>()) {
             Some(value) => {
@@ -429,6 +495,46 @@ mod tests {
 
     fn key(n: u8) -> CacheKey {
         [n; 32]
+    }
+
+    /// One lead per missing key; the others wait until its flight ends, stored or not.
+    #[test]
+    fn a_missing_key_has_one_leader_and_its_followers_wait_for_it() {
+        let cache = ResponseCache::new(1 << 20);
+        let Lookup::Lead(flight) = cache.lookup::<Blob>(&key(1)) else {
+            panic!("the first miss leads");
+        };
+        let Lookup::Wait(follower) = cache.lookup::<Blob>(&key(1)) else {
+            panic!("an identical request waits");
+        };
+        assert!(
+            matches!(cache.lookup::<Blob>(&key(2)), Lookup::Lead(_)),
+            "another key has its own lead"
+        );
+        assert!(follower.has_changed().is_ok(), "open while the lead runs");
+        cache.put(key(1), &Blob(vec![1; 10]));
+        drop(flight);
+        assert!(
+            follower.has_changed().is_err(),
+            "closed once the lead is done"
+        );
+        assert_eq!(cache.get::<Blob>(&key(1)), Some(Blob(vec![1; 10])));
+        assert!(matches!(cache.lookup::<Blob>(&key(1)), Lookup::Hit(_)));
+
+        // A lead that stores nothing (it failed) releases its followers all the same, and the
+        // next request leads again.
+        let Lookup::Lead(failed) = cache.lookup::<Blob>(&key(3)) else {
+            panic!("the first miss leads");
+        };
+        let Lookup::Wait(follower) = cache.lookup::<Blob>(&key(3)) else {
+            panic!("an identical request waits");
+        };
+        drop(failed);
+        assert!(follower.has_changed().is_err());
+        assert!(matches!(cache.lookup::<Blob>(&key(3)), Lookup::Lead(_)));
+        // Misses counted once per lead, hits once per hit; a wait is counted when it looks again.
+        assert_eq!(cache.misses.load(Ordering::Relaxed), 4);
+        assert_eq!(cache.hits.load(Ordering::Relaxed), 2);
     }
 
     #[test]

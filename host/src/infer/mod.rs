@@ -22,7 +22,7 @@ use anyhow::Context;
 pub mod cache;
 pub mod catalog;
 mod stream;
-use cache::{CacheKey, Cacheable, KeyBuilder};
+use cache::{CacheKey, Cacheable, Flight, KeyBuilder, Lookup};
 pub use cache::{CacheOutcome, ResponseCache};
 pub use catalog::{LoadState, ModelEntry};
 pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
@@ -807,18 +807,40 @@ impl Inference {
         Some(key.finish())
     }
 
-    /// The cached answer under `key`, as a hit serves it (no compute; its tokens on the meter);
-    /// marks the meter `hit` or `miss`.
-    fn cached<T: Cacheable>(&self, tenant: &Tenant, key: Option<&CacheKey>) -> Option<T> {
-        let key = key?;
-        match self.cache.get::<T>(key) {
+    /// The cached answer under `key`, as a hit serves it (no compute; its tokens on the meter),
+    /// and marks the meter `hit` or `miss`. On a miss, the [`Flight`] this request leads, if
+    /// it does: hold it until the answer is stored. When an identical request is computing the
+    /// answer already, waits for it (at most `wait`) and is answered from the entry it stores;
+    /// if it stores none (it failed, or was cancelled), runs on its own.
+    async fn cached<T: Cacheable>(
+        &self,
+        tenant: &Tenant,
+        key: Option<&CacheKey>,
+        wait: Duration,
+    ) -> (Option<T>, Option<Flight<'_>>) {
+        let Some(key) = key else {
+            return (None, None);
+        };
+        let found = match self.cache.lookup::<T>(key) {
+            Lookup::Hit(value) => Some(value),
+            Lookup::Lead(flight) => {
+                tenant.meter.set_cache(CacheOutcome::Miss);
+                return (None, Some(flight));
+            }
+            Lookup::Wait(mut done) => {
+                // Closed (an error) when the leader's flight ends; a timeout goes on alike.
+                let _ = tokio::time::timeout(wait, done.changed()).await;
+                self.cache.get::<T>(key)
+            }
+        };
+        match found {
             Some(value) => {
                 tenant.meter.set_cache(CacheOutcome::Hit);
-                Some(value.served_from_cache(&tenant.meter))
+                (Some(value.served_from_cache(&tenant.meter)), None)
             }
             None => {
                 tenant.meter.set_cache(CacheOutcome::Miss);
-                None
+                (None, None)
             }
         }
     }
@@ -842,7 +864,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, true, |k| {
             k.strs(&inputs);
         });
-        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(hit) = hit {
             return Ok(hit);
         }
         let count = inputs.len();
@@ -885,7 +910,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, true, |k| {
             k.strs(&inputs);
         });
-        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(hit) = hit {
             return Ok(hit);
         }
         let count = inputs.len();
@@ -929,7 +957,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, true, |k| {
             k.bytes(&image.bytes).u64(top_k.into());
         });
-        if let Some(ImageLabels(hit)) = self.cached(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(ImageLabels(hit)) = hit {
             return Ok((hit, Duration::ZERO));
         }
         let (scores, compute) = self
@@ -958,7 +989,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, true, |k| {
             k.bytes(&image.bytes).f32(threshold);
         });
-        if let Some(Detections(hit)) = self.cached(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(Detections(hit)) = hit {
             return Ok((hit, Duration::ZERO));
         }
         let (mut detections, compute) = self
@@ -989,7 +1023,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, true, |k| {
             k.bytes(&wav);
         });
-        if let Some(hit) = self.cached::<Transcript>(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached::<Transcript>(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(hit) = hit {
             return Ok((hit.text, Duration::ZERO));
         }
         let audio = types::Audio {
@@ -1032,7 +1069,10 @@ impl Inference {
         let key = self.cache_key(tenant, &model, deterministic, |k| {
             generation_key(k, &input, &params);
         });
-        if let Some(hit) = self.cached(tenant, key.as_ref()) {
+        let (hit, _flight) = self
+            .cached(tenant, key.as_ref(), model.limits.request_timeout)
+            .await;
+        if let Some(hit) = hit {
             return Ok(hit);
         }
         let ((text, finish_reason, usage), compute) = self
