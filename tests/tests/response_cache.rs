@@ -297,6 +297,8 @@ async fn identical_requests_in_flight_together_run_once() {
         }
         computed += compute;
     }
+    assert_eq!(server.metric("kiln_cache_coalesced_total").await, 5);
+    assert_eq!(server.metric("kiln_cache_misses_total").await, 1);
     let total = usage(&server).await;
     assert_eq!(total["requests"], 6, "{total}");
     let billed = total["compute_seconds"].as_f64().unwrap();

@@ -357,6 +357,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         cache.misses.load(Relaxed),
     );
     metric(
+        "kiln_cache_coalesced_total",
+        "counter",
+        "Cache hits that waited for an identical request in flight to store its answer (identical \
+         requests arriving together run once).",
+        cache.coalesced.load(Relaxed),
+    );
+    metric(
         "kiln_cache_evictions_total",
         "counter",
         "Response cache entries dropped, least recently used first, to stay within its size.",

@@ -132,6 +132,8 @@ pub struct ResponseCache {
     lru: Mutex<Lru>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Hits that waited for an identical request in flight to store the answer (also hits).
+    pub coalesced: AtomicU64,
     /// Entries dropped to stay within the capacity.
     pub evictions: AtomicU64,
 }
@@ -153,6 +155,7 @@ impl ResponseCache {
             lru: Mutex::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
     }

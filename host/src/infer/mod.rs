@@ -830,7 +830,11 @@ impl Inference {
             Lookup::Wait(mut done) => {
                 // Closed (an error) when the leader's flight ends; a timeout goes on alike.
                 let _ = tokio::time::timeout(wait, done.changed()).await;
-                self.cache.get::<T>(key)
+                let found = self.cache.get::<T>(key);
+                if found.is_some() {
+                    self.cache.coalesced.fetch_add(1, Ordering::Relaxed);
+                }
+                found
             }
         };
         match found {
