@@ -507,6 +507,8 @@ struct Tally {
     latencies_us: Vec<u32>,
     /// Latency less the server's own model time, where it says (see [`timing_compute`]).
     overheads_us: Vec<u32>,
+    /// The server's own model time, where it says.
+    computes_us: Vec<u32>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -560,6 +562,7 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
                             tally.latencies_us.push(us(latency));
                             if let Some(compute) = compute {
                                 tally.overheads_us.push(us(latency.saturating_sub(compute)));
+                                tally.computes_us.push(us(compute));
                             }
                         }
                     }
@@ -607,6 +610,11 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
         .flat_map(|t| t.overheads_us.iter().copied())
         .collect();
     overheads.sort_unstable();
+    let mut computes: Vec<u32> = tallies
+        .iter()
+        .flat_map(|t| t.computes_us.iter().copied())
+        .collect();
+    computes.sort_unstable();
     let errors: u64 = tallies.iter().map(|t| t.errors).sum();
     let first_error = tallies.iter().find_map(|t| t.first_error.clone());
     let quantile_of = |values: &[u32], q: f64| -> f64 {
@@ -639,9 +647,10 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
     // Only when every counted answer said its model time: a p50 of some of them would mislead.
     if !overheads.is_empty() && overheads.len() == latencies.len() {
         line.push_str(&format!(
-            " overhead_p50_ms={:.3} overhead_p99_ms={:.3}",
+            " overhead_p50_ms={:.3} overhead_p99_ms={:.3} compute_p50_ms={:.3}",
             quantile_of(&overheads, 0.50),
-            quantile_of(&overheads, 0.99)
+            quantile_of(&overheads, 0.99),
+            quantile_of(&computes, 0.50)
         ));
     }
     if let Some(e) = first_error {
