@@ -329,6 +329,73 @@ async fn identical_requests_in_flight_together_run_once() {
     assert_eq!(after["errors"], 4, "{after}");
 }
 
+/// A follower waits at most the request timeout for the identical request it follows: here the
+/// leader first queues for the model's one instance behind another slow call, and finishes well
+/// after the follower's timeout, which answers 504 at its own timeout instead of waiting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_waits_no_longer_than_its_request_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(2000);
+    let models = ModelsDir::new();
+    let wasm = plugin("sandbox-probe");
+    models.add(
+        PROBE,
+        &format!(
+            "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[limits]\ntimeout_ms = {}\n\
+             max_instances = 1\n[graphs]\nmain = \"main.onnx\"\nslow = \"slow.onnx\"\n",
+            TIMEOUT.as_millis()
+        ),
+        &[
+            ("main.onnx", &fixture_onnx("main.onnx")),
+            ("slow.onnx", &fixture_onnx("slow.onnx")),
+        ],
+    );
+    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let slow = |n: i64, use_cache: bool| {
+        json!({"model": PROBE, "inputs": [format!("slow:{n}")],
+               "options": {"use_cache": use_cache}})
+    };
+    // Calibrate: a slow call of ~3/4 of the timeout on this machine now (the instance exists
+    // after the first call).
+    assert_eq!(server.post(EMBED, &slow(10, false)).await.status, 200);
+    let started = Instant::now();
+    assert_eq!(
+        server
+            .post(EMBED, &slow(SLOW_ITERATIONS, false))
+            .await
+            .status,
+        200
+    );
+    let per_iteration = started.elapsed().as_secs_f64() / SLOW_ITERATIONS as f64;
+    let n = ((0.75 * TIMEOUT.as_secs_f64() / per_iteration) as i64).max(1);
+
+    // The blocker holds the one instance for ~0.75 timeout; the leader queues behind it, then
+    // runs ~0.75 (its own time limit starts with its run), ending at ~1.5 timeouts.
+    let blocking = slow(n + 1, false);
+    let blocker = server.post(EMBED, &blocking);
+    let leader = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.post(EMBED, &slow(n, true)).await
+    };
+    let follower = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        (server.post(EMBED, &slow(n, true)).await, started.elapsed())
+    };
+    let (blocker, leader, (follower, waited)) = tokio::join!(blocker, leader, follower);
+    assert_eq!(blocker.status, 200, "{:?}", blocker.body);
+    assert_eq!(
+        (leader.status, cache_header(&leader)),
+        (200, "miss"),
+        "{:?}",
+        leader.body
+    );
+    assert_eq!(follower.status, 504, "{:?} after {waited:?}", follower.body);
+    assert_eq!(follower.body["error"]["code"], "timeout");
+    let message = follower.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("identical request"), "{message}");
+    assert!(waited >= TIMEOUT, "answered after {waited:?}");
+}
+
 /// Rate limits apply to hits: a plan of burst 2 answers two requests (a miss and a hit) and
 /// refuses the third, whether or not it would have been a hit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

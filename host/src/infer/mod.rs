@@ -810,26 +810,34 @@ impl Inference {
     /// The cached answer under `key`, as a hit serves it (no compute; its tokens on the meter),
     /// and marks the meter `hit` or `miss`. On a miss, the [`Flight`] this request leads, if
     /// it does: hold it until the answer is stored. When an identical request is computing the
-    /// answer already, waits for it (at most `wait`) and is answered from the entry it stores;
-    /// if it stores none (it failed, or was cancelled), runs on its own.
+    /// answer already, waits for it and is answered from the entry it stores; if it stores
+    /// none (it failed, or was cancelled), runs on its own. Waiting longer than `wait` (the
+    /// request's timeout) is a timeout: the request has had its time.
     async fn cached<T: Cacheable>(
         &self,
         tenant: &Tenant,
         key: Option<&CacheKey>,
         wait: Duration,
-    ) -> (Option<T>, Option<Flight<'_>>) {
+    ) -> Result<(Option<T>, Option<Flight<'_>>), InferError> {
         let Some(key) = key else {
-            return (None, None);
+            return Ok((None, None));
         };
         let found = match self.cache.lookup::<T>(key) {
             Lookup::Hit(value) => Some(value),
             Lookup::Lead(flight) => {
                 tenant.meter.set_cache(CacheOutcome::Miss);
-                return (None, Some(flight));
+                return Ok((None, Some(flight)));
             }
             Lookup::Wait(mut done) => {
-                // Closed (an error) when the leader's flight ends; a timeout goes on alike.
-                let _ = tokio::time::timeout(wait, done.changed()).await;
+                // `changed` ends (with an error: nothing is ever sent) when the leader's flight
+                // is dropped.
+                if tokio::time::timeout(wait, done.changed()).await.is_err() {
+                    return Err(InferError::Timeout(format!(
+                        "an identical request in flight did not finish within the request \
+                         timeout of {} ms",
+                        wait.as_millis()
+                    )));
+                }
                 let found = self.cache.get::<T>(key);
                 if found.is_some() {
                     self.cache.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -840,11 +848,11 @@ impl Inference {
         match found {
             Some(value) => {
                 tenant.meter.set_cache(CacheOutcome::Hit);
-                (Some(value.served_from_cache(&tenant.meter)), None)
+                Ok((Some(value.served_from_cache(&tenant.meter)), None))
             }
             None => {
                 tenant.meter.set_cache(CacheOutcome::Miss);
-                (None, None)
+                Ok((None, None))
             }
         }
     }
@@ -870,7 +878,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(hit) = hit {
             return Ok(hit);
         }
@@ -916,7 +924,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(hit) = hit {
             return Ok(hit);
         }
@@ -963,7 +971,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(ImageLabels(hit)) = hit {
             return Ok((hit, Duration::ZERO));
         }
@@ -995,7 +1003,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(Detections(hit)) = hit {
             return Ok((hit, Duration::ZERO));
         }
@@ -1029,7 +1037,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached::<Transcript>(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(hit) = hit {
             return Ok((hit.text, Duration::ZERO));
         }
@@ -1075,7 +1083,7 @@ impl Inference {
         });
         let (hit, _flight) = self
             .cached(tenant, key.as_ref(), model.limits.request_timeout)
-            .await;
+            .await?;
         if let Some(hit) = hit {
             return Ok(hit);
         }
