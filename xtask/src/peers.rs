@@ -166,7 +166,7 @@ pub fn bench_peers(repo: &Repo, steps: &mut Steps) -> Result<()> {
     steps.run("warm-up (every case, briefly)", || {
         for server in &servers {
             for (c, b) in CASES {
-                bench.load(server, &token, c, b, 1.0, 0.0)?;
+                bench.load(server, &token, c, b, 1.0, 0.0, false)?;
             }
             report.rss_warm.insert(server.name.clone(), server.memory());
         }
@@ -204,8 +204,15 @@ pub fn bench_peers(repo: &Repo, steps: &mut Steps) -> Result<()> {
                 report.reference.extend(reference.lines().map(parse_line));
                 for (c, b) in CASES {
                     for server in &servers {
-                        let run =
-                            bench.load(server, &token, c, b, settings.seconds, settings.warmup)?;
+                        let run = bench.load(
+                            server,
+                            &token,
+                            c,
+                            b,
+                            settings.seconds,
+                            settings.warmup,
+                            false,
+                        )?;
                         println!("round {round}/{}: {}", settings.rounds, run.line);
                         report
                             .runs
@@ -213,6 +220,17 @@ pub fn bench_peers(repo: &Repo, steps: &mut Steps) -> Result<()> {
                             .or_default()
                             .push(run);
                     }
+                }
+                // Kiln's own path alone, for scale beside the p50 target: one body answered from
+                // the response cache (no plugin, no ORT), one connection.
+                if let Some(kiln) = servers.iter().find(|s| s.name == "kiln") {
+                    let run =
+                        bench.load(kiln, &token, 1, 1, settings.seconds, settings.warmup, true)?;
+                    println!(
+                        "round {round}/{} (cache hits): {}",
+                        settings.rounds, run.line
+                    );
+                    report.kiln_hits.push(run);
                 }
             }
             for server in &servers {
@@ -450,6 +468,8 @@ impl Bench<'_> {
     }
 
     /// One run of `peers-load` on `server`; a run with failed requests is an error.
+    /// `cache_hits`: Kiln's one-body cache-hit run (`peers-load --cache-hits`).
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         server: &Server,
@@ -458,6 +478,7 @@ impl Bench<'_> {
         batch: usize,
         seconds: f64,
         warmup: f64,
+        cache_hits: bool,
     ) -> Result<Run> {
         // A moment for the previous server's threads to go idle.
         sleep(Duration::from_millis(300));
@@ -477,6 +498,8 @@ impl Bench<'_> {
             &seconds.to_string(),
             "--warmup",
             &warmup.to_string(),
+            "--cache-hits",
+            &cache_hits.to_string(),
         ]))?;
         let wall = started.elapsed().as_secs_f64();
         let server_cores = (tree_cpu_seconds(server.child.id()) - cpu_before) / wall;
@@ -817,6 +840,8 @@ struct Report {
     check: String,
     /// Every `ref threads=...` line of every round.
     reference: Vec<HashMap<String, f64>>,
+    /// Kiln answering one body from its response cache, c=1, once a round.
+    kiln_hits: Vec<Run>,
 }
 
 /// `v` with `decimals`, or `n/a` (a run without requests, a ratio to one).
@@ -1045,6 +1070,20 @@ impl Report {
                      sentence, c=1: {overhead:.2} ms: {} (within 0.3 ms); that run's own p50 \
                      {compute:.2} ms (the reference's `run` above: {reference_p50:.2})",
                     verdict(overhead <= 0.3)
+                );
+            }
+            let hits = median(
+                self.kiln_hits
+                    .iter()
+                    .filter_map(|r| r.values.get("p50_ms").copied())
+                    .collect(),
+            );
+            if hits.is_finite() {
+                let _ = writeln!(
+                    t,
+                    "- for scale: Kiln's path without the plugin and ONNX Runtime (one body \
+                     answered from the response cache, c=1: HTTP, auth, rate limit, cache, JSON, \
+                     the usage commit) has a p50 of {hits:.2} ms on its own"
                 );
             }
         }

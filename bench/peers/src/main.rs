@@ -17,7 +17,12 @@
 //! peers-load probe KIND ADDR [--token T]       one request; exit 0 on a 200 with vectors
 //! peers-load check KIND=ADDR... [--token T]    same vectors from every server as from the first?
 //! peers-load run KIND ADDR [--token T] [--connections C] [--batch N] [--seconds S] [--warmup W]
+//!                [--cache-hits true]
 //! ```
+//!
+//! `--cache-hits true` (Kiln only) sends one fixed body with the response cache on instead:
+//! after the first request every answer is a hit, so the latency is what Kiln's own path costs
+//! (HTTP, auth, rate limit, cache lookup, JSON, the usage commit) without the plugin and ORT.
 //!
 //! KIND is `kiln` or `fastapi` (`POST /v1/inference/embeddings`, Kiln's JSON) or `tei`
 //! (`POST /embed`, TEI's JSON); ADDR is `host:port`.
@@ -114,7 +119,11 @@ async fn run_command(args: &[String]) -> Result<ExitCode> {
                 batch: number("batch", 1.0)? as usize,
                 warmup: Duration::from_secs_f64(number("warmup", 2.0)?),
                 measure: Duration::from_secs_f64(number("seconds", 10.0)?),
+                cache_hits: options.get("cache-hits").is_some_and(|v| v == "true"),
             };
+            if plan.cache_hits && target.kind != Kind::Kiln {
+                bail!("--cache-hits is for Kiln only");
+            }
             if plan.connections == 0 || plan.batch == 0 || plan.measure.is_zero() {
                 bail!("--connections, --batch and --seconds must be positive");
             }
@@ -329,12 +338,14 @@ impl Target {
 
     /// The JSON body asking for the embeddings of `inputs`. Kiln and the FastAPI peer get the
     /// same bytes (the peer ignores `model` and `options`).
-    fn body(&self, inputs: &[&str]) -> Bytes {
+    /// `bypass_cache`: Kiln's `options.use_cache: false` (every measured request but the
+    /// `--cache-hits` ones).
+    fn body(&self, inputs: &[&str], bypass_cache: bool) -> Bytes {
         let value = match self.kind {
             Kind::Kiln | Kind::Fastapi => serde_json::json!({
                 "model": "demo/minilm",
                 "inputs": inputs,
-                "options": {"use_cache": false},
+                "options": {"use_cache": !bypass_cache},
             }),
             Kind::Tei => serde_json::json!({"inputs": inputs, "normalize": true, "truncate": true}),
         };
@@ -394,7 +405,7 @@ impl Target {
         sender: &mut SendRequest<Full<Bytes>>,
         inputs: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
-        let (status, body, _) = self.post(sender, self.body(inputs)).await?;
+        let (status, body, _) = self.post(sender, self.body(inputs, true)).await?;
         if status != 200 {
             bail!(
                 "{} answered {status}: {}",
@@ -499,6 +510,8 @@ struct RunPlan {
     batch: usize,
     warmup: Duration,
     measure: Duration,
+    /// One body, cache on: see the module doc.
+    cache_hits: bool,
 }
 
 /// What one connection saw in the measured window.
@@ -519,12 +532,12 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
     let sentences = sentences();
     let mut rng = Rng(0x626f_6469_6573 ^ plan.batch as u64); // "bodies"
     let bodies: Rc<Vec<Bytes>> = Rc::new(
-        (0..BODIES)
+        (0..if plan.cache_hits { 1 } else { BODIES })
             .map(|_| {
                 let inputs: Vec<&str> = (0..plan.batch)
                     .map(|_| sentences[rng.below(sentences.len())].as_str())
                     .collect();
-                target.body(&inputs)
+                target.body(&inputs, !plan.cache_hits)
             })
             .collect(),
     );
