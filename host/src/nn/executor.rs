@@ -95,7 +95,8 @@ pub struct ExecutorOptions {
     pub lead_threads: usize,
     /// The lead session's intra-op threads spin between the parallel parts of a run instead
     /// of sleeping: a lone caller's run is not slowed by thread wake-ups (the other sessions
-    /// keep sleeping threads: spinning would burn the cores they share under load).
+    /// keep sleeping threads: spinning would burn the cores they share under load). They stop
+    /// spinning when the run returns (`session.force_spinning_stop`).
     pub lead_spinning: bool,
     /// Jobs that may wait for a free session before callers are refused.
     pub queue_capacity: usize,
@@ -589,7 +590,15 @@ impl GraphExecutor {
         let build = |i: usize, shared: Option<&SharedWeights>| -> ort::Result<Session> {
             let lead = i == sessions;
             let threads = if lead { options.lead_threads } else { threads };
-            let builder = builder(lead && options.lead_spinning)?;
+            let mut builder = builder(lead && options.lead_spinning)?;
+            if lead && options.lead_spinning {
+                // Spinning inside a run only: ORT's threads stop spinning as the run returns.
+                // Left spinning after it, a thread held one of the 2 cores while the answer
+                // crossed the server's threads, and 1-2% of answers waited a scheduler slice
+                // (3-4 ms) for it: at c=1 on MiniLM, p99 of latency less ORT's run 3.2 -> 1.0 ms,
+                // p99 10.96 -> 10.08 ms, p50 of that overhead +0.1 ms (docs/benchmarks.md).
+                builder = builder.with_config_entry("session.force_spinning_stop", "1")?;
+            }
             Ok(match shared {
                 Some(shared) => shared
                     .apply(builder)?
