@@ -338,14 +338,13 @@ impl Target {
 
     /// The JSON body asking for the embeddings of `inputs`. Kiln and the FastAPI peer get the
     /// same bytes (the peer ignores `model` and `options`).
-    /// `bypass_cache`: Kiln's `options.use_cache: false` (every measured request but the
-    /// `--cache-hits` ones).
-    fn body(&self, inputs: &[&str], bypass_cache: bool) -> Bytes {
+    /// `use_cache`: Kiln's `options.use_cache` (false but for the `--cache-hits` runs).
+    fn body(&self, inputs: &[&str], use_cache: bool) -> Bytes {
         let value = match self.kind {
             Kind::Kiln | Kind::Fastapi => serde_json::json!({
                 "model": "demo/minilm",
                 "inputs": inputs,
-                "options": {"use_cache": !bypass_cache},
+                "options": {"use_cache": use_cache},
             }),
             Kind::Tei => serde_json::json!({"inputs": inputs, "normalize": true, "truncate": true}),
         };
@@ -405,7 +404,7 @@ impl Target {
         sender: &mut SendRequest<Full<Bytes>>,
         inputs: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
-        let (status, body, _) = self.post(sender, self.body(inputs, true)).await?;
+        let (status, body, _) = self.post(sender, self.body(inputs, false)).await?;
         if status != 200 {
             bail!(
                 "{} answered {status}: {}",
@@ -537,7 +536,7 @@ async fn load(target: Rc<Target>, plan: &RunPlan) -> Result<String> {
                 let inputs: Vec<&str> = (0..plan.batch)
                     .map(|_| sentences[rng.below(sentences.len())].as_str())
                     .collect();
-                target.body(&inputs, !plan.cache_hits)
+                target.body(&inputs, plan.cache_hits)
             })
             .collect(),
     );

@@ -561,12 +561,21 @@ impl GraphExecutor {
         let has_lead = options.lead_threads > threads;
         let count = sessions + usize::from(has_lead);
         let builder = |spin: bool| -> ort::Result<SessionBuilder> {
-            Ok(Session::builder(env)?
+            let builder = Session::builder(env)?
                 .with_execution_providers([ort::ep::CPU::default()
                     .with_arena_allocator(options.memory_arena)
                     .build()])?
                 .with_inter_threads(1)?
-                .with_intra_op_spinning(spin)?)
+                .with_intra_op_spinning(spin)?;
+            if !spin {
+                return Ok(builder);
+            }
+            // Spinning inside a run only: ORT's threads stop spinning as the run returns. Left
+            // spinning after it, a thread held one of the 2 cores while the answer crossed the
+            // server's threads, and 1-2% of answers waited a scheduler slice (3-4 ms) for it: at
+            // c=1 on MiniLM, p99 of latency less ORT's run 3.2 -> 1.0 ms, p99 10.96 -> 10.08 ms,
+            // p50 of that overhead +0.1 ms (docs/benchmarks.md).
+            Ok(builder.with_config_entry("session.force_spinning_stop", "1")?)
         };
         let graph = format!("{label}/{name}");
         // Several sessions share one copy of the optimized weights (see `super::shared`); if
@@ -590,15 +599,7 @@ impl GraphExecutor {
         let build = |i: usize, shared: Option<&SharedWeights>| -> ort::Result<Session> {
             let lead = i == sessions;
             let threads = if lead { options.lead_threads } else { threads };
-            let mut builder = builder(lead && options.lead_spinning)?;
-            if lead && options.lead_spinning {
-                // Spinning inside a run only: ORT's threads stop spinning as the run returns.
-                // Left spinning after it, a thread held one of the 2 cores while the answer
-                // crossed the server's threads, and 1-2% of answers waited a scheduler slice
-                // (3-4 ms) for it: at c=1 on MiniLM, p99 of latency less ORT's run 3.2 -> 1.0 ms,
-                // p99 10.96 -> 10.08 ms, p50 of that overhead +0.1 ms (docs/benchmarks.md).
-                builder = builder.with_config_entry("session.force_spinning_stop", "1")?;
-            }
+            let builder = builder(lead && options.lead_spinning)?;
             Ok(match shared {
                 Some(shared) => shared
                     .apply(builder)?
