@@ -81,10 +81,20 @@ impl RateLimiter {
 
     /// Decides one request of `key` at time `now` (nanoseconds, monotonic) under `rate`.
     pub fn check(&self, key: &str, rate: Rate, now: u64) -> Decision {
+        self.check_at(key, rate, || now)
+    }
+
+    /// [`Self::check`] with the time read from `clock` (nanoseconds, monotonic) after the
+    /// tenant's state, and again on each retry. Concurrent requests must not use times read
+    /// before one another's updates: a request whose time was read before another's update
+    /// but applied after it would see the other's start ahead of its own `now`, and count one
+    /// slot fewer (a rested tenant's burst of exactly B at once could be refused its last).
+    pub fn check_at(&self, key: &str, rate: Rate, clock: impl Fn() -> u64) -> Decision {
         let tat = self.tat(key);
         let (interval, tolerance) = (rate.interval(), rate.tolerance());
         let mut current = tat.load(Ordering::Acquire);
         loop {
+            let now = clock();
             let start = current.max(now);
             let new_tat = start + interval;
             if new_tat - now > tolerance {
@@ -143,6 +153,43 @@ mod tests {
         assert!(limiter.check("a", rate, t0 + SECOND).allowed);
         // Another tenant is untouched.
         assert!(limiter.check("b", rate, t0).allowed);
+    }
+
+    /// Request B reads the clock, then request A (a microsecond later) updates the tenant before
+    /// B's own update: B must retry with a fresh time, not count from its stale one (which put
+    /// A's start ahead of B's `now` and reported one slot fewer; a burst of exactly B at once
+    /// could lose its last request). CI saw it: remaining 0, 1, 2, 2, 4 for a burst of 5.
+    #[test]
+    fn a_time_read_before_another_requests_update_is_read_again() {
+        let limiter = RateLimiter::new();
+        let rate = Rate {
+            per_minute: 12,
+            burst: 5,
+        };
+        let t0 = 1_000 * SECOND;
+        let calls = std::cell::Cell::new(0);
+        let b = limiter.check_at("a", rate, || {
+            calls.set(calls.get() + 1);
+            if calls.get() == 1 {
+                let a = limiter.check("a", rate, t0 + 1_000);
+                assert_eq!(a.remaining, 4);
+                t0
+            } else {
+                t0 + 2_000
+            }
+        });
+        assert!(
+            calls.get() >= 2,
+            "the clock was not read again after the retry"
+        );
+        assert!(b.allowed);
+        assert_eq!(b.remaining, 3);
+        for remaining in [2, 1, 0] {
+            let d = limiter.check("a", rate, t0 + 3_000);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, remaining);
+        }
+        assert!(!limiter.check("a", rate, t0 + 3_000).allowed);
     }
 
     /// A deterministic pseudo-random sequence (xorshift), so the test needs no dependency.

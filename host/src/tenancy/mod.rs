@@ -341,8 +341,10 @@ impl Tenancy {
         } else {
             format!("{}/{task}", caller.user.id)
         };
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let decision = self.limiter.check(&key, rate, now);
+        // The clock is read inside the limiter, after the tenant's state (see `check_at`).
+        let decision = self
+            .limiter
+            .check_at(&key, rate, || self.epoch.elapsed().as_nanos() as u64);
         if !decision.allowed {
             return Err(Refused::RateLimited(decision));
         }
