@@ -1,8 +1,28 @@
 //! Kiln: an inference server whose per-model pre- and post-processing runs in sandboxed
 //! WebAssembly plugins that call a `wasi:nn` backend on ONNX Runtime.
 //!
-//! Layers call only downward: `http -> infer -> runtime -> nn`, with `registry` (model folders)
-//! and `config` beside them. See `docs/` and the README for the architecture.
+//! Modules form layers, top to bottom; a module imports only from modules below it, and `http`
+//! reaches the inference stack only through `infer` (never `runtime` or `nn`). `cargo xtask
+//! test` checks this (`xtask/src/layers.rs` holds the same order):
+//!
+//! ```text
+//! cli           `kiln admin ...`: the database and the models folder, without a server
+//! http          routes, request/response shapes, the gate (token, rate limit), ApiError
+//! infer         the task pipeline (one path for every task), model loading, cache, streams
+//! runtime       wasmtime: the engine, the plugin worlds' bindings, instances and their pool
+//! registry      model folders on disk: model.toml, ids, install and uninstall
+//! nn            the wasi:nn host on ONNX Runtime: graphs, tensors, executors, batching
+//! config        server configuration: kiln.toml, flags, environment
+//! tenancy       tokens, plans, rate limits, quotas, usage, the allowlist, the store
+//! fetch         the host's URL fetcher (image_url, audio_url) and its SSRF rules
+//! media         image and WAV header checks
+//! scaffold      `kiln plugin new` templates
+//! signing       plugin signatures and publisher keys
+//! plugin_tools  a component's digest and imports
+//! os            thread CPU time, the C allocator
+//! ```
+//!
+//! See `docs/` and the README for the architecture.
 
 pub mod cli;
 pub mod config;
@@ -11,6 +31,7 @@ pub mod http;
 pub mod infer;
 pub mod media;
 pub mod nn;
+pub mod os;
 pub mod plugin_tools;
 pub mod registry;
 pub mod runtime;
@@ -68,7 +89,7 @@ fn spawn_memory_trimmer(inference: std::sync::Weak<Inference>) {
     let _ = std::thread::Builder::new()
         .name("kiln-trim".into())
         .spawn(move || {
-            let (mut last_seen, _) = nn::activity();
+            let (mut last_seen, _) = Inference::ort_activity();
             let mut trimmed_at = last_seen;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(1));
@@ -79,11 +100,11 @@ fn spawn_memory_trimmer(inference: std::sync::Weak<Inference>) {
                 drop(server);
                 if shed > 0 {
                     tracing::debug!(instances = shed, "dropped idle plugin instances");
-                    runtime::release_freed_memory();
+                    os::release_freed_memory();
                 }
-                let (runs, in_flight) = nn::activity();
+                let (runs, in_flight) = Inference::ort_activity();
                 if runs == last_seen && in_flight == 0 && runs != trimmed_at {
-                    runtime::release_freed_memory();
+                    os::release_freed_memory();
                     trimmed_at = runs;
                 }
                 last_seen = runs;

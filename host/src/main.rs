@@ -60,7 +60,7 @@ enum PluginCommand {
 
 fn main() -> std::process::ExitCode {
     // Before any thread starts (see its documentation: memory at rest).
-    kiln_host::runtime::use_one_malloc_arena();
+    kiln_host::os::use_one_malloc_arena();
     // Errors end the process with a message to act on (never a backtrace).
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

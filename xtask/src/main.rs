@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod layers;
 mod peers;
 mod python;
 mod setup;
@@ -188,6 +189,8 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
             );
         }
     }
+    // Seconds, and before any build: an upward import is a design error, not a build error.
+    steps.run("host layering", || layers::check(&repo.path("")))?;
     setup::all(repo, steps)?;
     fixtures(repo, steps)?;
     setup::browser(repo, steps)?;

@@ -1,25 +1,36 @@
-//! HTTP: routes, request/response DTOs, the JSON extractor, errors. Handlers parse and shape
-//! the request, call [`crate::infer`], and shape the answer; they never touch wasmtime or ORT.
+//! HTTP: the routes, the gate in front of inference, request/response shapes, errors. Handlers
+//! parse and shape the request, call [`crate::infer`], and shape the answer; they never touch
+//! wasmtime or ORT.
+//!
+//! - [`tasks`]: the inference endpoints (`/v1/inference/*`), each behind [`gate`] (token, rate
+//!   limit, quota, usage record), from one route table;
+//! - [`admin`]: `/admin/*`, from one route table behind one admin guard;
+//! - [`models`]: model registration under `/v1/models/<ns>/...`, behind the namespace guard;
+//! - [`error`]: [`ErrorCode`] and the one mapping of every layer's errors to HTTP;
+//! - [`stream`]: Server-Sent Events of streamed generation; [`request_id`]: ids and spans.
 
 pub mod admin;
-pub mod auth;
 mod error;
+pub mod gate;
 mod models;
 pub mod request_id;
 mod stream;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::routing::get;
+use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode, FetchFailure};
+pub use tasks::{RequestOptions, TextInputs};
 
 use crate::infer::Inference;
 
@@ -39,65 +50,15 @@ pub struct AppState {
 
 impl AppState {
     /// Fetches a caller's `image_url` / `audio_url` (named `field` in errors).
-    pub async fn fetch(&self, field: &str, url: &str) -> Result<Vec<u8>, ApiError> {
-        use crate::fetch::FetchError;
-        self.fetcher.get(url).await.map_err(|e| match e {
-            FetchError::Refused(why) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "url_refused",
-                format!("`{field}` was not fetched: {why}"),
-            ),
-            FetchError::Failed(why) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "fetch_failed",
-                format!("fetching `{field}` failed: {why}"),
-            ),
-            FetchError::TooLarge(why) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("`{field}`: {why}"),
-            ),
-        })
+    pub async fn fetch(&self, field: &'static str, url: &str) -> Result<Vec<u8>, ApiError> {
+        self.fetcher
+            .get(url)
+            .await
+            .map_err(|error| FetchFailure { field, error }.into())
     }
 }
 
-/// Routes whose bodies carry base64 images or audio, under `max_media_body_bytes`.
-const MEDIA_ROUTES: [&str; 3] = [
-    "/v1/inference/image-classification",
-    "/v1/inference/object-detection",
-    "/v1/inference/asr",
-];
-
 pub fn router(state: Arc<AppState>) -> Router {
-    let media_limit = DefaultBodyLimit::max(state.max_media_body_bytes);
-    // Everything under /v1/inference/ passes the gate: token, rate limit, quota, usage record.
-    let inference = Router::new()
-        .route("/v1/inference/embeddings", post(embeddings))
-        .route(
-            "/v1/inference/text-classification",
-            post(tasks::text_classification),
-        )
-        .route(
-            "/v1/inference/text-generation",
-            post(tasks::text_generation),
-        )
-        .route(
-            "/v1/inference/text-generation/stream",
-            post(tasks::text_generation_stream),
-        )
-        .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        // Image and audio requests carry base64 files: their own, larger limit.
-        .merge(
-            Router::new()
-                .route(MEDIA_ROUTES[0], post(tasks::image_classification))
-                .route(MEDIA_ROUTES[1], post(tasks::object_detection))
-                .route(MEDIA_ROUTES[2], post(tasks::asr))
-                .layer(media_limit),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            auth::inference_gate,
-        ));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -105,38 +66,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/playground", get(playground))
         .route("/v1/models", get(models))
         .route("/v1/usage", get(usage))
-        .merge(inference)
-        .merge(admin::routes())
-        .merge(models::routes())
+        .merge(tasks::routes(&state))
+        .merge(admin::router(&state))
+        .merge(models::router(&state))
         .fallback(|| async { ApiError::not_found_route() })
         .layer(axum::middleware::from_fn(request_id::middleware))
         .with_state(state)
 }
 
 /// A JSON body, read whatever the Content-Type (curl's `-d` sends form encoding by default),
-/// with errors in Kiln's format: 413 over the body limit, 400 for malformed JSON or a missing
-/// or mistyped field (serde's message names the field and position).
+/// with errors in Kiln's format: 413 over the route's body limit (an inference route's from its
+/// gate; `max_body_bytes` elsewhere), 400 for malformed JSON or a missing or mistyped field
+/// (serde's message names the field and position).
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let limit = if MEDIA_ROUTES.contains(&req.uri().path()) {
-            state.max_media_body_bytes
-        } else {
-            state.max_body_bytes
-        };
+        let limit = req
+            .extensions()
+            .get::<gate::Admitted>()
+            .map_or(state.max_body_bytes, |admitted| admitted.body_limit);
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError {
-                    close_connection: true,
-                    ..ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!("request body is larger than the limit of {limit} bytes"),
-                    )
-                }
+                ApiError::body_too_large(limit)
             } else {
                 ApiError::bad_request(format!("could not read the request body: {rejection}"))
             }
@@ -179,7 +133,7 @@ async fn ready(
         "failed": count("failed"),
         "unavailable": unavailable.len(),
     });
-    if auth::authenticate(&state, &headers, crate::tenancy::Scope::Admin).is_ok() {
+    if gate::authenticate(&state, &headers, crate::tenancy::Scope::Admin).is_ok() {
         let list: Vec<_> = models
             .iter()
             .map(|m| {
@@ -217,7 +171,7 @@ async fn models(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let caller = auth::authenticate(&state, &headers, crate::tenancy::Scope::Inference)?;
+    let caller = gate::authenticate(&state, &headers, crate::tenancy::Scope::Inference)?;
     let models: Vec<_> = state
         .inference
         .models()
@@ -241,19 +195,17 @@ async fn usage(
     axum::extract::Query(query): axum::extract::Query<UsageQuery>,
 ) -> Result<Json<crate::tenancy::admin::UsageReport>, ApiError> {
     use crate::tenancy::Scope;
-    let name = match auth::authenticate(&state, &headers, Scope::Inference) {
+    let name = match gate::authenticate(&state, &headers, Scope::Inference) {
         Ok(caller) => {
             if query.user.as_ref().is_some_and(|u| *u != caller.user.name) {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "forbidden",
+                return Err(ApiError::forbidden(
                     "only an admin token may read another user's usage",
                 ));
             }
             caller.user.name
         }
         Err(_) => {
-            auth::authenticate(&state, &headers, Scope::Admin)?;
+            gate::authenticate(&state, &headers, Scope::Admin)?;
             query.user.ok_or_else(|| {
                 ApiError::bad_request("an admin token must name the user: /v1/usage?user=<name>")
             })?
@@ -375,7 +327,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         "Bytes held by the response cache (estimated).",
         cache.bytes(),
     );
-    let batches = &crate::nn::batch::TOTALS;
+    let batches = state.inference.batch_totals();
     metric(
         "kiln_batched_runs_total",
         "counter",
@@ -398,7 +350,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         "kiln_host_tensor_bytes",
         "gauge",
         "Bytes of wasi:nn tensors held on the host by all plugin instances (KV caches, outputs).",
-        state.inference.tensor_gauge.bytes(),
+        state.inference.host_tensor_bytes(),
     );
     (
         [(
@@ -409,91 +361,3 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
     )
 }
 
-/// `"inputs"`: one string or a list of strings (`single` remembers which, for the answer's
-/// shape).
-#[derive(Debug)]
-pub struct TextInputs {
-    pub texts: Vec<String>,
-    pub single: bool,
-}
-
-impl<'de> Deserialize<'de> for TextInputs {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = TextInputs;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of strings")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TextInputs, E> {
-                Ok(TextInputs {
-                    texts: vec![v.to_owned()],
-                    single: true,
-                })
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<TextInputs, E> {
-                Ok(TextInputs {
-                    texts: vec![v],
-                    single: true,
-                })
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<TextInputs, A::Error> {
-                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-                while let Some(item) = seq.next_element::<String>()? {
-                    items.push(item);
-                }
-                Ok(TextInputs {
-                    texts: items,
-                    single: false,
-                })
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
-
-/// `"options"` of any inference request.
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct RequestOptions {
-    /// Wait for a model that is loading (up to `model_wait_ms`) instead of a 503.
-    #[serde(default)]
-    pub wait_for_model: bool,
-    /// `false`: neither answer from the response cache nor store the answer (default true).
-    #[serde(default)]
-    pub use_cache: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct EmbeddingsRequest {
-    pub model: String,
-    pub inputs: TextInputs,
-    #[serde(default)]
-    pub options: RequestOptions,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EmbeddingsResponse {
-    pub embeddings: Vec<Vec<f32>>,
-}
-
-async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    Extension(authed): Extension<auth::Authed>,
-    ApiJson(request): ApiJson<EmbeddingsRequest>,
-) -> Result<Json<EmbeddingsResponse>, ApiError> {
-    authed.use_model(&state, &request.model)?;
-    let result = state
-        .inference
-        .embed(
-            &authed.tenant(&request.options),
-            &request.model,
-            request.inputs.texts,
-        )
-        .await?;
-    Ok(Json(EmbeddingsResponse {
-        embeddings: result.vectors,
-    }))
-}

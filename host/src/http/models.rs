@@ -17,18 +17,20 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawPathParams, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{post, put};
-use axum::{Json, Router};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
-use super::admin::run;
-use super::auth::authenticate;
-use super::{ApiError, AppState};
+use super::admin::{run, Admin};
+use super::gate::authenticate;
+use super::{ApiError, AppState, ErrorCode};
 use crate::registry::{self, ModelId};
 use crate::tenancy::admin::AdminError;
 use crate::tenancy::{Caller, Scope};
@@ -36,7 +38,9 @@ use crate::tenancy::{Caller, Scope};
 /// model.toml is a short text file; 1 MiB leaves room for a large inline config table.
 const MAX_MODEL_TOML_BYTES: usize = 1 << 20;
 
-pub fn routes() -> Router<Arc<AppState>> {
+/// The model writes, every one behind [`namespace_guard`]. (`/admin/reload` and `.../warm`,
+/// whose handlers are here too, are admin routes: see `admin::routes`.)
+pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/models/{ns}/{name}/files/{file}", put(upload_file))
         .route(
@@ -45,8 +49,38 @@ pub fn routes() -> Router<Arc<AppState>> {
                 .delete(remove)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_MODEL_TOML_BYTES)),
         )
-        .route("/admin/reload", post(reload))
-        .route("/admin/models/{ns}/{name}/warm", post(warm))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(state),
+            namespace_guard,
+        ))
+}
+
+/// A caller who may change models in the namespace of the path: an admin, or the user who owns
+/// it. Only [`namespace_guard`] makes one, and every model write takes it (a write mounted
+/// outside the guard fails closed: the extension is missing).
+#[derive(Debug, Clone)]
+struct NamespaceOwner(#[allow(dead_code)] Caller);
+
+/// The guard of every model write: 401 without a token, 403 for a token of another namespace,
+/// before the body is read.
+async fn namespace_guard(
+    State(state): State<Arc<AppState>>,
+    params: RawPathParams,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let ns = params
+        .iter()
+        .find(|(key, _)| *key == "ns")
+        .map(|(_, value)| value.to_owned())
+        .unwrap_or_default();
+    match owner_of(&state, request.headers(), &ns) {
+        Ok(caller) => {
+            request.extensions_mut().insert(NamespaceOwner(caller));
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
 }
 
 /// The caller, if it may change models in `ns`: an admin token, or an inference token of the
@@ -57,23 +91,17 @@ fn owner_of(state: &AppState, headers: &HeaderMap, ns: &str) -> Result<Caller, A
     }
     let caller = authenticate(state, headers, Scope::Inference)?;
     if caller.user.name != ns {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "you can register models only in your own namespace '{}/...', not '{ns}/...'",
-                caller.user.name
-            ),
-        ));
+        return Err(ApiError::forbidden(format!(
+            "you can register models only in your own namespace '{}/...', not '{ns}/...'",
+            caller.user.name
+        )));
     }
     Ok(caller)
 }
 
 fn model_id(ns: &str, name: &str) -> Result<ModelId, ApiError> {
     ModelId::parse(&format!("{ns}/{name}")).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_input",
+        ApiError::invalid(
             "a model id is <namespace>/<name>, each of letters, digits, '.', '_' or '-'",
         )
     })
@@ -90,11 +118,10 @@ fn upload_dir(state: &AppState, id: &ModelId) -> std::path::PathBuf {
 /// `PUT /v1/models/{ns}/{name}/files/{file}`: streamed to disk, never whole in memory.
 async fn upload_file(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _owner: Extension<NamespaceOwner>,
     Path((ns, name, file)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    owner_of(&state, &headers, &ns)?;
     let id = model_id(&ns, &name)?;
     // One plain file name: the folder is flat, and a name can never climb out of it.
     let valid = !file.is_empty()
@@ -105,24 +132,14 @@ async fn upload_file(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_input",
-            format!(
-                "file name {file:?}: letters, digits, '.', '_' or '-', not starting with '.' \
-                 (model.toml is sent with PUT /v1/models/{ns}/{name})"
-            ),
-        ));
+        return Err(ApiError::invalid(format!(
+            "file name {file:?}: letters, digits, '.', '_' or '-', not starting with '.' \
+             (model.toml is sent with PUT /v1/models/{ns}/{name})"
+        )));
     }
     let dir = upload_dir(&state, &id);
-    let internal = |e: std::io::Error| {
-        tracing::error!("writing an uploaded model file: {e}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the file could not be stored",
-        )
-    };
+    let internal =
+        |e: std::io::Error| ApiError::internal("the file could not be stored", e);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
     // Written under a temporary name and renamed when complete, so an interrupted upload never
     // leaves a truncated file that a later registration would take for the real one.
@@ -138,8 +155,7 @@ async fn upload_file(
             // The server's `max_model_file_bytes` (see its reason in the config).
             if written > state.max_model_file_bytes {
                 return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    ErrorCode::PayloadTooLarge,
                     format!(
                         "a model file may be at most {} bytes",
                         state.max_model_file_bytes
@@ -176,12 +192,11 @@ struct ReplaceQuery {
 /// installs it and reloads. 201 with what the server now serves (or why it does not).
 async fn register(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _owner: Extension<NamespaceOwner>,
     Path((ns, name)): Path<(String, String)>,
     Query(query): Query<ReplaceQuery>,
     model_toml: String,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    owner_of(&state, &headers, &ns)?;
     let id = model_id(&ns, &name)?;
     let dir = upload_dir(&state, &id);
     let answer = run(&state, move |s| {
@@ -240,10 +255,9 @@ async fn register(
 /// `DELETE /v1/models/{ns}/{name}`: requests in flight on it finish; new ones get 404.
 async fn remove(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _owner: Extension<NamespaceOwner>,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    owner_of(&state, &headers, &ns)?;
     let id = model_id(&ns, &name)?;
     run(&state, move |s| {
         if !registry::uninstall(s.inference.models_dir(), &id).map_err(AdminError::Store)? {
@@ -261,30 +275,26 @@ async fn remove(
 
 /// `POST /admin/reload`: this server looks at the models folder again; the report says what
 /// was added, changed, removed, and what failed (a failed folder keeps its last good version).
-async fn reload(
+pub(super) async fn reload(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, Scope::Admin)?;
     let report = run(&state, |s| s.inference.reload().map_err(AdminError::Store)).await?;
     Ok(Json(serde_json::to_value(report).unwrap_or_default()))
 }
 
 /// `POST /admin/models/{ns}/{name}/warm`: loads the model now (waiting for it), so that its first
 /// request is not a cold start.
-async fn warm(
+pub(super) async fn warm(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&state, &headers, Scope::Admin)?;
     let id = model_id(&ns, &name)?.to_string();
     let inference = Arc::clone(&state.inference);
     let started = std::time::Instant::now();
     let loaded = tokio::task::spawn_blocking(move || inference.warm(&id).map(|_| id))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(ApiError::from)?;
+        .await??;
     Ok(Json(json!({
         "model": loaded,
         "state": "loaded",

@@ -5,6 +5,7 @@ use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
+use tracing::Instrument;
 
 tokio::task_local! {
     static REQUEST_ID: String;
@@ -47,7 +48,12 @@ pub async fn middleware(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let started = std::time::Instant::now();
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    // Every log line of the request, on whichever thread works for it (the plugin's blocking
+    // thread and ORT's workers enter this span), carries its id.
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = REQUEST_ID
+        .scope(id.clone(), next.run(request).instrument(span))
+        .await;
     tracing::info!(
         request_id = %id,
         %method,

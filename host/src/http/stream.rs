@@ -13,7 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::auth::{Authed, UsageDeferred};
+use super::gate::{Admitted, UsageDeferred};
 use super::tasks::{finish_reason, ValidGenerateRequest};
 use super::{request_id, ApiError, AppState};
 use crate::infer::{InferError, StreamEvent, StreamHook, TokenStream};
@@ -22,21 +22,22 @@ use crate::tenancy::{self, UsageRecord};
 /// Streams a validated generation request.
 pub async fn respond(
     state: &Arc<AppState>,
-    authed: &Authed,
+    admitted: &Admitted,
     request: ValidGenerateRequest,
 ) -> Result<Response, ApiError> {
     let id = request_id::current();
     // The stream's usage record, committed by the driver before the last event is sent (or
     // when the client has gone).
     let tenancy = Arc::clone(&state.tenancy);
-    let (user_id, model, record_id) = (authed.caller.user.id, request.model.clone(), id.clone());
+    let (user_id, model, record_id) = (admitted.caller.user.id, request.model.clone(), id.clone());
+    let task = admitted.task.as_str();
     let on_end: StreamHook = Box::new(move |usage, error| {
         let status = error.map_or(200, |e| ApiError::status_of(e).as_u16());
         let record = UsageRecord {
             at_ms: tenancy::store::now_ms(),
             user_id,
             model,
-            task: "text-generation".into(),
+            task: task.to_owned(),
             status,
             input_tokens: usage.input_tokens,
             output_tokens: usage.output_tokens,
@@ -52,7 +53,7 @@ pub async fn respond(
     let mut tokens = state
         .inference
         .generate_stream(
-            &authed.tenant(&request.options),
+            &admitted.context(&request.options),
             &request.model,
             request.input,
             request.params,

@@ -72,12 +72,9 @@ impl CacheOutcome {
 }
 
 /// A typed result the cache can hold.
-pub(super) trait Cacheable: Clone + Send + Sync + 'static {
+pub trait Cacheable: Clone + Send + Sync + 'static {
     /// Bytes it holds in memory, roughly (heap data plus a fixed overhead per allocation).
     fn weight(&self) -> u64;
-    /// This result as a hit serves it: no compute (no plugin ran); its tokens go on the
-    /// request's meter as when it was computed.
-    fn served_from_cache(self, meter: &super::Meter) -> Self;
 }
 
 /// What every entry costs besides its value: the key, the map and LRU slots, the `Arc`.
@@ -281,7 +278,7 @@ impl ResponseCache {
 
 /// Builds a [`CacheKey`]: every field is written with its length, in an order fixed per task, so
 /// two different requests never write the same bytes.
-pub(super) struct KeyBuilder(Sha256);
+pub struct KeyBuilder(Sha256);
 
 impl KeyBuilder {
     /// Starts the key of a request of `tenant` on one load of a model (`model` its id,
@@ -490,9 +487,6 @@ mod tests {
     impl Cacheable for Blob {
         fn weight(&self) -> u64 {
             self.0.len() as u64
-        }
-        fn served_from_cache(self, _: &super::super::Meter) -> Self {
-            self
         }
     }
 

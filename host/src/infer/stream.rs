@@ -23,8 +23,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use wasmtime::component::ResourceAny;
 
-use super::{check_generation, run_on, InferError, Inference, LoadedModel, Meter, Tenant};
-use crate::nn::bindings::kiln::plugin::types::Usage;
+use tracing::Instrument;
+
+use super::pipeline::run_on;
+use super::task::check_generation;
+use super::{InferError, Inference, LoadedModel, RequestContext};
+use crate::runtime::types::Usage;
 use crate::registry::Task;
 use crate::runtime::instance::{CallReport, FinishReason, GenerationInput, GenerationParams, Step};
 use crate::runtime::{PluginInstance, PooledInstance};
@@ -113,31 +117,30 @@ impl Inference {
     /// no free instance) are returned here; later ones arrive as [`StreamEvent::Failed`].
     pub async fn generate_stream(
         &self,
-        tenant: &Tenant,
+        ctx: &RequestContext,
         model: &str,
         input: GenerationInput,
         params: GenerationParams,
         on_end: Option<StreamHook>,
     ) -> Result<TokenStream, InferError> {
-        let model = self.model(tenant, model, Task::TextGeneration).await?;
-        check_generation(&model, &input, &params)?;
-        let lease = self.lease(tenant, &model).await?;
+        let model = self.model(ctx, model, Task::TextGeneration).await?;
+        check_generation(&model.limits, &input, &params)?;
+        let lease = self.lease(ctx, &model).await?;
         // Capacity one: see the module comment for why that bounds the host's lead.
         let (tx, rx) = mpsc::channel(1);
         self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             engine: self.runtime.engine().clone(),
-            meter: Arc::clone(&tenant.meter),
+            ctx: ctx.clone(),
             model,
             lease: Some(lease),
             stats: Arc::clone(&self.stream_stats),
-            request_id: tenant.request_id.clone(),
             compute: Duration::ZERO,
             steps: 0,
             sent_any: false,
             on_end,
         };
-        tokio::spawn(driver.run(tx, input, params));
+        tokio::spawn(driver.run(tx, input, params).instrument(ctx.span.clone()));
         Ok(TokenStream { rx })
     }
 }
@@ -159,13 +162,12 @@ enum End {
 
 struct Driver {
     engine: wasmtime::Engine,
-    /// The request's meter (what an error before the first token is billed).
-    meter: Arc<Meter>,
+    /// The request (its meter is what an error before the first token is billed).
+    ctx: RequestContext,
     model: Arc<LoadedModel>,
     /// None only after a call outlived its deadline (the blocking thread kept the lease).
     lease: Option<PooledInstance>,
     stats: Arc<StreamStats>,
-    request_id: String,
     compute: Duration,
     /// `next` calls that returned text: the output tokens of an instance that trapped.
     steps: u32,
@@ -308,7 +310,7 @@ impl Driver {
                     .fetch_add(usage.output_tokens.into(), Ordering::Relaxed);
                 self.stats.cancelled.fetch_add(1, Ordering::Release);
                 tracing::info!(
-                    request_id = %self.request_id,
+                    request_id = %self.ctx.request_id,
                     model = %self.model.spec.id,
                     input_tokens = usage.input_tokens,
                     output_tokens = usage.output_tokens,
@@ -381,7 +383,7 @@ impl Driver {
             Ok(bytes) => Some(bytes),
             Err(error) => {
                 // A trapped instance is discarded with everything it holds.
-                tracing::debug!(request_id = %self.request_id, "generation not dropped: {error}");
+                tracing::debug!(request_id = %self.ctx.request_id, "generation not dropped: {error}");
                 None
             }
         }
@@ -404,13 +406,13 @@ impl Driver {
             &self.model,
             lease,
             deadline,
-            &self.request_id,
+            &self.ctx,
             f,
         )
         .await;
         self.lease = ran.lease;
         self.compute += ran.compute;
-        self.meter.add_compute(ran.compute);
+        self.ctx.meter.add_compute(ran.compute);
         ran.result
     }
 }

@@ -1,11 +1,11 @@
-//! Host bindings of `kiln:plugin/imports`: every interface a plugin may import (`wasi:nn`,
-//! `kiln:plugin/tensor-ext`, `kiln:plugin/host`), generated once from `wit/`. The per-task worlds
-//! (`crate::runtime::worlds`) reuse these modules with `with:`, so all worlds share one set of
-//! host types. The `wasi:nn` resources map to this module's own types.
+//! Host bindings of what this backend implements: `wasi:nn` and its extension
+//! `kiln:plugin/tensor-ext` (the `nn-imports` world), generated here as wasmtime's wasi-nn crate
+//! generates its own. The `wasi:nn` resources map to this module's own types. The plugin worlds
+//! (`crate::runtime::bindings`) reuse these modules with `with:`.
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "kiln:plugin/imports",
+    world: "kiln:plugin/nn-imports",
     imports: { default: trappable },
     with: {
         "wasi:nn/tensor.tensor": crate::nn::tensor::Tensor,

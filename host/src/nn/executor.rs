@@ -43,7 +43,7 @@ static ALL_RUNS: AtomicU64 = AtomicU64::new(0);
 static ALL_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// (ORT runs started since the process began, runs in ORT now), across every graph: how the
-/// server tells that it has gone idle (see `runtime::release_freed_memory`).
+/// server tells that it has gone idle (see `os::release_freed_memory`).
 pub fn activity() -> (u64, usize) {
     (
         ALL_RUNS.load(Ordering::Relaxed),
@@ -270,6 +270,9 @@ struct Job {
     key: Option<BatchKey>,
     control: Arc<Control>,
     reply: SyncSender<Result<RunOutput, RunError>>,
+    /// The caller's span (its request), entered while the job runs alone, so the worker's log
+    /// lines name the request.
+    span: tracing::Span,
 }
 
 impl Job {
@@ -736,6 +739,7 @@ impl GraphExecutor {
             key,
             control: Arc::clone(&control),
             reply,
+            span: tracing::Span::current(),
         };
         match self.queue.push(job, &self.stats) {
             Ok(()) => {}
@@ -844,6 +848,8 @@ impl Worker {
     }
 
     fn run_alone(&mut self, job: Job) {
+        let span = job.span.clone();
+        let _request = span.enter();
         if job.control.abandoned() {
             job.drop_abandoned();
             return;

@@ -189,7 +189,7 @@ pub struct RequestNnState {
     /// Time ORT spent running for this request (the usage's compute time).
     pub compute: Duration,
     /// The calling thread's CPU time when the last `wasi:nn` call returned: the CPU deadline
-    /// counts guest time from here ([`crate::runtime::thread_cpu_time`]).
+    /// counts guest time from here ([`crate::os::thread_cpu_time`]).
     pub last_call_end: Option<Duration>,
     /// Latest time at which an ORT run must end (the request's wall-clock deadline).
     pub deadline: Option<Instant>,
@@ -405,7 +405,7 @@ pub fn add_to_linker<T: Send + 'static>(
 macro_rules! host_call {
     ($view:expr, $body:expr) => {{
         let result = $body;
-        $view.ctx.request.last_call_end = Some(crate::runtime::thread_cpu_time());
+        $view.ctx.request.last_call_end = Some(crate::os::thread_cpu_time());
         result
     }};
 }

@@ -19,11 +19,10 @@ use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use super::log::{LogBudget, LogContext, PluginLog};
-use super::worlds;
+use super::bindings as worlds;
+use super::{host, types};
 use super::EPOCH_TICK;
 use crate::config::Limits;
-use crate::nn::bindings::kiln::plugin::host;
-use crate::nn::bindings::kiln::plugin::types;
 use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits, TensorGauge};
 use crate::registry::Task;
 use wasmtime::component::ResourceAny;
@@ -589,7 +588,7 @@ impl PluginInstance {
 fn arm(store: &mut Store<StoreState>, deadline: Instant) {
     let now = Instant::now();
     let state = store.data_mut();
-    state.clock.armed_at = Some(super::thread_cpu_time());
+    state.clock.armed_at = Some(crate::os::thread_cpu_time());
     state.clock.wall_deadline = Some(deadline);
     state.clock.expired = None;
     state.limiter.exceeded = None;
@@ -618,7 +617,7 @@ fn on_epoch_deadline(
     }
     // Guest CPU time counts from the later of the call's start and the last wasi:nn return
     // (both read on this thread: a call runs on one thread from start to end).
-    let cpu_now = super::thread_cpu_time();
+    let cpu_now = crate::os::thread_cpu_time();
     let since = match (state.clock.armed_at, state.nn.request.last_call_end) {
         (Some(a), Some(b)) => a.max(b),
         (Some(a), None) => a,
