@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
 use kiln_host::config::Config;
-use kiln_host::infer::{Inference, Tenant};
+use kiln_host::infer::{Embed, Inference, RequestContext};
 use kiln_plugin_embeddings::pooling::{l2_normalize, pool, Pooling};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -84,11 +84,11 @@ fn main() {
     }
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let inference = Inference::load(&config).expect("run `cargo xtask setup` first");
-    let tenant = Tenant::anonymous();
+    let tenant = RequestContext::anonymous();
     let plugin = |inputs: &[&str]| {
         let inputs = inputs.iter().map(|s| s.to_string()).collect();
         runtime
-            .block_on(inference.embed(&tenant, "demo/minilm", inputs))
+            .block_on(inference.run::<Embed>(&tenant, "demo/minilm", inputs))
             .unwrap()
             .vectors
     };

@@ -247,8 +247,7 @@ async fn a_client_that_disconnects_stops_the_probe_and_frees_its_tensors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
-    use kiln_host::infer::{StreamEvent, Tenant};
-    use kiln_host::runtime::instance::{GenerationInput, GenerationParams};
+    use kiln_host::infer::{GenerationInput, GenerationParams, RequestContext, StreamEvent};
     let (_models, server) = probe_server(Duration::from_secs(15)).await;
     let params = GenerationParams {
         max_tokens: 1000,
@@ -264,7 +263,7 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
         .state
         .inference
         .generate_stream(
-            &Tenant::anonymous(),
+            &RequestContext::anonymous(),
             PROBE,
             GenerationInput::Prompt("words:1000".into()),
             params,

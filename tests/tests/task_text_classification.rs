@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use kiln_host::infer::Tenant;
+use kiln_host::infer::{RequestContext, TextClassify};
 use kiln_tests::{demo_model, plugin, repo_root, ModelsDir, TestServer};
 use serde_json::{json, Value};
 
@@ -203,8 +203,8 @@ async fn usage_counts_the_real_tokens_of_the_batch() {
     let result = server
         .state
         .inference
-        .classify_texts(
-            &Tenant::anonymous(),
+        .run::<TextClassify>(
+            &RequestContext::anonymous(),
             "demo/sentiment",
             reference.sentences.clone(),
         )
