@@ -85,7 +85,10 @@ pub fn check(root: &Path) -> Result<()> {
         }
     }
     if violations.is_empty() {
-        println!("host modules import only downward ({} layers)", LAYERS.len());
+        println!(
+            "host modules import only downward ({} layers)",
+            LAYERS.len()
+        );
         return Ok(());
     }
     violations.sort();
@@ -116,7 +119,9 @@ fn breaks_rule(from: &str, to: &str) -> Option<String> {
         return None;
     };
     if b < a {
-        return Some(format!("`{to}` is above `{from}`: layers import only downward"));
+        return Some(format!(
+            "`{to}` is above `{from}`: layers import only downward"
+        ));
     }
     SKIPS
         .iter()
@@ -126,7 +131,8 @@ fn breaks_rule(from: &str, to: &str) -> Option<String> {
 
 /// `pub mod x;` / `mod x;` lines of lib.rs.
 fn declared_modules(lib: &Path) -> Result<BTreeSet<String>> {
-    let text = std::fs::read_to_string(lib).with_context(|| format!("reading {}", lib.display()))?;
+    let text =
+        std::fs::read_to_string(lib).with_context(|| format!("reading {}", lib.display()))?;
     Ok(text
         .lines()
         .filter_map(|line| {
@@ -148,7 +154,8 @@ fn module_files(src: &Path, name: &str) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut dirs = vec![src.join(name)];
     while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
         {
             let path = entry?.path();
             if path.is_dir() {

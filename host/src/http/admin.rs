@@ -62,11 +62,7 @@ pub struct AdminRoute {
     handler: MethodRouter<Arc<AppState>>,
 }
 
-fn route(
-    method: Method,
-    path: &'static str,
-    handler: MethodRouter<Arc<AppState>>,
-) -> AdminRoute {
+fn route(method: Method, path: &'static str, handler: MethodRouter<Arc<AppState>>) -> AdminRoute {
     AdminRoute {
         method,
         path,
@@ -105,10 +101,18 @@ pub fn routes() -> Vec<AdminRoute> {
             "/admin/plugins",
             post(upload_plugin).layer(axum::extract::DefaultBodyLimit::max(MAX_PLUGIN_BYTES)),
         ),
-        route(Method::DELETE, "/admin/plugins/{digest}", delete(revoke_plugin)),
+        route(
+            Method::DELETE,
+            "/admin/plugins/{digest}",
+            delete(revoke_plugin),
+        ),
         route(Method::GET, "/admin/models", get(list_models)),
         route(Method::POST, "/admin/reload", post(models::reload)),
-        route(Method::POST, "/admin/models/{ns}/{name}/warm", post(models::warm)),
+        route(
+            Method::POST,
+            "/admin/models/{ns}/{name}/warm",
+            post(models::warm),
+        ),
     ]
 }
 

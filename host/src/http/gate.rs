@@ -71,7 +71,9 @@ impl Admitted {
         if !state.tenancy.can_use(&self.caller, model) {
             // 403 tells a caller that a private model of that name exists (404 would not): the
             // published API asks for 403, and model names are not secrets on a hub.
-            return Err(ApiError::forbidden("No access to this model: it is private"));
+            return Err(ApiError::forbidden(
+                "No access to this model: it is private",
+            ));
         }
         // The host runs no plugin an admin has not allowed (checked per request, so a
         // revocation applies to the next request without a restart).

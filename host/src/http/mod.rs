@@ -360,4 +360,3 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         out,
     )
 }
-

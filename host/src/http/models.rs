@@ -138,8 +138,7 @@ async fn upload_file(
         )));
     }
     let dir = upload_dir(&state, &id);
-    let internal =
-        |e: std::io::Error| ApiError::internal("the file could not be stored", e);
+    let internal = |e: std::io::Error| ApiError::internal("the file could not be stored", e);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
     // Written under a temporary name and renamed when complete, so an interrupted upload never
     // leaves a truncated file that a later registration would take for the real one.
@@ -293,8 +292,7 @@ pub(super) async fn warm(
     let id = model_id(&ns, &name)?.to_string();
     let inference = Arc::clone(&state.inference);
     let started = std::time::Instant::now();
-    let loaded = tokio::task::spawn_blocking(move || inference.warm(&id).map(|_| id))
-        .await??;
+    let loaded = tokio::task::spawn_blocking(move || inference.warm(&id).map(|_| id)).await??;
     Ok(Json(json!({
         "model": loaded,
         "state": "loaded",

@@ -62,7 +62,12 @@ async fn handle<E: Endpoint>(
 pub(super) fn routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     use BodyKind::{Json, Media};
     let table: [(&str, Task, BodyKind, MethodRouter<Arc<AppState>>); 7] = [
-        ("/v1/inference/embeddings", Task::Embeddings, Json, post(handle::<EmbeddingsEndpoint>)),
+        (
+            "/v1/inference/embeddings",
+            Task::Embeddings,
+            Json,
+            post(handle::<EmbeddingsEndpoint>),
+        ),
         (
             "/v1/inference/text-classification",
             Task::TextClassification,
@@ -93,7 +98,12 @@ pub(super) fn routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             Media,
             post(handle::<ObjectDetectionEndpoint>),
         ),
-        ("/v1/inference/asr", Task::Asr, Media, post(handle::<AsrEndpoint>)),
+        (
+            "/v1/inference/asr",
+            Task::Asr,
+            Media,
+            post(handle::<AsrEndpoint>),
+        ),
     ];
     table
         .into_iter()
@@ -181,7 +191,6 @@ pub struct EmbeddingsRequest {
 pub struct EmbeddingsResponse {
     pub embeddings: Vec<Vec<f32>>,
 }
-
 
 fn invalid(message: String) -> ApiError {
     ApiError::invalid(message)

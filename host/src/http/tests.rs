@@ -316,7 +316,12 @@ async fn each_route_has_its_own_body_limit() {
             json!({"model": "alice/vision", "image": text}),
         )
         .await;
-    assert_ne!(answer.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", answer.body);
+    assert_ne!(
+        answer.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        answer.body
+    );
     let answer = f
         .post(
             "/v1/inference/image-classification",
@@ -340,7 +345,11 @@ async fn malformed_requests_name_what_is_wrong() {
     answer.is(StatusCode::BAD_REQUEST, "bad_request");
     assert!(answer.message().contains("`model`"), "{}", answer.body);
     let answer = f
-        .post(embed, Some(&f.alice), json!({"model": "alice/nope", "inputs": "x"}))
+        .post(
+            embed,
+            Some(&f.alice),
+            json!({"model": "alice/nope", "inputs": "x"}),
+        )
         .await;
     answer.is(StatusCode::NOT_FOUND, "model_not_found");
     // Another tenant's private model: 403, before anything runs.
@@ -354,11 +363,17 @@ async fn malformed_requests_name_what_is_wrong() {
     answer.is(StatusCode::FORBIDDEN, "forbidden");
     // A model of another task: the message names the right endpoint.
     let answer = f
-        .post(embed, Some(&f.alice), json!({"model": "alice/sentiment", "inputs": "x"}))
+        .post(
+            embed,
+            Some(&f.alice),
+            json!({"model": "alice/sentiment", "inputs": "x"}),
+        )
         .await;
     answer.is(StatusCode::UNPROCESSABLE_ENTITY, "wrong_task");
     assert!(
-        answer.message().contains("/v1/inference/text-classification"),
+        answer
+            .message()
+            .contains("/v1/inference/text-classification"),
         "{}",
         answer.body
     );
@@ -406,7 +421,11 @@ async fn parameters_out_of_range_are_422_with_the_field_and_value() {
     for (path, body, message) in cases {
         let answer = f.post(path, Some(&f.alice), body).await;
         answer.is(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input");
-        assert!(answer.message().contains(message), "{path}: {}", answer.body);
+        assert!(
+            answer.message().contains(message),
+            "{path}: {}",
+            answer.body
+        );
     }
     // Not base64: the host's own check, before any plugin.
     let answer = f

@@ -37,8 +37,8 @@ pub use models::{Catalog, LoadStats, LoadedModel, ReloadFailure, ReloadReport};
 pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
 pub use task::{
     Asr, DetectionQuery, Detections, Embed, Embeddings, Generate, Generated, GenerationQuery,
-    ImageClassify, ImageLabels, ImageQuery, InferTask, ObjectDetection, Ranked,
-    TextClassification, TextClassify, Transcript,
+    ImageClassify, ImageLabels, ImageQuery, InferTask, ObjectDetection, Ranked, TextClassification,
+    TextClassify, Transcript,
 };
 
 /// The generation types of the plugin interface, as the wire formats fill them.

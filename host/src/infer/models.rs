@@ -417,7 +417,6 @@ impl Inference {
         let entry = Arc::clone(entry);
         tokio::task::spawn_blocking(move || this.run_load(&entry));
     }
-
 }
 
 /// A model folder as discovery found it: the plugin's digest and signature read, its memory
@@ -514,4 +513,3 @@ fn load_model(
         pre,
     })
 }
-

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cache::{CacheKey, CacheOutcome, Cacheable, Flight, KeyBuilder, Lookup};
-use super::task::InferTask;
 use super::models::pool_model_key;
+use super::task::InferTask;
 use super::{InferError, Inference, LoadedModel, RequestContext};
 use crate::nn::Refusal;
 use crate::runtime::instance::CallReport;
+use crate::runtime::types;
 use crate::runtime::{CallFailure, PluginInstance, PoolKey, PooledInstance, TrapKind};
-use crate::runtime::types as types;
 
 impl Inference {
     /// Runs one request of task `T` on model `model` (`namespace/name`) for `ctx`: the one
@@ -150,15 +150,7 @@ impl Inference {
     ) -> Result<T, InferError> {
         let lease = self.lease(ctx, model).await?;
         let deadline = Instant::now() + model.limits.request_timeout;
-        let ran = run_on(
-            self.runtime.engine(),
-            model,
-            lease,
-            deadline,
-            ctx,
-            f,
-        )
-        .await;
+        let ran = run_on(self.runtime.engine(), model, lease, deadline, ctx, f).await;
         ctx.meter.add_compute(ran.compute);
         ran.result
     }
@@ -264,7 +256,6 @@ pub(super) async fn run_on<T: Send + 'static>(
     }
 }
 
-
 pub(super) fn refusal_to_error(refusal: Refusal, failure: Option<CallFailure>) -> InferError {
     if let Some(CallFailure::Trap { message, .. }) = &failure {
         tracing::warn!("plugin trapped after a host refusal: {message}");
@@ -310,7 +301,6 @@ pub(super) fn failure_to_error(model: &LoadedModel, failure: CallFailure) -> Inf
         }
     }
 }
-
 
 /// A plugin's answer (its size as returned, `bytes`) against the model's output limit.
 fn check_output(model: &LoadedModel, bytes: u64) -> Result<(), InferError> {

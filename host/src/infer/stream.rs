@@ -28,9 +28,9 @@ use tracing::Instrument;
 use super::pipeline::run_on;
 use super::task::check_generation;
 use super::{InferError, Inference, LoadedModel, RequestContext};
-use crate::runtime::types::Usage;
 use crate::registry::Task;
 use crate::runtime::instance::{CallReport, FinishReason, GenerationInput, GenerationParams, Step};
+use crate::runtime::types::Usage;
 use crate::runtime::{PluginInstance, PooledInstance};
 
 /// How a stream ended, on its last token.
@@ -401,15 +401,7 @@ impl Driver {
             )));
         };
         let deadline = Instant::now() + self.model.limits.request_timeout;
-        let ran = run_on(
-            &self.engine,
-            &self.model,
-            lease,
-            deadline,
-            &self.ctx,
-            f,
-        )
-        .await;
+        let ran = run_on(&self.engine, &self.model, lease, deadline, &self.ctx, f).await;
         self.lease = ran.lease;
         self.compute += ran.compute;
         self.ctx.meter.add_compute(ran.compute);

@@ -18,10 +18,10 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
-use super::log::{LogBudget, LogContext, PluginLog};
 use super::bindings as worlds;
-use super::{host, types};
+use super::log::{LogBudget, LogContext, PluginLog};
 use super::EPOCH_TICK;
+use super::{host, types};
 use crate::config::Limits;
 use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits, TensorGauge};
 use crate::registry::Task;

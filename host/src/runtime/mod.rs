@@ -8,10 +8,10 @@
 //! only for a new instance, whose plugin `init` costs milliseconds anyway). Epoch interruption (a ticker thread) drives the CPU
 //! and wall-clock deadlines of each call.
 
+pub mod bindings;
 pub mod instance;
 pub mod log;
 pub mod pool;
-pub mod bindings;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -25,8 +25,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use bindings::kiln::plugin::{host, types};
 use crate::nn::{self, NnView};
+pub use bindings::kiln::plugin::{host, types};
 pub use instance::{CallFailure, InstanceSetup, PluginInstance, StoreState, TrapKind};
 pub use pool::{InstancePool, PoolKey, PooledInstance};
 
