@@ -24,7 +24,8 @@ commands:
   setup          wasm32-wasip2 target, ONNX Runtime library, demo model, guest plugins
   build-plugins  build the guest plugins for wasm32-wasip2 into .kiln/plugins/
   demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
-  test           setup + Python venv + ONNX fixtures + browser, then fmt, clippy and cargo test
+  test           layers, setup + Python venv + ONNX fixtures + browser, then fmt, clippy, cargo test
+  layers         check that host modules import only from the layers below them (host/src/lib.rs)
   bench          setup, then the benchmarks: embeddings (criterion) and one line per task
   bench peers    Kiln beside a FastAPI peer (and TEI with TEI_BIN): docs/benchmarks.md
   fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         "bench" if bench_peers => peers::bench_peers(&repo, &mut steps),
         "bench" => bench(&repo, &mut steps),
         "fixtures" => fixtures(&repo, &mut steps),
+        "layers" => steps.run("host layering", || layers::check(&repo.path(""))),
         "browser" => setup::browser(&repo, &mut steps),
         "reference" => reference(&repo, &mut steps),
         "help" | "-h" | "--help" => {
