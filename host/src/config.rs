@@ -1,424 +1,401 @@
 //! Server configuration: defaults, then `kiln.toml` (`--config` / `KILN_CONFIG`), then flags and
 //! environment variables (clap `long, env`), each overriding the one before.
 //!
+//! Every option is declared once, in the `options!` tables below: its file key (which is also
+//! its flag, `--key-with-dashes`), its type, its environment variable, its help text, the field
+//! of [`Config`] (or [`Limits`]) it resolves to with the unit conversion, and its default with the
+//! reason for it. The macro writes the rest from that one line: the `...Args` struct that clap
+//! and serde fill (every field optional, so that each layer sets only what it names, and unknown
+//! keys refused), the resolved struct, its `Default`, and the merge of a layer into it. A macro,
+//! because each option has two shapes: an optional value that clap and serde fill layer by
+//! layer, and the typed value (bytes, a `Duration`) under the name the rest of the server reads.
+//! Written by hand, every option appeared in both structs, in the defaults and in the merge.
+//!
 //! The `[limits]` here are the operator's ceilings and defaults for every model; a model's own
 //! `[limits]` (in its `model.toml`) can only lower them (see [`Limits::lowered_by`]).
 
-use std::net::SocketAddr;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::Deserialize;
 
-/// `kiln serve` options; every field is also a key of `kiln.toml`.
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "KILN_ADDR")]
-    pub addr: Option<SocketAddr>,
-    /// Folder of model folders: `<models_dir>/<namespace>/<name>/model.toml`.
-    #[arg(long, env = "KILN_MODELS_DIR")]
-    pub models_dir: Option<PathBuf>,
-    /// Where compiled plugins are cached.
-    #[arg(long, env = "KILN_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Path of libonnxruntime.so (ONNX Runtime 1.31).
-    #[arg(long, env = "KILN_ORT_DYLIB")]
-    pub ort_dylib: Option<PathBuf>,
-    /// Largest request body accepted, in bytes.
-    #[arg(long, env = "KILN_MAX_BODY_BYTES")]
-    pub max_body_bytes: Option<usize>,
-    /// Largest body of a request carrying an image or audio (base64), in bytes.
-    #[arg(long, env = "KILN_MAX_MEDIA_BODY_BYTES")]
-    pub max_media_body_bytes: Option<usize>,
-    /// Largest file of a model uploaded over `PUT /v1/models/.../files/...`, in bytes.
-    #[arg(long, env = "KILN_MAX_MODEL_FILE_BYTES")]
-    pub max_model_file_bytes: Option<u64>,
-    /// Plugin instances alive at once across all models and tenants.
-    #[arg(long, env = "KILN_INSTANCE_SLOTS")]
-    pub instance_slots: Option<u32>,
-    /// Seconds an idle plugin instance is kept before it is dropped (each model and tenant
-    /// keeps its most recently used one); 0 keeps them all.
-    #[arg(long, env = "KILN_INSTANCE_IDLE_SECS")]
-    pub instance_idle_secs: Option<u64>,
-    /// Let `image_url` / `audio_url` reach loopback addresses (tests, single-machine setups).
-    #[arg(long, env = "KILN_FETCH_ALLOW_LOOPBACK")]
-    pub fetch_allow_loopback: Option<bool>,
-    /// Let `image_url` / `audio_url` reach private (RFC 1918, CGNAT, ULA) addresses.
-    #[arg(long, env = "KILN_FETCH_ALLOW_PRIVATE")]
-    pub fetch_allow_private: Option<bool>,
-    /// Largest file fetched from a URL, in bytes.
-    #[arg(long, env = "KILN_FETCH_MAX_BYTES")]
-    pub fetch_max_bytes: Option<usize>,
-    /// Time limit of a URL fetch, ms.
-    #[arg(long, env = "KILN_FETCH_TIMEOUT_MS")]
-    pub fetch_timeout_ms: Option<u64>,
-    /// How long a request may wait for a free instance before it gets 503.
-    #[arg(long, env = "KILN_QUEUE_TIMEOUT_MS")]
-    pub queue_timeout_ms: Option<u64>,
-    /// Load every model at startup (and on reload), as if each said `warm = true`.
-    #[arg(long, env = "KILN_WARM_ALL")]
-    pub warm_all: Option<bool>,
-    /// Memory budget of loaded models, MiB (default: half of the machine's memory).
-    #[arg(long, env = "KILN_MODEL_MEMORY_MB")]
-    pub model_memory_mb: Option<u64>,
-    /// Longest a request with `wait_for_model` waits for its model to load, ms.
-    #[arg(long, env = "KILN_MODEL_WAIT_MS")]
-    pub model_wait_ms: Option<u64>,
-    /// Memory of the response cache (answers of deterministic requests), MiB; 0 disables it.
-    #[arg(long, env = "KILN_RESPONSE_CACHE_MB")]
-    pub response_cache_mb: Option<u64>,
-    /// Interval of keep-alive comments in a streamed response while no token comes, ms.
-    #[arg(long, env = "KILN_STREAM_KEEPALIVE_MS")]
-    pub stream_keepalive_ms: Option<u64>,
-    /// Log lines per second each plugin may write (stdout, stderr, host log), all its instances
-    /// together; past it lines are dropped and counted.
-    #[arg(long, env = "KILN_PLUGIN_LOG_LINES_PER_SECOND")]
-    pub plugin_log_lines_per_second: Option<u32>,
-    /// Log lines a quiet plugin may write at once.
-    #[arg(long, env = "KILN_PLUGIN_LOG_BURST")]
-    pub plugin_log_burst: Option<u32>,
-    /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
-    #[arg(long, env = "KILN_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// `[plans.<name>]` in kiln.toml: rate limits and monthly compute per plan (file only).
-    #[arg(skip)]
-    #[serde(default)]
-    pub plans: Option<std::collections::BTreeMap<String, crate::tenancy::Plan>>,
-    #[command(flatten)]
-    #[serde(default)]
-    pub ort: OrtArgs,
-    #[command(flatten)]
-    #[serde(default)]
-    pub limits: LimitsArgs,
-}
+use crate::tenancy::Plan;
 
-/// `[ort]`: how ONNX Runtime sessions are set up.
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OrtArgs {
-    /// ORT sessions per graph: runs of one graph that can overlap.
-    #[arg(long, env = "KILN_ORT_SESSIONS")]
-    pub sessions_per_graph: Option<usize>,
-    /// ORT intra-op threads per session.
-    #[arg(long, env = "KILN_ORT_THREADS")]
-    pub intra_threads: Option<usize>,
-    /// Intra-op threads of each graph's first (lead) session, which takes every run while it
-    /// is free; the other sessions run only beside it. 0: all sessions alike.
-    #[arg(long, env = "KILN_ORT_LEAD_THREADS")]
-    pub lead_threads: Option<usize>,
-    /// Whether the lead session's intra-op threads spin between the parallel parts of a run
-    /// instead of sleeping (default true).
-    #[arg(long, env = "KILN_ORT_LEAD_SPINNING")]
-    pub lead_spinning: Option<bool>,
-    /// Runs that may queue for a graph's sessions before callers are refused.
-    #[arg(long, env = "KILN_ORT_QUEUE")]
-    pub queue_capacity: Option<usize>,
-    /// Merge concurrent runs of graphs whose model.toml declares `batch` (default true; false
-    /// runs every call alone).
-    #[arg(long, env = "KILN_ORT_BATCHING")]
-    pub batching: Option<bool>,
-}
-
-/// `[limits]` of the server (ceilings) or `[limits]` of a model (lower only).
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsArgs {
-    /// Plugin linear memory per instance, MiB.
-    #[arg(long, env = "KILN_MEMORY_MB")]
-    pub memory_mb: Option<u64>,
-    /// Guest CPU time per call between two wasi:nn calls, ms.
-    #[arg(long, env = "KILN_CPU_MS")]
-    pub cpu_ms: Option<u64>,
-    /// Wall-clock limit of a whole request (of each step of a stream, and of a stream's
-    /// client taking an event), ms.
-    #[arg(long, env = "KILN_TIMEOUT_MS")]
-    pub timeout_ms: Option<u64>,
-    /// Limit of one ONNX Runtime run, ms.
-    #[arg(long, env = "KILN_RUN_TIMEOUT_MS")]
-    pub run_timeout_ms: Option<u64>,
-    /// Instances per (model, tenant) pair.
-    #[arg(long, env = "KILN_MAX_INSTANCES")]
-    pub max_instances: Option<u32>,
-    /// Host tensor bytes alive per instance, MiB.
-    #[arg(long, env = "KILN_TENSOR_MB")]
-    pub tensor_mb: Option<u64>,
-    /// wasi:nn resources alive per instance.
-    #[arg(long, env = "KILN_MAX_TENSORS")]
-    pub max_tensors: Option<u32>,
-    /// Inputs in one request.
-    #[arg(long, env = "KILN_MAX_INPUTS")]
-    pub max_inputs: Option<usize>,
-    /// Characters in one text input.
-    #[arg(long, env = "KILN_MAX_INPUT_CHARS")]
-    pub max_input_chars: Option<usize>,
-    /// Pixels (width x height) of an input image.
-    #[arg(long, env = "KILN_MAX_IMAGE_PIXELS")]
-    pub max_image_pixels: Option<u64>,
-    /// Seconds of input audio.
-    #[arg(long, env = "KILN_MAX_AUDIO_SECONDS")]
-    pub max_audio_seconds: Option<u32>,
-    /// Tokens a text generation may produce (`max_tokens` above it is refused).
-    #[arg(long, env = "KILN_MAX_NEW_TOKENS")]
-    pub max_new_tokens: Option<u32>,
-    /// Size of a plugin's result (vectors, labels, text), MiB.
-    #[arg(long, env = "KILN_OUTPUT_MB")]
-    pub output_mb: Option<u64>,
-}
-
-/// Effective limits of one model (or the server's ceilings).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub memory_bytes: u64,
-    pub cpu: Duration,
-    pub request_timeout: Duration,
-    pub run_timeout: Duration,
-    pub max_instances: u32,
-    pub tensor_bytes: u64,
-    pub max_tensors: u32,
-    pub max_inputs: usize,
-    pub max_input_chars: usize,
-    pub max_image_pixels: u64,
-    pub max_audio_seconds: u32,
-    pub max_new_tokens: u32,
-    pub max_output_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            // A tokenizer plus a batch of activations fits in far less; more means a leak.
-            memory_bytes: 512 << 20,
-            // Pre/post-processing is milliseconds of work; seconds of guest CPU without a
-            // wasi:nn call is a runaway loop.
-            cpu: Duration::from_secs(5),
-            // API callers are told to set 30-60 s timeouts: answer before they give up.
-            request_timeout: Duration::from_secs(60),
-            // One ORT run longer than this starves other requests of the session.
-            run_timeout: Duration::from_secs(30),
-            // An instance serves one request at a time, and a streamed generation holds its
-            // instance for the whole stream, mostly waiting on the model or the client: 32
-            // concurrent streams per (model, tenant). Instances are created only under that
-            // much concurrency; a model.toml lowers this where its plugin is large.
-            max_instances: 32,
-            // Largest step of the demo models (whisper's encoder outputs, a 2k-token KV cache)
-            // is well under this.
-            tensor_bytes: 1 << 30,
-            // A plugin holds a handful of tensors per step; thousands means a leak.
-            max_tensors: 4096,
-            // One batched ORT run; bigger batches should be split by the caller.
-            max_inputs: 128,
-            // Inputs are truncated to the model's token window anyway; this bounds the
-            // tokenizer's work and the request's memory.
-            max_input_chars: 16_384,
-            // Decoded to RGB8 plus an f32 copy inside the plugin (~15 bytes a pixel): 24 MP
-            // (a 6000x4000 photo) fits the default memory cap; a decompression bomb's header
-            // claiming more is refused before any decoding.
-            max_image_pixels: 24_000_000,
-            // Whisper-style models work in 30 s windows; 10 minutes is 20 windows, well within
-            // the request timeout on a CPU.
-            max_audio_seconds: 600,
-            // Each token is one model step; this bounds a request's time and KV-cache memory.
-            max_new_tokens: 2048,
-            // What one answer may weigh, as the plugin returned it: the JSON sent is ~3-5x
-            // that, and the host holds both at once. The largest legitimate answer (128 inputs
-            // x 4096-d embeddings) is 2 MiB; 16 MiB stops a plugin that returns far more than
-            // any caller asked for long before the memory cap would.
-            max_output_bytes: 16 << 20,
+/// Declares a resolved struct and the `...Args` structs whose options fill it. An option is
+///
+/// ```text
+/// /// Help text (`kiln --help`, and the `...Args` field's documentation).
+/// // Why the default is what it is.
+/// key: Type, "KILN_ENV" = default;                                  // resolves to field `key`
+/// key: KeyType, "KILN_ENV" => field: Type, conversion = default;    // another field, or unit
+/// ```
+///
+/// The default is in the resolved field's type. The entries are first rewritten one at a time
+/// to a single form (`@group`, `@option`), then `@emit` writes the items.
+macro_rules! options {
+    (@group $resolved:tt [$($done:tt)*]
+        $(#[$args_meta:meta])* pub struct $Args:ident { $($args_extra:tt)* }
+        options { $($options:tt)* }
+        $($groups:tt)*
+    ) => {
+        options!(@option $resolved [$($done)*]
+            [$(#[$args_meta])* pub struct $Args { $($args_extra)* }] []
+            { $($options)* } { $($groups)* });
+    };
+    (@group $resolved:tt $done:tt) => {
+        options!(@emit $resolved $done);
+    };
+    (@option $resolved:tt [$($done:tt)*] $args:tt $normalized:tt {} { $($groups:tt)* }) => {
+        options!(@group $resolved [$($done)* { $args $normalized }] $($groups)*);
+    };
+    (@option $resolved:tt $done:tt $args:tt [$($normalized:tt)*] {
+        $(#[doc = $doc:literal])*
+        $key:ident: $raw:ty, $env:literal =>
+            $field:ident: $ty:ty $(, $conversion:path)? = $default:expr;
+        $($options:tt)*
+    } $groups:tt) => {
+        options!(@option $resolved $done $args [$($normalized)* {
+            [$($doc)*] $key: $raw => $field: $ty = $default; [$($conversion)?] $env
+        }] { $($options)* } $groups);
+    };
+    (@option $resolved:tt $done:tt $args:tt [$($normalized:tt)*] {
+        $(#[doc = $doc:literal])*
+        $key:ident: $ty:ty, $env:literal = $default:expr;
+        $($options:tt)*
+    } $groups:tt) => {
+        options!(@option $resolved $done $args [$($normalized)* {
+            [$($doc)*] $key: $ty => $key: $ty = $default; [] $env
+        }] { $($options)* } $groups);
+    };
+    (@emit
+        [$(#[$meta:meta])* pub struct $Resolved:ident {
+            $($(#[$extra_meta:meta])* pub $extra:ident: $extra_ty:ty = $extra_default:expr,)*
+        }]
+        [$({
+            [$(#[$args_meta:meta])* pub struct $Args:ident { $($args_extra:tt)* }]
+            [$({
+                [$($doc:literal)*] $key:ident: $raw:ty => $field:ident: $ty:ty = $default:expr;
+                [$($conversion:path)?] $env:literal
+            })*]
+        })*]
+    ) => {
+        $(#[$meta])*
+        pub struct $Resolved {
+            $($(
+                #[doc = concat!(
+                    "Resolved from [`", stringify!($Args), "::", stringify!($key), "`]."
+                )]
+                pub $field: $ty,
+            )*)*
+            $($(#[$extra_meta])* pub $extra: $extra_ty,)*
         }
+
+        impl Default for $Resolved {
+            fn default() -> Self {
+                Self {
+                    $($($field: $default,)*)*
+                    $($extra: $extra_default,)*
+                }
+            }
+        }
+
+        $(
+            $(#[$args_meta])*
+            #[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            pub struct $Args {
+                $(
+                    $(#[doc = $doc])*
+                    #[arg(long, env = $env)]
+                    pub $key: Option<$raw>,
+                )*
+                $($args_extra)*
+            }
+
+            impl $Args {
+                /// Each option's file key and environment variable, in the order declared.
+                pub const OPTIONS: &'static [(&'static str, &'static str)] =
+                    &[$((stringify!($key), $env)),*];
+
+                /// Sets the field of `target` that each option given here resolves to, where
+                /// `accept` agrees when shown the option's key and how its resolved value
+                /// compares with the field's.
+                fn merge_into(
+                    &self,
+                    target: &mut $Resolved,
+                    mut accept: impl FnMut(&'static str, Option<Ordering>) -> bool,
+                ) {
+                    $(
+                        if let Some(value) = self.$key.clone() {
+                            $(let value = $conversion(value);)?
+                            if accept(stringify!($key), value.partial_cmp(&target.$field)) {
+                                target.$field = value;
+                            }
+                        }
+                    )*
+                }
+            }
+        )*
+    };
+    (
+        $(#[$meta:meta])* pub struct $Resolved:ident { $($extra:tt)* }
+        $($groups:tt)+
+    ) => {
+        options!(@group [$(#[$meta])* pub struct $Resolved { $($extra)* }] [] $($groups)+);
+    };
+}
+
+options! {
+    /// The server's resolved configuration.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Config {
+        /// Plans by name; `[plans.<name>]` in kiln.toml replaces or adds one.
+        pub plans: BTreeMap<String, Plan> = crate::tenancy::default_plans(),
+        /// Fixed name -> address answers instead of DNS for URL fetches; not an option (tests
+        /// use it to give a public-looking name to a loopback server).
+        pub fetch_static_hosts: Vec<(String, IpAddr)> = Vec::new(),
+        /// The server's ceilings (`[limits]`).
+        pub limits: Limits = Limits::default(),
+    }
+
+    /// `kiln serve` options; every field is also a key of `kiln.toml`.
+    pub struct ServeArgs {
+        /// `[plans.<name>]` in kiln.toml: rate limits and monthly compute per plan (file only).
+        #[arg(skip)]
+        #[serde(default)]
+        pub plans: Option<BTreeMap<String, Plan>>,
+        #[command(flatten)]
+        #[serde(default)]
+        pub ort: OrtArgs,
+        #[command(flatten)]
+        #[serde(default)]
+        pub limits: LimitsArgs,
+    }
+    options {
+        /// Address to listen on.
+        addr: SocketAddr, "KILN_ADDR" = SocketAddr::from(([127, 0, 0, 1], 8080));
+        /// Folder of model folders: `<models_dir>/<namespace>/<name>/model.toml`.
+        models_dir: PathBuf, "KILN_MODELS_DIR" = PathBuf::from(".kiln/models");
+        /// Where compiled plugins are cached.
+        cache_dir: PathBuf, "KILN_CACHE_DIR" = PathBuf::from(".kiln/cache");
+        /// Path of libonnxruntime.so (ONNX Runtime 1.31).
+        ort_dylib: PathBuf, "KILN_ORT_DYLIB" =
+            PathBuf::from(".kiln/onnxruntime/libonnxruntime.so.1.31.1");
+        /// Largest request body accepted, in bytes.
+        // Request bodies are JSON text; 2 MiB holds 128 inputs of 16k characters.
+        max_body_bytes: usize, "KILN_MAX_BODY_BYTES" = 2 << 20;
+        /// Largest body of a request carrying an image or audio (base64), in bytes.
+        // A 16 MiB file is ~21.4 MiB in base64, plus the JSON around it.
+        max_media_body_bytes: usize, "KILN_MAX_MEDIA_BODY_BYTES" = 24 << 20;
+        /// Largest file of a model uploaded over `PUT /v1/models/.../files/...`, in bytes.
+        // Our largest demo graph is 104 MB (SmolLM2-135M, 4-bit); 2 GiB is ONNX's protobuf limit
+        // for a graph without external data, so no larger file can be one valid graph, and it
+        // bounds the disk one request can fill.
+        max_model_file_bytes: u64, "KILN_MAX_MODEL_FILE_BYTES" = 2 << 30;
+        /// Plugin instances alive at once across all models and tenants.
+        // Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
+        instance_slots: u32, "KILN_INSTANCE_SLOTS" = 64;
+        /// Seconds an idle plugin instance is kept before it is dropped (each model and tenant
+        /// keeps its most recently used one); 0 keeps them all.
+        // After a burst, the memory of the instances only the burst needed (each holds its own
+        // copy of the plugin's state, ~7 MiB for the embeddings plugin) goes back. Long enough
+        // that steady traffic, or a short pause between bursts, does not recreate instances (a
+        // new embeddings instance takes ~60 ms, its init parsing the tokenizer; ~160 ms each
+        // when six start at once on 2 cores); short enough that a quiet server is back to one
+        // instance per caller within a minute.
+        instance_idle_secs: u64, "KILN_INSTANCE_IDLE_SECS" =>
+            instance_idle: Duration, Duration::from_secs = Duration::from_secs(30);
+        /// Let `image_url` / `audio_url` reach loopback addresses (tests, single-machine setups).
+        // SSRF protection: a URL given by a caller reaches only public addresses by default.
+        fetch_allow_loopback: bool, "KILN_FETCH_ALLOW_LOOPBACK" = false;
+        /// Let `image_url` / `audio_url` reach private (RFC 1918, CGNAT, ULA) addresses.
+        fetch_allow_private: bool, "KILN_FETCH_ALLOW_PRIVATE" = false;
+        /// Largest file fetched from a URL, in bytes.
+        // As a media body: a 16 MiB file.
+        fetch_max_bytes: usize, "KILN_FETCH_MAX_BYTES" = 16 << 20;
+        /// Time limit of a URL fetch, ms.
+        // Well inside the request timeouts callers are told to set (30-60 s).
+        fetch_timeout_ms: u64, "KILN_FETCH_TIMEOUT_MS" =>
+            fetch_timeout: Duration, Duration::from_millis = Duration::from_secs(15);
+        /// How long a request may wait for a free instance before it gets 503.
+        queue_timeout_ms: u64, "KILN_QUEUE_TIMEOUT_MS" =>
+            queue_timeout: Duration, Duration::from_millis = Duration::from_secs(5);
+        /// Load every model at startup (and on reload), as if each said `warm = true`.
+        warm_all: bool, "KILN_WARM_ALL" = false;
+        /// Memory budget of loaded models, MiB (default: half of the machine's memory).
+        // Bytes of loaded models (estimated from their files) before the least recently used
+        // idle ones are unloaded. Half the machine: the rest is for requests' activations,
+        // plugin instances (512 MiB of linear memory each at most) and the OS.
+        model_memory_mb: u64, "KILN_MODEL_MEMORY_MB" =>
+            model_memory_bytes: u64, mib = default_model_memory_bytes();
+        /// Longest a request with `wait_for_model` waits for its model to load, ms.
+        // The request timeout callers are told to use (30-60 s) less time to answer.
+        model_wait_ms: u64, "KILN_MODEL_WAIT_MS" =>
+            model_wait: Duration, Duration::from_millis = Duration::from_secs(30);
+        /// Memory of the response cache (answers of deterministic requests), MiB; 0 disables it.
+        // 256 MiB: ~150,000 answers of one MiniLM sentence (384 f32 + bookkeeping, ~1.7 KB) or
+        // ~1,000,000 short classifications, a small share of the memory next to the models'
+        // budget (half the machine).
+        response_cache_mb: u64, "KILN_RESPONSE_CACHE_MB" =>
+            response_cache_bytes: u64, mib = 256 << 20;
+        /// Interval of keep-alive comments in a streamed response while no token comes, ms.
+        // Well under the 60 s idle timeouts of common proxies and load balancers.
+        stream_keepalive_ms: u64, "KILN_STREAM_KEEPALIVE_MS" =>
+            stream_keepalive: Duration, Duration::from_millis = Duration::from_secs(15);
+        /// Log lines per second each plugin may write (stdout, stderr, host log), all its instances
+        /// together; past it lines are dropped and counted.
+        // A plugin that logs a line or two per request stays within this on a 2-core machine; a
+        // loop printing is cut to a readable trickle.
+        plugin_log_lines_per_second: u32, "KILN_PLUGIN_LOG_LINES_PER_SECOND" = 50;
+        /// Log lines a quiet plugin may write at once.
+        plugin_log_burst: u32, "KILN_PLUGIN_LOG_BURST" = 200;
+        /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
+        database_url: String, "KILN_DATABASE_URL" = "sqlite:.kiln/kiln.db".into();
+    }
+
+    /// `[ort]`: how ONNX Runtime sessions are set up.
+    pub struct OrtArgs {}
+    options {
+        /// ORT sessions per graph: runs of one graph that can overlap.
+        sessions_per_graph: usize, "KILN_ORT_SESSIONS" =>
+            ort_sessions_per_graph: usize = DEFAULT_SESSIONS_PER_GRAPH;
+        /// ORT intra-op threads per session.
+        // sessions x threads = cores: no oversubscription when every session runs.
+        intra_threads: usize, "KILN_ORT_THREADS" =>
+            ort_intra_threads: usize = (available_cores() / DEFAULT_SESSIONS_PER_GRAPH).max(1);
+        /// Intra-op threads of each graph's first (lead) session, which takes every run while it
+        /// is free; the other sessions run only beside it. 0: all sessions alike.
+        // A lone caller gets every core; under load the sessions above take the runs, one core
+        // each. Measured on MiniLM (README, Performance): c=1 +42% req/s, c=32 and 8 sentences
+        // unchanged, against 2 sessions x 1 thread alone.
+        lead_threads: usize, "KILN_ORT_LEAD_THREADS" =>
+            ort_lead_threads: usize = match available_cores() {
+                1 => 0,
+                cores => cores,
+            };
+        /// Whether the lead session's intra-op threads spin between the parallel parts of a run
+        /// instead of sleeping (default true).
+        // The lead runs only while no other session of its graph does, so its spinning threads
+        // take cores only a lone caller is using. Measured on MiniLM at c=1: p50 5.78 -> 4.36 ms
+        // (in-process ORT: 4.33), c=32 and 8 sentences within noise (docs/benchmarks.md,
+        // "Threads and sessions").
+        lead_spinning: bool, "KILN_ORT_LEAD_SPINNING" => ort_lead_spinning: bool = true;
+        /// Runs that may queue for a graph's sessions before callers are refused.
+        queue_capacity: usize, "KILN_ORT_QUEUE" => ort_queue_capacity: usize = 256;
+        /// Merge concurrent runs of graphs whose model.toml declares `batch` (default true; false
+        /// runs every call alone).
+        batching: bool, "KILN_ORT_BATCHING" => ort_batching: bool = true;
+    }
+}
+
+/// Sessions per graph unless `[ort] sessions_per_graph` says otherwise: a lone caller's run and
+/// a second one overlap, and the lead session (see `lead_threads`) takes the rest of the cores.
+const DEFAULT_SESSIONS_PER_GRAPH: usize = 2;
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The default memory budget of loaded models: half of the machine's memory (`MemTotal`),
+/// leaving the rest to requests, plugin instances and the OS; 4 GiB where it cannot be read.
+fn default_model_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib * 1024 / 2)
+}
+
+/// MiB, as the options write sizes, to bytes.
+fn mib(value: u64) -> u64 {
+    value << 20
+}
+
+options! {
+    /// Effective limits of one model (or the server's ceilings).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Limits {}
+
+    /// `[limits]` of the server (ceilings) or `[limits]` of a model (lower only).
+    pub struct LimitsArgs {}
+    options {
+        /// Plugin linear memory per instance, MiB.
+        // A tokenizer plus a batch of activations fits in far less; more means a leak.
+        memory_mb: u64, "KILN_MEMORY_MB" => memory_bytes: u64, mib = 512 << 20;
+        /// Guest CPU time per call between two wasi:nn calls, ms.
+        // Pre/post-processing is milliseconds of work; seconds of guest CPU without a wasi:nn
+        // call is a runaway loop.
+        cpu_ms: u64, "KILN_CPU_MS" => cpu: Duration, Duration::from_millis = Duration::from_secs(5);
+        /// Wall-clock limit of a whole request (of each step of a stream, and of a stream's
+        /// client taking an event), ms.
+        // API callers are told to set 30-60 s timeouts: answer before they give up.
+        timeout_ms: u64, "KILN_TIMEOUT_MS" =>
+            request_timeout: Duration, Duration::from_millis = Duration::from_secs(60);
+        /// Limit of one ONNX Runtime run, ms.
+        // One ORT run longer than this starves other requests of the session.
+        run_timeout_ms: u64, "KILN_RUN_TIMEOUT_MS" =>
+            run_timeout: Duration, Duration::from_millis = Duration::from_secs(30);
+        /// Instances per (model, tenant) pair.
+        // An instance serves one request at a time, and a streamed generation holds its
+        // instance for the whole stream, mostly waiting on the model or the client: 32
+        // concurrent streams per (model, tenant). Instances are created only under that much
+        // concurrency; a model.toml lowers this where its plugin is large.
+        max_instances: u32, "KILN_MAX_INSTANCES" = 32;
+        /// Host tensor bytes alive per instance, MiB.
+        // Largest step of the demo models (whisper's encoder outputs, a 2k-token KV cache) is
+        // well under this.
+        tensor_mb: u64, "KILN_TENSOR_MB" => tensor_bytes: u64, mib = 1 << 30;
+        /// wasi:nn resources alive per instance.
+        // A plugin holds a handful of tensors per step; thousands means a leak.
+        max_tensors: u32, "KILN_MAX_TENSORS" = 4096;
+        /// Inputs in one request.
+        // One batched ORT run; bigger batches should be split by the caller.
+        max_inputs: usize, "KILN_MAX_INPUTS" = 128;
+        /// Characters in one text input.
+        // Inputs are truncated to the model's token window anyway; this bounds the tokenizer's
+        // work and the request's memory.
+        max_input_chars: usize, "KILN_MAX_INPUT_CHARS" = 16_384;
+        /// Pixels (width x height) of an input image.
+        // Decoded to RGB8 plus an f32 copy inside the plugin (~15 bytes a pixel): 24 MP (a
+        // 6000x4000 photo) fits the default memory cap; a decompression bomb's header claiming
+        // more is refused before any decoding.
+        max_image_pixels: u64, "KILN_MAX_IMAGE_PIXELS" = 24_000_000;
+        /// Seconds of input audio.
+        // Whisper-style models work in 30 s windows; 10 minutes is 20 windows, well within the
+        // request timeout on a CPU.
+        max_audio_seconds: u32, "KILN_MAX_AUDIO_SECONDS" = 600;
+        /// Tokens a text generation may produce (`max_tokens` above it is refused).
+        // Each token is one model step; this bounds a request's time and KV-cache memory.
+        max_new_tokens: u32, "KILN_MAX_NEW_TOKENS" = 2048;
+        /// Size of a plugin's result (vectors, labels, text), MiB.
+        // What one answer may weigh, as the plugin returned it: the JSON sent is ~3-5x that,
+        // and the host holds both at once. The largest legitimate answer (128 inputs x 4096-d
+        // embeddings) is 2 MiB; 16 MiB stops a plugin that returns far more than any caller
+        // asked for long before the memory cap would.
+        output_mb: u64, "KILN_OUTPUT_MB" => max_output_bytes: u64, mib = 16 << 20;
     }
 }
 
 impl Limits {
-    /// Overrides every field that `args` sets (used for the server's own ceilings).
-    fn overridden_by(mut self, args: &LimitsArgs) -> Self {
-        let ms = Duration::from_millis;
-        if let Some(v) = args.memory_mb {
-            self.memory_bytes = v << 20;
-        }
-        if let Some(v) = args.cpu_ms {
-            self.cpu = ms(v);
-        }
-        if let Some(v) = args.timeout_ms {
-            self.request_timeout = ms(v);
-        }
-        if let Some(v) = args.run_timeout_ms {
-            self.run_timeout = ms(v);
-        }
-        if let Some(v) = args.max_instances {
-            self.max_instances = v;
-        }
-        if let Some(v) = args.tensor_mb {
-            self.tensor_bytes = v << 20;
-        }
-        if let Some(v) = args.max_tensors {
-            self.max_tensors = v;
-        }
-        if let Some(v) = args.max_inputs {
-            self.max_inputs = v;
-        }
-        if let Some(v) = args.max_input_chars {
-            self.max_input_chars = v;
-        }
-        if let Some(v) = args.max_image_pixels {
-            self.max_image_pixels = v;
-        }
-        if let Some(v) = args.max_audio_seconds {
-            self.max_audio_seconds = v;
-        }
-        if let Some(v) = args.max_new_tokens {
-            self.max_new_tokens = v;
-        }
-        if let Some(v) = args.output_mb {
-            self.max_output_bytes = v << 20;
-        }
-        self
-    }
-
-    /// A model's limits: its own values where lower than these ceilings. Returns the names of
-    /// the fields it asked to raise (ignored, to be logged).
+    /// A model's limits: its own values where lower than these ceilings. Returns the keys of the
+    /// limits it asked to raise (ignored, to be logged).
     pub fn lowered_by(&self, model: &LimitsArgs) -> (Limits, Vec<&'static str>) {
-        let asked = self.clone().overridden_by(model);
+        let mut limits = self.clone();
         let mut raised = Vec::new();
-        macro_rules! lower {
-            ($($field:ident => $key:literal),*) => {
-                Limits { $($field: if asked.$field > self.$field {
-                    raised.push($key);
-                    self.$field
-                } else {
-                    asked.$field
-                },)* }
-            };
-        }
-        let limits = lower!(
-            memory_bytes => "memory_mb", cpu => "cpu_ms", request_timeout => "timeout_ms",
-            run_timeout => "run_timeout_ms", max_instances => "max_instances",
-            tensor_bytes => "tensor_mb", max_tensors => "max_tensors",
-            max_inputs => "max_inputs", max_input_chars => "max_input_chars",
-            max_image_pixels => "max_image_pixels", max_audio_seconds => "max_audio_seconds",
-            max_new_tokens => "max_new_tokens", max_output_bytes => "output_mb"
-        );
+        model.merge_into(&mut limits, |key, asked| {
+            let raises = asked == Some(Ordering::Greater);
+            if raises {
+                raised.push(key);
+            }
+            !raises
+        });
         (limits, raised)
-    }
-}
-
-/// The server's resolved configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub addr: SocketAddr,
-    pub models_dir: PathBuf,
-    pub cache_dir: PathBuf,
-    pub ort_dylib: PathBuf,
-    /// Request bodies are JSON text; 2 MiB holds 128 inputs of 16k characters.
-    pub max_body_bytes: usize,
-    /// Image and audio requests: a 16 MiB file is ~21.4 MiB in base64, plus the JSON around it.
-    pub max_media_body_bytes: usize,
-    /// A model file uploaded by a tenant. Our largest demo graph is 104 MB (SmolLM2-135M, 4-bit);
-    /// 2 GiB is ONNX's protobuf limit for a graph without external data, so no larger file can
-    /// be one valid graph, and it bounds the disk one request can fill.
-    pub max_model_file_bytes: u64,
-    /// Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
-    pub instance_slots: u32,
-    /// Idle instances unused this long are dropped, except the latest of each (model, tenant):
-    /// after a burst, the memory of the instances only the burst needed (each holds its own
-    /// copy of the plugin's state, ~7 MiB for the embeddings plugin) goes back. Zero: never.
-    pub instance_idle: Duration,
-    pub queue_timeout: Duration,
-    /// Every model loads at startup, as if `warm = true` (tests, small deployments).
-    pub warm_all: bool,
-    /// Bytes of loaded models (estimated from their files) before the least recently used idle
-    /// ones are unloaded.
-    pub model_memory_bytes: u64,
-    /// How long `wait_for_model` waits.
-    pub model_wait: Duration,
-    /// Bytes of answers the response cache keeps (0: no cache).
-    pub response_cache_bytes: u64,
-    pub stream_keepalive: Duration,
-    pub plugin_log_lines_per_second: u32,
-    pub plugin_log_burst: u32,
-    pub database_url: String,
-    /// Plans by name; `[plans.<name>]` in kiln.toml replaces or adds one.
-    pub plans: std::collections::BTreeMap<String, crate::tenancy::Plan>,
-    /// Where and how much `image_url` / `audio_url` may fetch (SSRF protection).
-    pub fetch_allow_loopback: bool,
-    pub fetch_allow_private: bool,
-    /// As a media body: a 16 MiB file.
-    pub fetch_max_bytes: usize,
-    pub fetch_timeout: Duration,
-    /// Fixed name -> address answers instead of DNS for URL fetches; not a flag (tests use it
-    /// to give a public-looking name to a loopback server).
-    pub fetch_static_hosts: Vec<(String, std::net::IpAddr)>,
-    pub ort_sessions_per_graph: usize,
-    pub ort_intra_threads: usize,
-    pub ort_lead_threads: usize,
-    pub ort_lead_spinning: bool,
-    pub ort_queue_capacity: usize,
-    pub limits: Limits,
-    /// Cross-request batching where a graph declares it (`[ort] batching`).
-    pub ort_batching: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let sessions = 2;
-        Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            models_dir: PathBuf::from(".kiln/models"),
-            cache_dir: PathBuf::from(".kiln/cache"),
-            ort_dylib: PathBuf::from(".kiln/onnxruntime/libonnxruntime.so.1.31.1"),
-            max_body_bytes: 2 << 20,
-            max_media_body_bytes: 24 << 20,
-            max_model_file_bytes: 2 << 30,
-            instance_slots: 64,
-            // Long enough that steady traffic, or a short pause between bursts, does not recreate
-            // instances (a new embeddings instance takes ~60 ms, its init parsing the tokenizer;
-            // ~160 ms each when six start at once on 2 cores); short enough that a quiet server
-            // is back to one instance per caller within a minute.
-            instance_idle: Duration::from_secs(30),
-            queue_timeout: Duration::from_secs(5),
-            warm_all: false,
-            // Half the machine: the rest is for requests' activations, plugin instances
-            // (512 MiB of linear memory each at most) and the OS.
-            model_memory_bytes: crate::infer::catalog::default_budget(),
-            // The request timeout callers are told to use (30-60 s) less time to answer.
-            model_wait: Duration::from_secs(30),
-            // 256 MiB: ~150,000 answers of one MiniLM sentence (384 f32 + bookkeeping, ~1.7 KB)
-            // or ~1,000,000 short classifications, a small share of the memory next to the
-            // models' budget (half the machine).
-            response_cache_bytes: 256 << 20,
-            // Well under the 60 s idle timeouts of common proxies and load balancers.
-            stream_keepalive: Duration::from_secs(15),
-            // A plugin that logs a line or two per request stays within this on a 2-core
-            // machine; a loop printing is cut to a readable trickle.
-            plugin_log_lines_per_second: 50,
-            plugin_log_burst: 200,
-            database_url: "sqlite:.kiln/kiln.db".into(),
-            plans: crate::tenancy::default_plans(),
-            fetch_allow_loopback: false,
-            fetch_allow_private: false,
-            fetch_max_bytes: 16 << 20,
-            // Well inside the request timeouts callers are told to set (30-60 s).
-            fetch_timeout: Duration::from_secs(15),
-            fetch_static_hosts: Vec::new(),
-            ort_sessions_per_graph: sessions,
-            // sessions x threads = cores: no oversubscription when every session runs.
-            ort_intra_threads: (cores / sessions).max(1),
-            // A lone caller gets every core; under load the sessions above take the runs, one
-            // core each. Measured on MiniLM (README, Performance): c=1 +42% req/s, c=32 and 8
-            // sentences unchanged, against 2 sessions x 1 thread alone.
-            ort_lead_threads: if cores > 1 { cores } else { 0 },
-            // The lead runs only while no other session of its graph does, so its spinning
-            // threads take cores only a lone caller is using. Measured on MiniLM at c=1: p50
-            // 5.78 -> 4.36 ms (in-process ORT: 4.33), c=32 and 8 sentences within noise
-            // (docs/benchmarks.md, "Threads and sessions").
-            ort_lead_spinning: true,
-            ort_queue_capacity: 256,
-            limits: Limits::default(),
-            ort_batching: true,
-        }
     }
 }
 
@@ -463,102 +440,24 @@ impl Config {
         }
     }
 
-    fn apply(&mut self, a: &ServeArgs) {
-        if let Some(v) = a.addr {
-            self.addr = v;
-        }
-        if let Some(v) = &a.models_dir {
-            self.models_dir = v.clone();
-        }
-        if let Some(v) = &a.cache_dir {
-            self.cache_dir = v.clone();
-        }
-        if let Some(v) = &a.ort_dylib {
-            self.ort_dylib = v.clone();
-        }
-        if let Some(v) = a.max_body_bytes {
-            self.max_body_bytes = v;
-        }
-        if let Some(v) = a.max_media_body_bytes {
-            self.max_media_body_bytes = v;
-        }
-        if let Some(v) = a.max_model_file_bytes {
-            self.max_model_file_bytes = v;
-        }
-        if let Some(v) = a.instance_slots {
-            self.instance_slots = v;
-        }
-        if let Some(v) = a.instance_idle_secs {
-            self.instance_idle = Duration::from_secs(v);
-        }
-        if let Some(v) = a.fetch_allow_loopback {
-            self.fetch_allow_loopback = v;
-        }
-        if let Some(v) = a.fetch_allow_private {
-            self.fetch_allow_private = v;
-        }
-        if let Some(v) = a.fetch_max_bytes {
-            self.fetch_max_bytes = v;
-        }
-        if let Some(v) = a.fetch_timeout_ms {
-            self.fetch_timeout = Duration::from_millis(v);
-        }
-        if let Some(v) = a.queue_timeout_ms {
-            self.queue_timeout = Duration::from_millis(v);
-        }
-        if let Some(v) = a.warm_all {
-            self.warm_all = v;
-        }
-        if let Some(v) = a.model_memory_mb {
-            self.model_memory_bytes = v << 20;
-        }
-        if let Some(v) = a.model_wait_ms {
-            self.model_wait = Duration::from_millis(v);
-        }
-        if let Some(v) = a.response_cache_mb {
-            self.response_cache_bytes = v << 20;
-        }
-        if let Some(v) = a.plugin_log_lines_per_second {
-            self.plugin_log_lines_per_second = v;
-        }
-        if let Some(v) = a.plugin_log_burst {
-            self.plugin_log_burst = v;
-        }
-        if let Some(v) = &a.database_url {
-            self.database_url = v.clone();
-        }
-        if let Some(plans) = &a.plans {
+    /// Overrides everything that one layer (the file, or the flags and environment) sets.
+    fn apply(&mut self, args: &ServeArgs) {
+        let always = |_: &'static str, _: Option<Ordering>| true;
+        args.merge_into(self, always);
+        args.ort.merge_into(self, always);
+        args.limits.merge_into(&mut self.limits, always);
+        if let Some(plans) = &args.plans {
             for (name, plan) in plans {
                 self.plans.insert(name.clone(), plan.clone());
             }
         }
-        if let Some(v) = a.stream_keepalive_ms {
-            self.stream_keepalive = Duration::from_millis(v);
-        }
-        if let Some(v) = a.ort.sessions_per_graph {
-            self.ort_sessions_per_graph = v;
-        }
-        if let Some(v) = a.ort.intra_threads {
-            self.ort_intra_threads = v;
-        }
-        if let Some(v) = a.ort.lead_threads {
-            self.ort_lead_threads = v;
-        }
-        if let Some(v) = a.ort.lead_spinning {
-            self.ort_lead_spinning = v;
-        }
-        if let Some(v) = a.ort.queue_capacity {
-            self.ort_queue_capacity = v;
-        }
-        if let Some(v) = a.ort.batching {
-            self.ort_batching = v;
-        }
-        self.limits = self.limits.clone().overridden_by(&a.limits);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -579,8 +478,172 @@ mod tests {
     }
 
     #[test]
+    fn the_default_model_memory_is_half_the_machine() {
+        let budget = default_model_memory_bytes();
+        assert!(budget > 256 << 20, "{budget}");
+    }
+
+    /// Each option: its table in kiln.toml ("" for the top level), its key, its environment
+    /// variable.
+    fn every_option() -> Vec<(&'static str, &'static str, &'static str)> {
+        let in_table = |table, options: &'static [(&'static str, &'static str)]| {
+            options.iter().map(move |&(key, env)| (table, key, env))
+        };
+        in_table("", ServeArgs::OPTIONS)
+            .chain(in_table("ort", OrtArgs::OPTIONS))
+            .chain(in_table("limits", LimitsArgs::OPTIONS))
+            .collect()
+    }
+
+    fn repo_file(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
+    }
+
+    /// The example with its commented-out keys (`# key = value`: those whose default depends on
+    /// the machine) and commented-out tables (`# [table]`) written in.
+    fn with_commented_keys(example: &str) -> String {
+        let is_key_line = |line: &str| {
+            line.split_once(" = ").is_some_and(|(key, _)| {
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
+        };
+        example
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || is_key_line(rest) => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_example_config_documents_every_option_and_no_other() {
+        let example = std::fs::read_to_string(repo_file("examples/kiln.toml")).unwrap();
+        let example = with_commented_keys(&example);
+        let table: toml::Table = toml::from_str(&example).unwrap();
+        let mut documented = BTreeSet::new();
+        for (key, value) in &table {
+            match (key.as_str(), value) {
+                ("ort" | "limits", toml::Value::Table(options)) => {
+                    documented.extend(options.keys().map(|option| format!("{key}.{option}")));
+                }
+                _ => {
+                    documented.insert(key.clone());
+                }
+            }
+        }
+        let mut real: BTreeSet<String> = every_option()
+            .into_iter()
+            .map(|(table, key, _)| match table {
+                "" => key.to_owned(),
+                table => format!("{table}.{key}"),
+            })
+            .collect();
+        real.insert("plans".into());
+        let missing: Vec<_> = real.difference(&documented).collect();
+        assert!(missing.is_empty(), "not in examples/kiln.toml: {missing:?}");
+        let unknown: Vec<_> = documented.difference(&real).collect();
+        assert!(
+            unknown.is_empty(),
+            "in examples/kiln.toml but no option: {unknown:?}"
+        );
+        // The commented-out values are valid too.
+        toml::from_str::<ServeArgs>(&example).unwrap();
+    }
+
+    #[test]
+    fn serve_help_lists_every_flag_with_its_env_var() {
+        let mut command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("kiln serve"));
+        let help = command.render_long_help().to_string();
+        let flags: BTreeSet<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|&long| long != "help")
+            .map(str::to_owned)
+            .collect();
+        let options: BTreeSet<String> = every_option()
+            .into_iter()
+            .map(|(_, key, _)| key.replace('_', "-"))
+            .collect();
+        assert_eq!(flags, options);
+        for (_, key, env) in every_option() {
+            let long = key.replace('_', "-");
+            let arg = command
+                .get_arguments()
+                .find(|arg| arg.get_long() == Some(long.as_str()))
+                .unwrap();
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(env)), "--{long}");
+            assert!(help.contains(&format!("--{long} <")), "--{long}:\n{help}");
+            assert!(help.contains(&format!("[env: {env}=")), "{env}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_has_a_row_for_every_option() {
+        let readme = std::fs::read_to_string(repo_file("README.md")).unwrap();
+        let section = readme
+            .split_once("\n## Configuration\n")
+            .and_then(|(_, after)| after.split("\n## ").next())
+            .unwrap();
+        // The first two cells of each row: the key, its flag and environment variable.
+        let rows: BTreeSet<String> = section
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .map(|line| {
+                line.splitn(4, " | ")
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+            .collect();
+        let mut options: BTreeSet<String> = every_option()
+            .into_iter()
+            .map(|(table, key, env)| {
+                let flag = key.replace('_', "-");
+                match table {
+                    "" => format!("| `{key}` | `--{flag}` / `{env}`"),
+                    table => format!("| `[{table}] {key}` | `--{flag}` / `{env}`"),
+                }
+            })
+            .collect();
+        options.insert("| `[plans.<name>]` | (file only)".into());
+        let missing: Vec<_> = options.difference(&rows).collect();
+        assert!(missing.is_empty(), "no row in README.md: {missing:?}");
+        let unknown: Vec<_> = rows.difference(&options).collect();
+        assert!(
+            unknown.is_empty(),
+            "rows of README.md that are no option: {unknown:?}"
+        );
+    }
+
+    #[test]
+    fn flags_of_every_table_reach_their_fields_in_their_units() {
+        let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("kiln serve"));
+        let matches = command
+            .try_get_matches_from([
+                "kiln serve",
+                "--response-cache-mb=3",
+                "--warm-all=true",
+                "--queue-timeout-ms=250",
+                "--sessions-per-graph=5",
+                "--memory-mb=64",
+                "--max-new-tokens=7",
+            ])
+            .unwrap();
+        let flags = <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        let config = Config::load(None, &flags).unwrap();
+        assert_eq!(config.response_cache_bytes, 3 << 20);
+        assert!(config.warm_all);
+        assert_eq!(config.queue_timeout, Duration::from_millis(250));
+        assert_eq!(config.ort_sessions_per_graph, 5);
+        assert_eq!(config.limits.memory_bytes, 64 << 20);
+        assert_eq!(config.limits.max_new_tokens, 7);
+    }
+
+    #[test]
     fn the_example_config_is_valid_and_lists_the_defaults() {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kiln.toml");
+        let file = repo_file("examples/kiln.toml");
         let config = Config::load(Some(&file), &ServeArgs::default()).unwrap();
         let defaults = Config::default();
         assert_eq!(config.limits, defaults.limits);
@@ -603,6 +666,9 @@ mod tests {
         );
         assert_eq!(config.plugin_log_burst, defaults.plugin_log_burst);
         assert_eq!(config.plans, defaults.plans);
+        // Every other field too: the keys whose default depends on the machine are commented
+        // out, so the example is the defaults on any machine.
+        assert_eq!(config, defaults);
     }
 
     #[test]

@@ -217,19 +217,6 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
-/// The memory budget of loaded models: the configured bytes, or by default half of the
-/// machine's memory (`MemTotal`), leaving the rest to requests, plugin instances and the OS.
-pub fn default_budget() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(4 << 30, |kib| kib * 1024 / 2)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,11 +227,5 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
-    }
-
-    #[test]
-    fn the_default_budget_is_half_the_machine() {
-        let budget = default_budget();
-        assert!(budget > 256 << 20, "{budget}");
     }
 }
