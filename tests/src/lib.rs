@@ -596,6 +596,36 @@ pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Set in the child process that [`in_own_process`] starts: the one test it runs.
+const ALONE_ENV: &str = "KILN_TEST_ALONE";
+
+/// Whether the calling test, `test` (its full name in the suite, `module::function`), should run
+/// its body here. The suite is one process running tests in parallel, so a test that measures
+/// the process itself (its resident memory) would count the other tests' work too: such a test
+/// runs alone in a child process of the same binary. In that child this returns true; anywhere
+/// else it runs the child, fails the calling test unless the child ran `test` and it passed,
+/// and returns false (the caller then returns: its body has run, in the child).
+pub fn in_own_process(test: &str) -> bool {
+    if std::env::var_os(ALONE_ENV).is_some_and(|t| t == test) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(&exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE_ENV, test)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // libtest's summary: a wrong name would run nothing and still succeed.
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{test}, run alone in a child process, did not pass ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    false
+}
+
 /// The `kiln` binary: `KILN_BIN`, else built (or found up to date) by cargo, once per test
 /// binary. (`cargo xtask test` builds it before the tests, so this is a no-op there.)
 pub fn kiln_bin() -> PathBuf {
