@@ -427,7 +427,6 @@ impl TestServer {
         }
     }
 
-    /// The value of a counter or gauge at `/metrics`.
     /// `POST /admin/reload` with the admin token; the reload report (asserts a 200).
     pub async fn admin_reload(&self) -> serde_json::Value {
         let r = self
@@ -441,6 +440,31 @@ impl TestServer {
         r.json().await.expect("reload report")
     }
 
+    /// Waits until `at_least` runs of graph `graph` of the loaded model `model` have started in
+    /// ONNX Runtime: how a test knows that a request it sent is running, rather than sleeping
+    /// for a time a loaded machine can exceed. Fails after a minute.
+    pub async fn wait_for_runs(&self, model: &str, graph: &str, at_least: u64) {
+        let started = std::time::Instant::now();
+        loop {
+            let runs = self
+                .state
+                .inference
+                .get(model)
+                .and_then(|m| m.loaded())
+                .and_then(|m| m.graphs().get(graph).map(|g| g.stats().runs()))
+                .unwrap_or(0);
+            if runs >= at_least {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{model}/{graph}: {runs} runs started, waiting for {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The value of a counter or gauge at `/metrics`.
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self
             .client
@@ -454,6 +478,71 @@ impl TestServer {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+    }
+}
+
+/// A streamed generation that keeps its model's instance busy until the test lets it go: the
+/// blocker a test controls where it needs that instance taken (a request queued behind it, a
+/// full pool), instead of a run that takes longer than some wall-clock limit.
+///
+/// The model must serve the `gen-probe` fixture; the stream runs its `sleep` command (a piece
+/// every 50 ms, each step far below any request timeout) and is read as it comes, so the host
+/// never cancels it for a client that stopped reading.
+pub struct HeldInstance {
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a [`HeldInstance`] on `model` for the test user, once the stream's first piece has
+    /// arrived (the stream has the instance from then on).
+    pub async fn hold_instance(&self, model: &str) -> HeldInstance {
+        // 2000 pieces 50 ms apart: 100 s, longer than any test holds it.
+        let body = serde_json::json!({"model": model, "prompt": "sleep:50:2000",
+                                      "max_tokens": 2000, "stream": true});
+        let mut response = self
+            .client
+            .post(self.url("/v1/inference/text-generation"))
+            .json(&body)
+            .send()
+            .await
+            .expect("the holding stream");
+        assert_eq!(response.status(), 200, "the holding stream");
+        let first = response.chunk().await.expect("the holding stream's body");
+        assert!(
+            first.as_deref().is_some_and(|e| e.starts_with(b"data: ")),
+            "the holding stream's first event: {first:?}"
+        );
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(_)) = response.chunk().await {}
+            panic!("the holding stream ended before the test let it go");
+        });
+        HeldInstance {
+            reader: Some(reader),
+        }
+    }
+}
+
+impl HeldInstance {
+    /// Ends the stream (its client goes away), which frees the instance; fails if the stream
+    /// had ended on its own before.
+    pub async fn release(mut self) {
+        let reader = self.reader.take().expect("held until released");
+        reader.abort();
+        let ended = reader
+            .await
+            .expect_err("the reader only ends by panicking or aborted");
+        assert!(
+            ended.is_cancelled(),
+            "the holding stream ended before it was released: {ended}"
+        );
+    }
+}
+
+impl Drop for HeldInstance {
+    fn drop(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
     }
 }
 
@@ -594,6 +683,36 @@ pub fn ok_body(body: Vec<u8>) -> Canned {
 pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Set in the child process that [`in_own_process`] starts: the one test it runs.
+const ALONE_ENV: &str = "KILN_TEST_ALONE";
+
+/// Whether the calling test, `test` (its full name in the suite, `module::function`), should run
+/// its body here. The suite is one process running tests in parallel, so a test that measures
+/// the process itself (its resident memory) would count the other tests' work too: such a test
+/// runs alone in a child process of the same binary. In that child this returns true; anywhere
+/// else it runs the child, fails the calling test unless the child ran `test` and it passed,
+/// and returns false (the caller then returns: its body has run, in the child).
+pub fn in_own_process(test: &str) -> bool {
+    if std::env::var_os(ALONE_ENV).is_some_and(|t| t == test) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = std::process::Command::new(&exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ALONE_ENV, test)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // libtest's summary: a wrong name would run nothing and still succeed.
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{test}, run alone in a child process, did not pass ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    false
 }
 
 /// The `kiln` binary: `KILN_BIN`, else built (or found up to date) by cargo, once per test

@@ -179,9 +179,9 @@ fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
 
 /// `cargo xtask test`: what CI runs (`.ci/run`).
 fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
-    // A clean run fills target/ with about 12 GiB (clippy's and the debug build's artifacts, one
-    // ~75 MB binary per test file). A full disk shows up much later as "No space left on device"
-    // deep inside a rustc command line; say it at the start instead.
+    // A clean run fills target/ with about 12 GiB (clippy's and the debug build's artifacts). A
+    // full disk shows up much later as "No space left on device" deep inside a rustc command
+    // line; say it at the start instead.
     if let Some(gib) = free_disk_gib(&repo.target_dir()) {
         println!("free disk where target/ is: {gib:.1} GiB");
         if gib < NEEDED_DISK_GIB {
@@ -223,10 +223,50 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
             .cargo()
             .args(["build", "-p", "kiln-host", "--bin", "kiln"]))
     })?;
+    // Every test binary runs even after one fails, and every failure is listed at the end:
+    // cargo prints a binary's failures where that binary's output ends, which later binaries
+    // push far up the log.
     let mut cmd = repo.cargo();
-    cmd.args(["test", "--workspace"]);
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
     repo.with_runtime_env(&mut cmd);
-    steps.run("cargo test", || run(&mut cmd))
+    steps.run("cargo test", || run_listing_failed_tests(&mut cmd))
+}
+
+/// Runs `cargo test` (echoing its output as it comes) and, if it fails, names every test that
+/// libtest reported as failed, across all test binaries.
+fn run_listing_failed_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::BufRead;
+    let shown = describe(cmd);
+    println!("$ {shown}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    let stdout = child.stdout.take().context("cargo test's piped stdout")?;
+    let mut failed = Vec::new();
+    for line in std::io::BufReader::new(stdout).split(b'\n') {
+        let line = String::from_utf8_lossy(&line?).into_owned();
+        println!("{line}");
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            failed.push(name.to_owned());
+        }
+    }
+    let status = child.wait()?;
+    if status.success() {
+        return Ok(());
+    }
+    if failed.is_empty() {
+        println!("\nno test reported a failure: a test binary failed to build, crashed or was killed (see above)");
+    } else {
+        println!("\nfailed tests ({}):", failed.len());
+        for name in &failed {
+            println!("  {name}");
+        }
+    }
+    bail!("`{shown}` failed ({status})")
 }
 
 /// `cargo xtask bench`: the embeddings benchmark, then every task over HTTP against native.

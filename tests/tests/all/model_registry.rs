@@ -8,7 +8,6 @@
 //! hands over for a key, `slow:<n>` runs the slow fixture graph).
 
 use std::path::Path;
-use std::time::Duration;
 
 use kiln_host::tenancy::{admin, Scope};
 use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer, SLOW_ITERATIONS};
@@ -105,7 +104,7 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
             client
                 .post(url)
                 .json(
-                    &json!({"model": "test/probe", "inputs": [format!("slow:{SLOW_ITERATIONS}")]}),
+                    &json!({"model": "test/probe", "inputs": [format!("slow:{}", 5 * SLOW_ITERATIONS)]}),
                 )
                 .send()
                 .await
@@ -114,7 +113,8 @@ async fn a_reload_adds_changes_and_removes_models_without_dropping_requests() {
                 .as_u16()
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Running (five times the usual slow graph: still running through the reload).
+    server.wait_for_runs("test/probe", "slow", 1).await;
     std::fs::write(
         dir.join("model.toml"),
         probe_toml(&plugin("sandbox-probe"), "version = 2"),

@@ -213,20 +213,21 @@ async fn a_request_in_flight_on_an_unloaded_model_completes() {
     let server = lazy_server(&models, Some(budget)).await;
     assert_eq!(call(&server, "test/a", "ok", true).await.status, 200);
     // A slow request on a, then b needs the room: a is busy, so it is unloaded under the request.
+    // The request runs five times the usual slow graph, long enough to still run while b loads.
     let slow = {
         let client = server.client.clone();
         let url = server.url(EMBED);
         tokio::spawn(async move {
             let r = client
                 .post(url)
-                .json(&json!({"model": "test/a", "inputs": [format!("slow:{SLOW_ITERATIONS}")]}))
+                .json(&json!({"model": "test/a", "inputs": [format!("slow:{}", 5 * SLOW_ITERATIONS)]}))
                 .send()
                 .await
                 .unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_for_runs("test/a", "slow", 1).await;
     assert_eq!(call(&server, "test/b", "ok", true).await.status, 200);
     assert_eq!(
         states(&server).await,

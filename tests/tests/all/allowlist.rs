@@ -4,8 +4,6 @@
 //! inspected, and a component importing sockets, or not a Kiln plugin at all, is refused with
 //! the reason.
 
-use std::time::Duration;
-
 use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer};
 use serde_json::{json, Value};
 
@@ -149,13 +147,16 @@ async fn a_revoked_plugin_stops_serving_at_once_and_can_be_allowed_again() {
 async fn a_stream_in_flight_finishes_when_its_plugin_is_revoked() {
     let models = models();
     let server = TestServer::start(kiln_tests::config(models.path())).await;
-    let request = server
+    // 20 pieces, 100 ms apart: revoked after its first one, the stream is still running.
+    let mut response = server
         .client
         .post(server.url("/v1/inference/text-generation/stream"))
-        .json(&json!({"model": "test/gen", "prompt": "sleep:100:8", "max_tokens": 8}))
-        .send();
-    let response = tokio::spawn(request);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        .json(&json!({"model": "test/gen", "prompt": "sleep:100:20", "max_tokens": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().expect("a first event");
     let digest = digest_of("gen-probe");
     let (status, _) = admin(
         &server,
@@ -165,9 +166,10 @@ async fn a_stream_in_flight_finishes_when_its_plugin_is_revoked() {
     )
     .await;
     assert_eq!(status, 204);
-    let body = response.await.unwrap().unwrap().text().await.unwrap();
+    let rest = response.text().await.unwrap();
+    let body = format!("{}{rest}", String::from_utf8_lossy(&first));
     assert!(
-        body.contains("\"token\":\" w8\",\"finished\":true") && !body.contains("error"),
+        body.contains("\"token\":\" w20\",\"finished\":true") && !body.contains("error"),
         "the stream started before the revocation runs to its end: {body}"
     );
     let refused = server

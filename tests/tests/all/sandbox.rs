@@ -221,14 +221,23 @@ async fn a_run_stopped_by_its_time_limit_makes_the_request_504() {
     assert_still_serving(&server).await;
 }
 
+/// Two requests to one model run at once, each on its own instance and ORT session. The second
+/// is sent once the first's run has started, and the first runs five times longer than the
+/// second, so that the runs overlap however long the second takes to arrive and get an instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_to_one_model_run_at_once() {
     let (_models, server) = probe_server(DEFAULT_LIMITS).await;
+    let model = server.state.inference.get("test/probe").unwrap();
+    let model = model.loaded().expect("loaded");
+    let slow = model.graphs().get("slow").unwrap();
+    let long = format!("slow:{}", 5 * SLOW_ITERATIONS);
     let command = format!("slow:{SLOW_ITERATIONS}");
-    let (a, b) = tokio::join!(
-        probe(&server, "test/probe", &command),
-        probe(&server, "test/probe", &command)
-    );
+    let (a, b) = tokio::join!(probe(&server, "test/probe", &long), async {
+        while slow.stats().runs() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        probe(&server, "test/probe", &command).await
+    });
     assert_eq!(
         (a.status, b.status),
         (200, 200),
@@ -236,9 +245,6 @@ async fn concurrent_requests_to_one_model_run_at_once() {
         a.body,
         b.body
     );
-    let model = server.state.inference.get("test/probe").unwrap();
-    let model = model.loaded().expect("loaded");
-    let slow = model.graphs().get("slow").unwrap();
     assert_eq!(slow.stats().runs(), 2);
     assert_eq!(
         slow.stats().peak_in_flight(),
@@ -247,34 +253,36 @@ async fn concurrent_requests_to_one_model_run_at_once() {
     );
 }
 
+/// A request that finds its model's only instance busy waits the queue timeout, then gets 503
+/// with `Retry-After`. The instance is held by a stream of the `gen-probe` fixture that the test
+/// lets go only after the refusal, not by a run that must outlast the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_finds_no_free_instance_gets_503() {
     let models = ModelsDir::new();
-    let wasm = plugin("sandbox-probe");
+    let wasm = plugin("gen-probe");
     let toml = format!(
-        "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[graphs]\nslow = \"slow.onnx\"\n\
+        "task = \"text-generation\"\n[plugin]\npath = {wasm:?}\n[graphs]\nmain = \"main.onnx\"\n\
          [limits]\nmax_instances = 1\n"
     );
     models.add(
-        "test/probe",
+        "test/gen-probe",
         &toml,
-        &[("slow.onnx", &fixture_onnx("slow.onnx"))],
+        &[("main.onnx", &fixture_onnx("main.onnx"))],
     );
     let mut config = kiln_tests::config(models.path());
-    // A slow request holds the only instance for a few hundred ms; the other waits 50 ms.
     config.queue_timeout = std::time::Duration::from_millis(50);
     let server = TestServer::start(config).await;
-    let command = format!("slow:{SLOW_ITERATIONS}");
-    let (a, b) = tokio::join!(
-        probe(&server, "test/probe", &command),
-        probe(&server, "test/probe", &command)
-    );
-    let mut statuses = [a.status, b.status];
-    statuses.sort();
-    assert_eq!(statuses, [200, 503], "{:?} {:?}", a.body, b.body);
-    let busy = if a.status == 503 { &a } else { &b };
+    let held = server.hold_instance("test/gen-probe").await;
+    let busy = server
+        .post(
+            "/v1/inference/text-generation",
+            &json!({"model": "test/gen-probe", "prompt": "words:2"}),
+        )
+        .await;
+    assert_eq!(busy.status, 503, "{:?}", busy.body);
     assert_eq!(busy.code(), "overloaded");
     assert_eq!(busy.headers["retry-after"], "1");
+    held.release().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +434,7 @@ async fn a_chatty_plugin_is_cut_to_its_log_rate() {
     let dropped = server.metric("kiln_plugin_log_lines_dropped_total").await;
     // 15 lines written; at most the burst plus one a second got through.
     assert!(
-        dropped >= 15 - 3 - (elapsed + 1),
+        dropped >= (15 - 3u64).saturating_sub(elapsed + 1),
         "{dropped} lines dropped in {elapsed} s"
     );
     assert!(dropped <= 12, "{dropped}: the burst always gets through");

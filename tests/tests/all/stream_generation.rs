@@ -275,8 +275,10 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
         panic!("a first token");
     };
     assert_eq!(text, "w1");
-    // Instant steps: given time, an unbounded producer would run to the end.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Instant steps: given time, an unbounded producer would run to the end. Two steps are due
+    // before it must stop, so a loaded machine gets far more time than they take (waiting
+    // longer cannot change a correct count).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     drop(stream);
     wait_for_cancelled(&server, 1).await;
     // Taken: w1. Sent, waiting in the channel: w2. Held, to know whether it is the last: w3.

@@ -280,8 +280,10 @@ async fn identical_requests_in_flight_together_run_once() {
         ],
     );
     let server = TestServer::start(kiln_tests::config(models.path())).await;
-    // A few hundred ms of ORT: the six requests below all arrive while the first one runs.
-    let slow = json!({"model": PROBE, "inputs": [format!("slow:{SLOW_ITERATIONS}")]});
+    // Five times the usual slow graph (a second or two of ORT, after the instance is made): the
+    // six requests below, sent together, all arrive while the first one runs, even when a
+    // loaded machine is slow to accept their connections.
+    let slow = json!({"model": PROBE, "inputs": [format!("slow:{}", 5 * SLOW_ITERATIONS)]});
     let replies = futures_util::future::join_all((0..6).map(|_| server.post(EMBED, &slow))).await;
     let mut outcomes: Vec<&str> = replies.iter().map(cache_header).collect();
     outcomes.sort_unstable();
@@ -329,71 +331,71 @@ async fn identical_requests_in_flight_together_run_once() {
     assert_eq!(after["errors"], 4, "{after}");
 }
 
-/// A follower waits at most the request timeout for the identical request it follows: here the
-/// leader first queues for the model's one instance behind another slow call, and finishes well
-/// after the follower's timeout, which answers 504 at its own timeout instead of waiting on.
+/// A follower waits at most the request timeout for the identical request it follows, then
+/// answers 504 on its own instead of waiting on. The test, not a clock, makes the leader late:
+/// a stream holds the model's one instance, so the leader queues for it (its own timeout starts
+/// with its run) until the test lets the stream go, and is then served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_waits_no_longer_than_its_request_timeout() {
     const TIMEOUT: Duration = Duration::from_millis(2000);
     let models = ModelsDir::new();
-    let wasm = plugin("sandbox-probe");
+    let wasm = plugin("gen-probe");
     models.add(
-        PROBE,
+        "test/gen-probe",
         &format!(
-            "task = \"embeddings\"\n[plugin]\npath = {wasm:?}\n[limits]\ntimeout_ms = {}\n\
-             max_instances = 1\n[graphs]\nmain = \"main.onnx\"\nslow = \"slow.onnx\"\n",
+            "task = \"text-generation\"\n[plugin]\npath = {wasm:?}\n[limits]\ntimeout_ms = {}\n\
+             max_instances = 1\n[graphs]\nmain = \"main.onnx\"\n",
             TIMEOUT.as_millis()
         ),
-        &[
-            ("main.onnx", &fixture_onnx("main.onnx")),
-            ("slow.onnx", &fixture_onnx("slow.onnx")),
-        ],
+        &[("main.onnx", &fixture_onnx("main.onnx"))],
     );
-    let server = TestServer::start(kiln_tests::config(models.path())).await;
-    let slow = |n: i64, use_cache: bool| {
-        json!({"model": PROBE, "inputs": [format!("slow:{n}")],
-               "options": {"use_cache": use_cache}})
+    let config = kiln_host::Config {
+        // The leader waits for the instance as long as the test holds it.
+        queue_timeout: Duration::from_secs(300),
+        ..kiln_tests::config(models.path())
     };
-    // Calibrate: a slow call of ~3/4 of the timeout on this machine now (the instance exists
-    // after the first call).
-    assert_eq!(server.post(EMBED, &slow(10, false)).await.status, 200);
-    let started = Instant::now();
-    assert_eq!(
-        server
-            .post(EMBED, &slow(SLOW_ITERATIONS, false))
-            .await
-            .status,
-        200
-    );
-    let per_iteration = started.elapsed().as_secs_f64() / SLOW_ITERATIONS as f64;
-    let n = ((0.75 * TIMEOUT.as_secs_f64() / per_iteration) as i64).max(1);
+    let server = TestServer::start(config).await;
 
-    // The blocker holds the one instance for ~0.75 timeout; the leader queues behind it, then
-    // runs ~0.75 (its own time limit starts with its run), ending at ~1.5 timeouts.
-    let blocking = slow(n + 1, false);
-    let blocker = server.post(EMBED, &blocking);
-    let leader = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        server.post(EMBED, &slow(n, true)).await
+    let held = server.hold_instance("test/gen-probe").await;
+
+    // Two identical deterministic requests: one leads and queues for the instance, the other
+    // follows it. Whichever arrives first leads.
+    let greedy = json!({"model": "test/gen-probe", "prompt": "words:3", "max_tokens": 10,
+                        "temperature": 0.0});
+    let send = || {
+        let request = server.client.post(server.url(GENERATE)).json(&greedy);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let reply = Reply::read(request.send().await.expect("request")).await;
+            (reply, started.elapsed())
+        })
     };
-    let follower = async {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let started = Instant::now();
-        (server.post(EMBED, &slow(n, true)).await, started.elapsed())
+    let (first, second) = (send(), send());
+    let (answered, still_waiting) = match futures_util::future::select(first, second).await {
+        futures_util::future::Either::Left((done, other)) => (done, other),
+        futures_util::future::Either::Right((done, other)) => (done, other),
     };
-    let (blocker, leader, (follower, waited)) = tokio::join!(blocker, leader, follower);
-    assert_eq!(blocker.status, 200, "{:?}", blocker.body);
+    let (follower, waited) = answered.expect("first request");
+    assert_eq!(follower.status, 504, "{:?} after {waited:?}", follower.body);
+    assert_eq!(follower.body["error"]["code"], "timeout");
+    let message = follower.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("identical request"), "{message}");
+    assert!(waited >= TIMEOUT, "answered after {waited:?}");
+
+    // Let the stream go: the leader gets the instance and answers.
+    held.release().await;
+    let (leader, _) = still_waiting.await.expect("second request");
     assert_eq!(
         (leader.status, cache_header(&leader)),
         (200, "miss"),
         "{:?}",
         leader.body
     );
-    assert_eq!(follower.status, 504, "{:?} after {waited:?}", follower.body);
-    assert_eq!(follower.body["error"]["code"], "timeout");
-    let message = follower.body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("identical request"), "{message}");
-    assert!(waited >= TIMEOUT, "answered after {waited:?}");
+    assert_eq!(
+        leader.body["generated_text"], "words:3w1 w2 w3",
+        "{:?}",
+        leader.body
+    );
 }
 
 /// Rate limits apply to hits: a plan of burst 2 answers two requests (a miss and a hit) and

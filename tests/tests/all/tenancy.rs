@@ -557,8 +557,9 @@ async fn a_used_up_compute_quota_is_refused_until_next_month() {
 
 // 5. Expiry and revocation on a running server ------------------------------------------------
 
-/// A token that expires 1.5 s from now works now and is refused (401 "expired") after 2 s,
-/// without any reload: expiry is checked on each request.
+/// A token that expires 5 s from now works now and is refused (401 "expired") once that time
+/// has passed, without any reload: expiry is checked on each request. (5 s: the first request
+/// must reach the server before then, even on a loaded machine.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_is_refused() {
     let models = probe_models(&["test/probe"]);
@@ -575,14 +576,15 @@ async fn an_expired_token_is_refused() {
             hash,
             scope: Scope::Inference,
             created_at_ms: now,
-            expires_at_ms: Some(now + 1_500),
+            expires_at_ms: Some(now + 5_000),
             revoked: false,
         })
         .expect("insert token");
     tenancy.refresh().expect("refresh");
 
     assert_ok(&embed(&server.base, &token, "test/probe", "ok").await);
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let left = (now + 5_000 - tenancy::store::now_ms()).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(left + 500)).await;
     let r = embed(&server.base, &token, "test/probe", "ok").await;
     assert_error(&r, 401, "unauthorized", "this API token expired");
     assert_eq!(header(&r, "www-authenticate"), INVALID_TOKEN);
@@ -616,6 +618,12 @@ async fn kiln_admin(database_url: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// How soon a running server must apply a change another writer made to the database. Its
+/// refresher looks every 250 ms, so a change is usually seen within a second; a loaded machine
+/// can delay that poll, the database read and the request itself, and the tests assert that the
+/// server sees the change by itself, not how fast the machine is.
+const SEEN_WITHIN: Duration = Duration::from_secs(30);
+
 /// Polls (every 50 ms, for at most `within`) until `reply` passes `done`; returns the last reply
 /// and how long it took.
 async fn poll_until(
@@ -634,9 +642,9 @@ async fn poll_until(
 }
 
 /// The `kiln admin` CLI, another process writing the same database, creates and revokes tokens
-/// of a running server: a token it prints works within a second, `token list` names it, and
-/// within a second of `token revoke` requests with it are 401 "revoked", while the user's other
-/// token keeps working. The server is never told: it sees the database change by itself.
+/// of a running server: a token it prints works soon after ([`SEEN_WITHIN`]), `token list`
+/// names it, and soon after `token revoke` requests with it are 401 "revoked", while the user's
+/// other token keeps working. The server is never told: it sees the database change by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_created_and_revoked_by_the_cli_apply_to_a_running_server() {
     let models = probe_models(&["test/probe"]);
@@ -663,7 +671,7 @@ async fn tokens_created_and_revoked_by_the_cli_apply_to_a_running_server() {
     let token = created.body["token"].as_str().expect("token").to_owned();
     assert_ok(&embed(&base, &token, "test/probe", "ok").await);
 
-    // A token made by the CLI: printed alone on stdout, usable within a second.
+    // A token made by the CLI: printed alone on stdout, usable soon after.
     let printed = kiln_admin(&url, &["token", "create", "tester", "--expires", "7d"]).await;
     let cli_token = printed.trim().to_owned();
     assert!(
@@ -671,13 +679,13 @@ async fn tokens_created_and_revoked_by_the_cli_apply_to_a_running_server() {
         "stdout is the token alone: {printed:?}"
     );
     let (r, took) = poll_until(
-        Duration::from_secs(1),
+        SEEN_WITHIN,
         || Box::pin(embed_owned(base.clone(), cli_token.clone())),
         |r| r.status == 200,
     )
     .await;
     assert_ok(&r);
-    assert!(took <= Duration::from_secs(1), "seen after {took:?}");
+    assert!(took <= SEEN_WITHIN, "seen after {took:?}");
 
     // `token list` shows both (ids, scope, expiry, state; never a secret).
     let list = kiln_admin(&url, &["token", "list", "tester"]).await;
@@ -695,18 +703,18 @@ async fn tokens_created_and_revoked_by_the_cli_apply_to_a_running_server() {
         "the helper's token and two new:\n{list}"
     );
 
-    // Revoked by the CLI: refused within a second.
+    // Revoked by the CLI: refused soon after.
     let out = kiln_admin(&url, &["token", "revoke", &id]).await;
     assert_eq!(out.trim(), format!("revoked {id}"));
     let (r, took) = poll_until(
-        Duration::from_secs(1),
+        SEEN_WITHIN,
         || Box::pin(embed_owned(base.clone(), token.clone())),
         |r| r.status == 401,
     )
     .await;
     assert_error(&r, 401, "unauthorized", "this API token was revoked");
     assert_eq!(header(&r, "www-authenticate"), INVALID_TOKEN);
-    assert!(took <= Duration::from_secs(1), "refused after {took:?}");
+    assert!(took <= SEEN_WITHIN, "refused after {took:?}");
     let list = kiln_admin(&url, &["token", "list", "tester"]).await;
     assert!(
         list.lines()
@@ -720,8 +728,8 @@ async fn tokens_created_and_revoked_by_the_cli_apply_to_a_running_server() {
 }
 
 /// A change committed by another writer (here the store, without telling the server; `kiln
-/// admin` in another process is the same) right after the server started is seen within a
-/// second, like any other. (The refresher once took its first poll's version as the starting
+/// admin` in another process is the same) right after the server started is seen, like any
+/// other. (The refresher once took its first poll's version as the starting
 /// point and missed such a change.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_committed_right_after_startup_is_seen() {
@@ -738,13 +746,13 @@ async fn a_change_committed_right_after_startup_is_seen() {
     .token;
     let base = server.base.clone();
     let (r, took) = poll_until(
-        Duration::from_secs(1),
+        SEEN_WITHIN,
         || Box::pin(embed_owned(base.clone(), token.clone())),
         |r| r.status == 200,
     )
     .await;
     assert_ok(&r);
-    assert!(took <= Duration::from_secs(1), "seen after {took:?}");
+    assert!(took <= SEEN_WITHIN, "seen after {took:?}");
 }
 
 /// [`embed`] of `ok` on `test/probe` with owned arguments (for [`poll_until`]).

@@ -323,8 +323,11 @@ async fn concurrent_requests_are_merged_and_answer_as_unbatched() {
     );
     assert_eq!(graph(&unbatched).stats().merged_runs(), 0);
     assert!(graph(&server).stats().largest_batch() > 1);
-    // The same, as an operator sees it.
-    assert!(server.metric("kiln_batched_runs_total").await >= 1);
-    assert!(server.metric("kiln_batched_jobs_total").await >= 2);
+    // The same, as an operator sees it. These figures are the process's (every server of the
+    // suite runs in this one), so they count at least this server's merged runs.
+    let batched = graph(&server);
+    let stats = batched.stats();
+    assert!(server.metric("kiln_batched_runs_total").await >= stats.merged_runs());
+    assert!(server.metric("kiln_batched_jobs_total").await >= stats.merged_jobs());
     assert!(server.metric("kiln_batch_size_max").await > 1);
 }

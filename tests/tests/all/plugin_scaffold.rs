@@ -340,7 +340,7 @@ async fn asr() {
     let body = s
         .post("asr", json!({"audio": data_url(&wav, "audio/wav")}))
         .await;
-    // The first-party plugin's transcript (tests/tests/task_asr.rs).
+    // The first-party plugin's transcript (tests/tests/all/task_asr.rs).
     assert_eq!(
         body["text"].as_str().unwrap().trim(),
         "Ever tried, ever failed. No matter, try again. Fail again. Fail better.",
@@ -359,7 +359,7 @@ async fn text_generation() {
             json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0.0}),
         )
         .await;
-    // The first-party plugin's greedy output is the reference's (tests/tests/task_text_generation.rs).
+    // The first-party plugin's greedy output is the reference's (the `task_text_generation` tests).
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("tests/reference/smollm2_greedy.json")).unwrap(),
     )
