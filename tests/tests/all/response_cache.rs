@@ -723,7 +723,9 @@ async fn a_full_cache_evicts_the_least_recently_used_answer() {
         .is_some_and(|m| m.content_digest.is_empty()));
 }
 
-/// MiniLM: the hit is the miss's exact answer, and costs microseconds instead of a model run.
+/// MiniLM: the hit is the miss's exact answer, and runs no model (its meter shows no ORT time,
+/// the miss's does). How much faster it is, is printed for the reader, not asserted: a timing
+/// belongs in a benchmark (`cargo xtask bench`), where a loaded machine cannot fail the suite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_model_hit_is_the_same_answer_at_a_fraction_of_the_cost() {
     let Some(dir) = kiln_tests::demo_models_dir() else {
@@ -761,6 +763,7 @@ async fn a_real_model_hit_is_the_same_answer_at_a_fraction_of_the_cost() {
             tenant.meter.cache_outcome(),
             Some(kiln_host::infer::CacheOutcome::Miss)
         );
+        assert!(tenant.meter.compute() > Duration::ZERO, "the miss ran the model");
         // A request of its own, so its meter shows what the hit alone cost.
         let tenant = RequestContext::new("user:timing");
         let started = Instant::now();
@@ -779,9 +782,5 @@ async fn a_real_model_hit_is_the_same_answer_at_a_fraction_of_the_cost() {
     let (run, hit) = (median(runs), median(hits));
     eprintln!(
         "MiniLM, one sentence, in process: plugin call {run:?}, cache hit {hit:?} (medians of 20)"
-    );
-    assert!(
-        hit * 10 < run,
-        "a hit ({hit:?}) must cost far less than a model run ({run:?})"
     );
 }
