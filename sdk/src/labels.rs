@@ -1,5 +1,6 @@
-//! A model's class names: its labels file, one label per line in class index order, as
-//! classification and detection plugins read it in `init`.
+//! A model's class names, as classification and detection plugins read them in `init`: a labels
+//! file (one label per line, in class index order; [`load`], [`from_config`]), or the `id2label`
+//! table of a Hugging Face `config.json` ([`load_id2label`]).
 
 use std::path::Path;
 
@@ -80,6 +81,77 @@ pub fn from_config() -> Result<Vec<String>, Error> {
     load(&config_or("labels", "labels.txt".to_owned())?)
 }
 
+/// The labels of a Hugging Face `config.json`'s text: its `id2label` table (`{"0": "NEGATIVE",
+/// "1": "POSITIVE"}`), in class index order. The ids must be exactly `0..n`: a missing or
+/// repeated id would shift or drop classes. An error says what is wrong.
+///
+/// # Examples
+///
+/// ```
+/// use kiln_sdk::labels;
+///
+/// let config = r#"{"architectures": ["BertForSequenceClassification"],
+///                  "id2label": {"1": "POSITIVE", "0": "NEGATIVE"}}"#;
+/// assert_eq!(labels::parse_id2label(config)?, ["NEGATIVE", "POSITIVE"]);
+/// // Two labels must have the ids 0 and 1.
+/// assert_eq!(
+///     labels::parse_id2label(r#"{"id2label": {"0": "a", "2": "c"}}"#).unwrap_err(),
+///     "`id2label` id \"2\" is not one of 0 to 1"
+/// );
+/// # Ok::<(), String>(())
+/// ```
+pub fn parse_id2label(config: &str) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct HfConfig {
+        id2label: Option<std::collections::HashMap<String, String>>,
+    }
+    let config: HfConfig =
+        serde_json::from_str(config).map_err(|e| format!("invalid JSON: {e}"))?;
+    let table = config.id2label.ok_or("no `id2label` table")?;
+    if table.is_empty() {
+        return Err("`id2label` is empty".to_owned());
+    }
+    let mut labels = vec![None; table.len()];
+    for (id, label) in table {
+        let index = id
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < labels.len())
+            .ok_or_else(|| {
+                format!(
+                    "`id2label` id {id:?} is not one of 0 to {}",
+                    labels.len() - 1
+                )
+            })?;
+        if labels[index].replace(label).is_some() {
+            return Err(format!("`id2label` names id {index} twice"));
+        }
+    }
+    // n distinct ids below n: every index was filled once.
+    Ok(labels.into_iter().flatten().collect())
+}
+
+/// The labels of the model's Hugging Face config `file` (usually `config.json`; see
+/// [`parse_id2label`]). A file that cannot be read or has no valid `id2label` table is an
+/// [`Error::Internal`] naming the file.
+///
+/// # Examples
+///
+/// A converted Hugging Face classifier whose folder keeps its `config.json` (this only runs
+/// inside a plugin):
+///
+/// ```no_run
+/// let labels = kiln_sdk::labels::load_id2label("config.json")?;
+/// # let _ = labels;
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
+pub fn load_id2label(file: &str) -> Result<Vec<String>, Error> {
+    let path = model_file(file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::internal(format!("reading labels {}: {e}", path.display())))?;
+    parse_id2label(&text).map_err(|e| Error::internal(format!("labels {}: {e}", path.display())))
+}
+
 fn read(path: &Path) -> Result<Vec<String>, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::internal(format!("reading labels {}: {e}", path.display())))?;
@@ -103,6 +175,42 @@ mod tests {
     fn rejects_blank_labels() {
         assert_eq!(parse("a\n\nb").unwrap_err(), "line 2 is blank");
         assert_eq!(parse(" \n").unwrap_err(), "no labels");
+    }
+
+    #[test]
+    fn id2label_is_ordered_by_id() {
+        let config = r#"{"id2label": {"2": "positive", "0": "negative", "1": "neutral"}}"#;
+        assert_eq!(
+            parse_id2label(config).unwrap(),
+            ["negative", "neutral", "positive"]
+        );
+    }
+
+    #[test]
+    fn id2label_with_a_gap_or_a_stray_id_is_refused() {
+        assert_eq!(
+            parse_id2label(r#"{"id2label": {"0": "a", "1": "b", "3": "d"}}"#).unwrap_err(),
+            "`id2label` id \"3\" is not one of 0 to 2"
+        );
+        assert_eq!(
+            parse_id2label(r#"{"id2label": {"0": "a", "LABEL_1": "b"}}"#).unwrap_err(),
+            "`id2label` id \"LABEL_1\" is not one of 0 to 1"
+        );
+        assert_eq!(
+            parse_id2label(r#"{"id2label": {"0": "a", "00": "b"}}"#).unwrap_err(),
+            "`id2label` names id 0 twice"
+        );
+        assert_eq!(
+            parse_id2label(r#"{"id2label": {}}"#).unwrap_err(),
+            "`id2label` is empty"
+        );
+        assert_eq!(
+            parse_id2label(r#"{"model_type": "bert"}"#).unwrap_err(),
+            "no `id2label` table"
+        );
+        assert!(parse_id2label("{")
+            .unwrap_err()
+            .starts_with("invalid JSON: "));
     }
 
     /// A file of its own in the temporary folder, removed when dropped.
