@@ -4,32 +4,40 @@
 //! post-processing (tokenizing, pooling, decoding, ...) and runs the model itself through the
 //! host's `wasi:nn` backend. This crate gives a plugin author:
 //!
-//! * the WIT bindings of every task world, one module per task ([`embeddings`],
+//! * the plugin scaffolding: implement [`Plugin`] (`init`, which returns the plugin's state) and
+//!   the task's trait ([`EmbeddingsPlugin`], ...), whose methods get that state as `&self`; the
+//!   task's export macro (`export_embeddings!`, ...) keeps the state and forwards the WIT exports
+//!   to it (see [`plugin`]);
+//! * the WIT types of every task world, one module per task ([`embeddings`],
 //!   [`text_classification`], [`image_classification`], [`object_detection`], [`asr`],
-//!   [`text_generation`]), each with an export macro (`export_embeddings!`, ...);
+//!   [`text_generation`]);
 //! * the imports every plugin may use, bound once and shared by all task modules: [`wasi::nn`],
 //!   [`tensor_ext`], [`host`] and the shared [`types`];
 //! * small helpers: [`Graph`] and [`Outputs`] over `wasi:nn`, tensor constructors and readers
 //!   ([`tensor_f32`], [`tensor_i64`], [`to_f32_vec`], [`to_i64_vec`]), [`NnError`], logging
-//!   ([`log`]), configuration ([`config`]) and the model's files ([`model_file`]).
+//!   ([`log`]), configuration ([`config`], [`config_or`]), the model's files ([`model_file`]) and
+//!   its labels ([`labels`]).
 //!
 //! # A minimal embeddings plugin
 //!
 //! ```
-//! use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
-//! use kiln_sdk::{Error, Usage};
+//! use kiln_sdk::embeddings::Output;
+//! use kiln_sdk::{config_or, EmbeddingsPlugin, Error, Plugin, Usage};
 //!
-//! struct MyPlugin;
+//! /// The plugin's state, made once per instance by `init`.
+//! struct MyPlugin {
+//!     scale: f32,
+//! }
 //!
-//! impl Lifecycle for MyPlugin {
-//!     fn init() -> Result<(), Error> {
-//!         Ok(())
+//! impl Plugin for MyPlugin {
+//!     fn init() -> Result<Self, Error> {
+//!         Ok(MyPlugin { scale: config_or("scale", 1.0)? })
 //!     }
 //! }
 //!
-//! impl Guest for MyPlugin {
-//!     fn embed(inputs: Vec<String>) -> Result<Output, Error> {
-//!         let vectors = inputs.iter().map(|s| vec![s.len() as f32]).collect();
+//! impl EmbeddingsPlugin for MyPlugin {
+//!     fn embed(&self, inputs: Vec<String>) -> Result<Output, Error> {
+//!         let vectors = inputs.iter().map(|s| vec![s.len() as f32 * self.scale]).collect();
 //!         Ok(Output { vectors, usage: Usage { input_tokens: 0, output_tokens: 0 } })
 //!     }
 //! }
@@ -51,6 +59,8 @@ pub mod detection;
 pub mod generate;
 #[cfg(feature = "image")]
 pub mod image;
+pub mod labels;
+pub mod plugin;
 pub mod scores;
 pub mod testing;
 #[cfg(feature = "text")]
@@ -83,6 +93,10 @@ pub use bindings::kiln::plugin::host;
 /// Kiln's addition to `wasi:nn`: `clone` a host-resident tensor, `read` a byte range of it.
 pub use bindings::kiln::plugin::tensor_ext;
 
+pub use plugin::{
+    AsrPlugin, EmbeddingsPlugin, ImageClassificationPlugin, ObjectDetectionPlugin, Plugin,
+    TextClassificationPlugin, TextGenerationPlugin,
+};
 pub use types::{Audio, ClassScore, Error, Image, Usage};
 pub use wasi::nn::errors::ErrorCode;
 pub use wasi::nn::tensor::{Tensor, TensorType};
@@ -255,28 +269,30 @@ impl From<NnError> for Error {
 ///
 /// # Examples
 ///
-/// A graph is loaded once, in `init`, and run once per request (the graph lives in the host, so
-/// this only runs inside a plugin):
+/// A graph is loaded once, in `init`, kept in the plugin's state and run once per request (the
+/// graph lives in the host, so this only runs inside a plugin):
 ///
 /// ```no_run
-/// use std::sync::OnceLock;
-/// use kiln_sdk::{tensor_f32, to_f32_vec, Error, Graph};
+/// use kiln_sdk::{tensor_f32, to_f32_vec, Error, Graph, Plugin};
 ///
-/// static GRAPH: OnceLock<Graph> = OnceLock::new();
-///
-/// fn init() -> Result<(), Error> {
-///     let graph = Graph::load("model")?;
-///     GRAPH.set(graph).map_err(|_| Error::internal("init ran twice"))
+/// struct Regressor {
+///     graph: Graph,
 /// }
 ///
-/// fn run(features: &[f32]) -> Result<Vec<f32>, Error> {
-///     let graph = GRAPH.get().ok_or_else(|| Error::internal("not initialised"))?;
-///     let input = tensor_f32(&[1, features.len() as u32], features);
-///     let mut outputs = graph.compute(vec![("input", input)])?;
-///     Ok(to_f32_vec(&outputs.take("output")?)?)
+/// impl Plugin for Regressor {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Regressor { graph: Graph::load("model")? })
+///     }
 /// }
-/// # init()?;
-/// # run(&[0.0; 4])?;
+///
+/// impl Regressor {
+///     fn run(&self, features: &[f32]) -> Result<Vec<f32>, Error> {
+///         let input = tensor_f32(&[1, features.len() as u32], features);
+///         let mut outputs = self.graph.compute(vec![("input", input)])?;
+///         Ok(to_f32_vec(&outputs.take("output")?)?)
+///     }
+/// }
+/// # Regressor::init()?.run(&[0.0; 4])?;
 /// # Ok::<(), Error>(())
 /// ```
 #[derive(Debug)]
@@ -733,7 +749,38 @@ pub mod log {
 /// # Ok::<(), kiln_sdk::Error>(())
 /// ```
 pub fn config<T: serde::de::DeserializeOwned>(key: &str) -> Result<Option<T>, Error> {
-    match host::config(key) {
+    parse_config(key, host::config(key))
+}
+
+/// The value of `key` in the model's `[plugin.config]` table, deserialized; `default` if absent.
+///
+/// A value that does not deserialize into `T` is an [`Error::Internal`], as with [`config`]: a
+/// wrong value is a deployment mistake, never silently replaced by the default.
+///
+/// # Examples
+///
+/// A plugin's `init` reading its settings, each with the default that fits the demo model (the
+/// configuration is the host's, so this only runs inside a plugin):
+///
+/// ```no_run
+/// use kiln_sdk::config_or;
+///
+/// let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
+/// let max_length: usize = config_or("max_length", 256)?;
+/// let normalize = config_or("normalize", true)?;
+/// # let _ = (tokenizer_file, max_length, normalize);
+/// # Ok::<(), kiln_sdk::Error>(())
+/// ```
+pub fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
+    Ok(config(key)?.unwrap_or(default))
+}
+
+/// `json`, the host's JSON text of `key` (None: absent), deserialized.
+fn parse_config<T: serde::de::DeserializeOwned>(
+    key: &str,
+    json: Option<String>,
+) -> Result<Option<T>, Error> {
+    match json {
         None => Ok(None),
         Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
             Error::internal(format!("plugin config `{key}`: invalid value {json}: {e}"))
@@ -782,7 +829,7 @@ macro_rules! exporting_world {
 }
 
 /// Bindings of `kiln:plugin/base` (the shared imports, and the `lifecycle` export every plugin
-/// has). Used by the `export_*!` macros; see [`Lifecycle`].
+/// has). Used by the `export_*!` macros, which implement `lifecycle` with [`Plugin::init`].
 ///
 /// The task modules below bind worlds that export only their task interface: binding each
 /// `<task>-plugin` world whole would define the `lifecycle` export macro once per task, and
@@ -796,33 +843,9 @@ pub mod __lifecycle {
     );
 }
 
-/// Required of every plugin: `init` runs once per instance before its first request (load the
-/// tokenizer, labels, configuration). Its error fails the instance's start.
-///
-/// # Examples
-///
-/// ```
-/// use std::sync::OnceLock;
-/// use kiln_sdk::{config, Error, Lifecycle};
-///
-/// static LABELS: OnceLock<Vec<String>> = OnceLock::new();
-///
-/// struct MyPlugin;
-///
-/// impl Lifecycle for MyPlugin {
-///     fn init() -> Result<(), Error> {
-///         let labels: Vec<String> = config("labels")?
-///             .ok_or_else(|| Error::internal("`labels` is missing from [plugin.config]"))?;
-///         LABELS.set(labels).map_err(|_| Error::internal("init ran twice"))
-///     }
-/// }
-/// ```
-pub use __lifecycle::exports::kiln::plugin::lifecycle::Guest as Lifecycle;
-
 /// The embeddings task (`kiln:plugin/embeddings-plugin`).
 ///
-/// Implement [`Lifecycle`] and [`Guest`](embeddings::Guest), then
-/// `kiln_sdk::export_embeddings!(MyPlugin);`.
+/// Implement [`Plugin`] and [`EmbeddingsPlugin`], then `kiln_sdk::export_embeddings!(MyPlugin);`.
 ///
 /// See [`export_embeddings!`](crate::export_embeddings) for a complete plugin.
 #[allow(missing_docs, clippy::all)]
@@ -838,12 +861,11 @@ pub mod embeddings {
         default_bindings_module: "kiln_sdk::embeddings",
     );
     pub use self::exports::kiln::plugin::embeddings::*;
-    pub use crate::Lifecycle;
 }
 
 /// The text classification task (`kiln:plugin/text-classification-plugin`).
 ///
-/// Implement [`Lifecycle`] and [`Guest`](text_classification::Guest), then
+/// Implement [`Plugin`] and [`TextClassificationPlugin`], then
 /// `kiln_sdk::export_text_classification!(MyPlugin);`.
 ///
 /// See [`export_text_classification!`](crate::export_text_classification) for a complete plugin.
@@ -860,12 +882,11 @@ pub mod text_classification {
         default_bindings_module: "kiln_sdk::text_classification",
     );
     pub use self::exports::kiln::plugin::text_classification::*;
-    pub use crate::Lifecycle;
 }
 
 /// The image classification task (`kiln:plugin/image-classification-plugin`).
 ///
-/// Implement [`Lifecycle`] and [`Guest`](image_classification::Guest), then
+/// Implement [`Plugin`] and [`ImageClassificationPlugin`], then
 /// `kiln_sdk::export_image_classification!(MyPlugin);`.
 ///
 /// See [`export_image_classification!`](crate::export_image_classification) for a complete plugin.
@@ -882,12 +903,11 @@ pub mod image_classification {
         default_bindings_module: "kiln_sdk::image_classification",
     );
     pub use self::exports::kiln::plugin::image_classification::*;
-    pub use crate::Lifecycle;
 }
 
 /// The object detection task (`kiln:plugin/object-detection-plugin`).
 ///
-/// Implement [`Lifecycle`] and [`Guest`](object_detection::Guest), then
+/// Implement [`Plugin`] and [`ObjectDetectionPlugin`], then
 /// `kiln_sdk::export_object_detection!(MyPlugin);`.
 ///
 /// See [`export_object_detection!`](crate::export_object_detection) for a complete plugin.
@@ -904,12 +924,11 @@ pub mod object_detection {
         default_bindings_module: "kiln_sdk::object_detection",
     );
     pub use self::exports::kiln::plugin::object_detection::*;
-    pub use crate::Lifecycle;
 }
 
 /// The speech recognition task (`kiln:plugin/asr-plugin`).
 ///
-/// Implement [`Lifecycle`] and [`Guest`](asr::Guest), then `kiln_sdk::export_asr!(MyPlugin);`.
+/// Implement [`Plugin`] and [`AsrPlugin`], then `kiln_sdk::export_asr!(MyPlugin);`.
 ///
 /// See [`export_asr!`](crate::export_asr) for a complete plugin.
 #[allow(missing_docs, clippy::all)]
@@ -925,13 +944,12 @@ pub mod asr {
         default_bindings_module: "kiln_sdk::asr",
     );
     pub use self::exports::kiln::plugin::asr::*;
-    pub use crate::Lifecycle;
 }
 
 /// The text generation task (`kiln:plugin/text-generation-plugin`).
 ///
-/// Implement [`Lifecycle`], [`Guest`](text_generation::Guest) (naming its `Generation` resource
-/// type) and [`GuestGeneration`](text_generation::GuestGeneration), then
+/// Implement [`Plugin`], [`TextGenerationPlugin`] (naming its generation type) and, for that
+/// type, [`GuestGeneration`](text_generation::GuestGeneration), then
 /// `kiln_sdk::export_text_generation!(MyPlugin);`.
 ///
 /// See [`export_text_generation!`](crate::export_text_generation) for a complete plugin.
@@ -948,15 +966,16 @@ pub mod text_generation {
         default_bindings_module: "kiln_sdk::text_generation",
     );
     pub use self::exports::kiln::plugin::text_generation::*;
-    pub use crate::Lifecycle;
 }
 
-/// Exports a type as the component of a task world: `kiln_sdk::export!(embeddings, MyPlugin);`
-/// (or the task's own macro, such as [`export_embeddings!`]).
+/// Exports a plugin type as the component of a task world: `kiln_sdk::export!(embeddings,
+/// MyPlugin);` (or the task's own macro, such as [`export_embeddings!`]).
 ///
 /// `$task` is the task module (`embeddings`, `text_classification`, `image_classification`,
-/// `object_detection`, `asr`, `text_generation`); the type must implement [`Lifecycle`] and that
-/// module's `Guest`. Invoke it once, at the top level of the plugin crate.
+/// `object_detection`, `asr`, `text_generation`); the type must implement [`Plugin`] and that
+/// task's trait ([`EmbeddingsPlugin`], ...). Invoke it once, at the top level of the plugin
+/// crate. It keeps the value [`Plugin::init`] returns in a `static` of the plugin crate and
+/// forwards each WIT export to it (see [`plugin`](crate::plugin)).
 ///
 /// When not compiling for `wasm32` it only checks the trait implementations: a native build (unit
 /// tests, clippy) has no component to export, and native linkers reject the exports' names.
@@ -964,19 +983,19 @@ pub mod text_generation {
 /// # Examples
 ///
 /// ```
-/// use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
-/// use kiln_sdk::{Error, Usage};
+/// use kiln_sdk::text_classification::Output;
+/// use kiln_sdk::{Error, Plugin, TextClassificationPlugin};
 ///
 /// struct Sentiment;
 ///
-/// impl Lifecycle for Sentiment {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Sentiment {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Sentiment)
 ///     }
 /// }
 ///
-/// impl Guest for Sentiment {
-///     fn classify(inputs: Vec<String>) -> Result<Output, Error> {
+/// impl TextClassificationPlugin for Sentiment {
+///     fn classify(&self, inputs: Vec<String>) -> Result<Output, Error> {
 ///         Err(Error::unsupported("not yet"))
 ///     }
 /// }
@@ -987,19 +1006,32 @@ pub mod text_generation {
 #[macro_export]
 macro_rules! export {
     ($task:ident, $ty:ident) => {
-        #[cfg(target_arch = "wasm32")]
-        $crate::__lifecycle::export!($ty with_types_in $crate::__lifecycle);
-        #[cfg(target_arch = "wasm32")]
-        $crate::$task::export!($ty with_types_in $crate::$task);
-        #[cfg(not(target_arch = "wasm32"))]
         const _: () = {
-            fn implements_the_task<T: $crate::Lifecycle + $crate::$task::Guest>() {}
-            let _ = implements_the_task::<$ty>;
+            impl $crate::plugin::Exported for $ty {
+                fn cell() -> &'static ::std::sync::OnceLock<Self> {
+                    static PLUGIN: ::std::sync::OnceLock<$ty> = ::std::sync::OnceLock::new();
+                    &PLUGIN
+                }
+            }
+            // wit-bindgen's export macros take a type name, not a generic type.
+            type KilnExports = $crate::plugin::Exports<$ty>;
+            #[cfg(target_arch = "wasm32")]
+            $crate::__lifecycle::export!(KilnExports with_types_in $crate::__lifecycle);
+            #[cfg(target_arch = "wasm32")]
+            $crate::$task::export!(KilnExports with_types_in $crate::$task);
+            #[cfg(not(target_arch = "wasm32"))]
+            fn implements_the_task<
+                T: $crate::__lifecycle::exports::kiln::plugin::lifecycle::Guest
+                    + $crate::$task::Guest,
+            >() {
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            let _ = implements_the_task::<KilnExports>;
         };
     };
 }
 
-/// Exports a type as a `kiln:plugin/embeddings-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/embeddings-plugin` component (see [`export!`]).
 ///
 /// # Examples
 ///
@@ -1007,20 +1039,20 @@ macro_rules! export {
 /// `kiln_sdk::text`):
 ///
 /// ```
-/// use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
-/// use kiln_sdk::{Error, Usage};
+/// use kiln_sdk::embeddings::Output;
+/// use kiln_sdk::{EmbeddingsPlugin, Error, Plugin, Usage};
 ///
 /// /// Embeds a text as its letter counts a..z, normalised to length 1.
 /// struct Letters;
 ///
-/// impl Lifecycle for Letters {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Letters {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Letters)
 ///     }
 /// }
 ///
-/// impl Guest for Letters {
-///     fn embed(inputs: Vec<String>) -> Result<Output, Error> {
+/// impl EmbeddingsPlugin for Letters {
+///     fn embed(&self, inputs: Vec<String>) -> Result<Output, Error> {
 ///         let mut vectors = Vec::with_capacity(inputs.len());
 ///         for text in &inputs {
 ///             let mut v = vec![0.0f32; 26];
@@ -1037,8 +1069,8 @@ macro_rules! export {
 ///
 /// kiln_sdk::export_embeddings!(Letters);
 ///
-/// // Natively (in unit tests) the handlers are plain functions.
-/// let out = Letters::embed(vec!["aab".into()])?;
+/// // Natively (in unit tests) the handlers are plain methods.
+/// let out = Letters.embed(vec!["aab".into()])?;
 /// assert_eq!(out.vectors[0].len(), 26);
 /// assert!((out.vectors[0][0] - 2.0 / 5f32.sqrt()).abs() < 1e-6);
 /// # Ok::<(), Error>(())
@@ -1050,14 +1082,14 @@ macro_rules! export_embeddings {
     };
 }
 
-/// Exports a type as a `kiln:plugin/text-classification-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/text-classification-plugin` component (see [`export!`]).
 ///
 /// # Examples
 ///
 /// ```
 /// use kiln_sdk::scores::{ranked, softmax};
-/// use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
-/// use kiln_sdk::{Error, Usage};
+/// use kiln_sdk::text_classification::Output;
+/// use kiln_sdk::{Error, Plugin, TextClassificationPlugin, Usage};
 ///
 /// struct Sentiment;
 ///
@@ -1066,14 +1098,14 @@ macro_rules! export_embeddings {
 ///     if text.contains("love") { [-1.0, 2.0] } else { [1.0, -1.0] }
 /// }
 ///
-/// impl Lifecycle for Sentiment {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Sentiment {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Sentiment)
 ///     }
 /// }
 ///
-/// impl Guest for Sentiment {
-///     fn classify(inputs: Vec<String>) -> Result<Output, Error> {
+/// impl TextClassificationPlugin for Sentiment {
+///     fn classify(&self, inputs: Vec<String>) -> Result<Output, Error> {
 ///         let labels = ["negative".to_owned(), "positive".to_owned()];
 ///         let results = inputs
 ///             .iter()
@@ -1086,7 +1118,7 @@ macro_rules! export_embeddings {
 ///
 /// kiln_sdk::export_text_classification!(Sentiment);
 ///
-/// let out = Sentiment::classify(vec!["I love it".into()])?;
+/// let out = Sentiment.classify(vec!["I love it".into()])?;
 /// assert_eq!(out.results[0][0].label, "positive");
 /// # Ok::<(), Error>(())
 /// ```
@@ -1097,25 +1129,25 @@ macro_rules! export_text_classification {
     };
 }
 
-/// Exports a type as a `kiln:plugin/image-classification-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/image-classification-plugin` component (see
+/// [`export!`]).
 ///
 /// # Examples
 ///
 /// ```
-/// use kiln_sdk::image_classification::{Guest, Lifecycle};
 /// use kiln_sdk::scores::{ranked_top_k, softmax};
-/// use kiln_sdk::{ClassScore, Error, Image};
+/// use kiln_sdk::{ClassScore, Error, Image, ImageClassificationPlugin, Plugin};
 ///
 /// struct Orientation;
 ///
-/// impl Lifecycle for Orientation {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Orientation {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Orientation)
 ///     }
 /// }
 ///
-/// impl Guest for Orientation {
-///     fn classify(image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
+/// impl ImageClassificationPlugin for Orientation {
+///     fn classify(&self, image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
 ///         // A real plugin decodes `image.bytes` (`kiln_sdk::image`, feature `image`) and runs
 ///         // its graph.
 ///         let logits = [image.width as f32 / 100.0, image.height as f32 / 100.0];
@@ -1127,7 +1159,7 @@ macro_rules! export_text_classification {
 /// kiln_sdk::export_image_classification!(Orientation);
 ///
 /// let photo = Image { bytes: Vec::new(), width: 640, height: 480 };
-/// let best = Orientation::classify(photo, 1)?;
+/// let best = Orientation.classify(photo, 1)?;
 /// assert_eq!(best.len(), 1);
 /// assert_eq!(best[0].label, "landscape");
 /// # Ok::<(), Error>(())
@@ -1139,14 +1171,14 @@ macro_rules! export_image_classification {
     };
 }
 
-/// Exports a type as a `kiln:plugin/object-detection-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/object-detection-plugin` component (see [`export!`]).
 ///
 /// # Examples
 ///
 /// ```
 /// use kiln_sdk::detection::{nms, BBox, Candidate};
-/// use kiln_sdk::object_detection::{Bbox, Detection, Guest, Lifecycle};
-/// use kiln_sdk::{Error, Image};
+/// use kiln_sdk::object_detection::{Bbox, Detection};
+/// use kiln_sdk::{Error, Image, ObjectDetectionPlugin, Plugin};
 ///
 /// const LABELS: [&str; 2] = ["person", "dog"];
 ///
@@ -1163,14 +1195,14 @@ macro_rules! export_image_classification {
 ///     ]
 /// }
 ///
-/// impl Lifecycle for Detector {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Detector {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Detector)
 ///     }
 /// }
 ///
-/// impl Guest for Detector {
-///     fn detect(image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
+/// impl ObjectDetectionPlugin for Detector {
+///     fn detect(&self, image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
 ///         let found = candidates(&image).into_iter().filter(|c| c.score >= threshold).collect();
 ///         Ok(nms(found, 0.5)
 ///             .into_iter()
@@ -1191,7 +1223,7 @@ macro_rules! export_image_classification {
 /// kiln_sdk::export_object_detection!(Detector);
 ///
 /// let image = Image { bytes: Vec::new(), width: 640, height: 480 };
-/// let found = Detector::detect(image, 0.5)?;
+/// let found = Detector.detect(image, 0.5)?;
 /// // The 0.6 box overlaps the 0.9 one; the dog scores below the threshold.
 /// assert_eq!(found.len(), 1);
 /// assert_eq!(found[0].label, "person");
@@ -1204,24 +1236,24 @@ macro_rules! export_object_detection {
     };
 }
 
-/// Exports a type as a `kiln:plugin/asr-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/asr-plugin` component (see [`export!`]).
 ///
 /// # Examples
 ///
 /// ```
-/// use kiln_sdk::asr::{Guest, Lifecycle, Transcript};
-/// use kiln_sdk::{Audio, Error, Usage};
+/// use kiln_sdk::asr::Transcript;
+/// use kiln_sdk::{AsrPlugin, Audio, Error, Plugin, Usage};
 ///
 /// struct Whisper;
 ///
-/// impl Lifecycle for Whisper {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Whisper {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Whisper)
 ///     }
 /// }
 ///
-/// impl Guest for Whisper {
-///     fn transcribe(audio: Audio) -> Result<Transcript, Error> {
+/// impl AsrPlugin for Whisper {
+///     fn transcribe(&self, audio: Audio) -> Result<Transcript, Error> {
 ///         // A real plugin decodes `audio.bytes` and computes its features with
 ///         // `kiln_sdk::audio` (feature `audio`), then runs its encoder and decoder graphs.
 ///         if audio.duration_ms == 0 {
@@ -1235,7 +1267,7 @@ macro_rules! export_object_detection {
 /// kiln_sdk::export_asr!(Whisper);
 ///
 /// let silence = Audio { bytes: Vec::new(), sample_rate: 16_000, channels: 1, duration_ms: 0 };
-/// assert!(matches!(Whisper::transcribe(silence), Err(Error::InvalidInput(_))));
+/// assert!(matches!(Whisper.transcribe(silence), Err(Error::InvalidInput(_))));
 /// ```
 #[macro_export]
 macro_rules! export_asr {
@@ -1244,7 +1276,7 @@ macro_rules! export_asr {
     };
 }
 
-/// Exports a type as a `kiln:plugin/text-generation-plugin` component (see [`export!`]).
+/// Exports a plugin type as a `kiln:plugin/text-generation-plugin` component (see [`export!`]).
 ///
 /// # Examples
 ///
@@ -1256,10 +1288,8 @@ macro_rules! export_asr {
 /// use std::collections::VecDeque;
 ///
 /// use kiln_sdk::generate::StopMatcher;
-/// use kiln_sdk::text_generation::{
-///     FinishReason, Generation, Guest, GuestGeneration, Input, Lifecycle, Params, Step,
-/// };
-/// use kiln_sdk::{Error, Usage};
+/// use kiln_sdk::text_generation::{FinishReason, GuestGeneration, Input, Params, Step};
+/// use kiln_sdk::{Error, Plugin, TextGenerationPlugin, Usage};
 ///
 /// struct Echo;
 ///
@@ -1270,25 +1300,25 @@ macro_rules! export_asr {
 ///     produced: Cell<u32>,
 /// }
 ///
-/// impl Lifecycle for Echo {
-///     fn init() -> Result<(), Error> {
-///         Ok(())
+/// impl Plugin for Echo {
+///     fn init() -> Result<Self, Error> {
+///         Ok(Echo)
 ///     }
 /// }
 ///
-/// impl Guest for Echo {
+/// impl TextGenerationPlugin for Echo {
 ///     type Generation = EchoGeneration;
 ///
-///     fn start(input: Input, params: Params) -> Result<Generation, Error> {
+///     fn start(&'static self, input: Input, params: Params) -> Result<EchoGeneration, Error> {
 ///         let Input::Prompt(prompt) = input else {
 ///             return Err(Error::unsupported("this model has no chat template"));
 ///         };
-///         Ok(Generation::new(EchoGeneration {
+///         Ok(EchoGeneration {
 ///             words: RefCell::new(prompt.split_inclusive(' ').map(str::to_owned).collect()),
 ///             stop: RefCell::new(StopMatcher::new(params.stop_sequences)),
 ///             max_tokens: params.max_tokens,
 ///             produced: Cell::new(0),
-///         }))
+///         })
 ///     }
 /// }
 ///
@@ -1341,4 +1371,32 @@ macro_rules! export_text_generation {
     ($ty:ident) => {
         $crate::export!(text_generation, $ty);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_values_are_json_and_absent_keys_none() {
+        assert_eq!(parse_config::<u32>("max_length", None).unwrap(), None);
+        assert_eq!(
+            parse_config::<u32>("max_length", Some("128".into())).unwrap(),
+            Some(128)
+        );
+        assert_eq!(
+            parse_config::<Vec<String>>("labels", Some(r#"["a","b"]"#.into())).unwrap(),
+            Some(vec!["a".to_owned(), "b".to_owned()])
+        );
+    }
+
+    #[test]
+    fn a_config_value_of_the_wrong_type_is_an_internal_error_naming_the_key() {
+        let err = parse_config::<u32>("max_length", Some("\"long\"".into())).unwrap_err();
+        let expected = "plugin config `max_length`: invalid value \"long\": ";
+        assert!(
+            matches!(&err, Error::Internal(m) if m.starts_with(expected)),
+            "{err:?}"
+        );
+    }
 }

@@ -26,17 +26,16 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 
 use kiln_sdk::text::{EncoderInputs, Tokenizer};
-use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
-use kiln_sdk::{ClassScore, Error, Graph, Usage};
+use kiln_sdk::text_classification::Output;
+use kiln_sdk::{config_or, ClassScore, Error, Graph, Plugin, TextClassificationPlugin, Usage};
 
 /// Tokens per input, special tokens included (MiniLM was trained on 256).
 const MAX_LENGTH: usize = 256;
 
-/// What `init` loads once per instance.
-struct State {
+/// The plugin: what `init` loads once per instance, which every request uses.
+struct Classifier {
     tokenizer: Tokenizer,
     labels: Vec<String>,
     graph: Graph,
@@ -60,10 +59,9 @@ impl Tenant {
     /// the model's labels (a name for a label the model does not have is a typo, refused).
     fn from_config(labels: &[String]) -> Result<Self, Error> {
         let tenant = Tenant {
-            names: kiln_sdk::config("names")?.unwrap_or_default(),
-            threshold: kiln_sdk::config("threshold")?.unwrap_or(0.5),
-            below_threshold: kiln_sdk::config("below_threshold")?
-                .unwrap_or_else(|| "uncertain".into()),
+            names: config_or("names", BTreeMap::new())?,
+            threshold: config_or("threshold", 0.5)?,
+            below_threshold: config_or("below_threshold", "uncertain".into())?,
         };
         tenant.check(labels).map_err(Error::internal)?;
         Ok(tenant)
@@ -111,64 +109,48 @@ impl Tenant {
     }
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct Plugin;
-
-impl Lifecycle for Plugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for Classifier {
+    fn init() -> Result<Self, Error> {
         // `[plugin.config]` values (JSON, deserialised), with defaults for the demo model.
-        let tokenizer_file =
-            kiln_sdk::config::<String>("tokenizer")?.unwrap_or_else(|| "tokenizer.json".into());
-        let labels_file =
-            kiln_sdk::config::<String>("labels")?.unwrap_or_else(|| "labels.txt".into());
+        let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".into())?;
         let tokenizer =
             kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), MAX_LENGTH)
                 .map_err(Error::internal)?;
-        let labels_path = kiln_sdk::model_file(&labels_file);
-        let labels: Vec<String> = std::fs::read_to_string(&labels_path)
-            .map_err(|e| Error::internal(format!("reading {}: {e}", labels_path.display())))?
-            .lines()
-            .map(|line| line.trim().to_owned())
-            .filter(|line| !line.is_empty())
-            .collect();
+        // One per line in the file `labels` names (default `labels.txt`).
+        let labels = kiln_sdk::labels::from_config()?;
         let tenant = Tenant::from_config(&labels)?;
-        let _ = STATE.set(State {
+        Ok(Classifier {
             tokenizer,
             labels,
             graph: Graph::load("model")?,
             // input_ids, attention_mask, token_type_ids: the usual Hugging Face names.
             inputs: EncoderInputs::from_config()?,
             tenant,
-        });
-        Ok(())
+        })
     }
 }
 
-impl Guest for Plugin {
-    fn classify(inputs: Vec<String>) -> Result<Output, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("classify called before init"))?;
+impl TextClassificationPlugin for Classifier {
+    fn classify(&self, inputs: Vec<String>) -> Result<Output, Error> {
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
+        let batch = kiln_sdk::text::tokenize(&self.tokenizer, &texts).map_err(Error::internal)?;
+        let mut outputs = self.graph.compute(batch.graph_inputs(&self.inputs))?;
         // f32 [batch, labels]
         let logits = kiln_sdk::to_f32_vec(&outputs.take("logits")?)?;
-        if logits.len() != batch.batch * state.labels.len() {
+        if logits.len() != batch.batch * self.labels.len() {
             return Err(Error::internal(format!(
                 "{} logits for {} inputs and {} labels",
                 logits.len(),
                 batch.batch,
-                state.labels.len()
+                self.labels.len()
             )));
         }
         let results = logits
-            .chunks_exact(state.labels.len())
+            .chunks_exact(self.labels.len())
             .map(|row| {
                 let ranked =
-                    kiln_sdk::scores::ranked(&state.labels, &kiln_sdk::scores::softmax(row))?;
-                Ok(state.tenant.relabel(ranked))
+                    kiln_sdk::scores::ranked(&self.labels, &kiln_sdk::scores::softmax(row))?;
+                Ok(self.tenant.relabel(ranked))
             })
             .collect::<Result<_, Error>>()?;
         Ok(Output {
@@ -181,7 +163,7 @@ impl Guest for Plugin {
     }
 }
 
-kiln_sdk::export_text_classification!(Plugin);
+kiln_sdk::export_text_classification!(Classifier);
 
 #[cfg(test)]
 mod tests {

@@ -11,50 +11,39 @@
 //! | `tokenizer`  | `"tokenizer.json"` | tokenizer file, in the model's folder      |
 //! | `max_length` | `256`              | tokens per input (special tokens included) |
 
-use std::sync::OnceLock;
-
-use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
+use kiln_sdk::embeddings::Output;
 use kiln_sdk::text::{EncoderInputs, Tokenizer};
-use kiln_sdk::{Error, Graph, Usage};
+use kiln_sdk::{config_or, EmbeddingsPlugin, Error, Graph, Plugin, Usage};
 
-/// What `init` loads once per instance.
-struct State {
+/// The plugin: what `init` loads once per instance, which every request uses.
+struct Embedder {
     tokenizer: Tokenizer,
     graph: Graph,
     inputs: EncoderInputs,
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct Plugin;
-
-impl Lifecycle for Plugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for Embedder {
+    fn init() -> Result<Self, Error> {
         // `[plugin.config]` values (JSON, deserialised), with defaults for the demo model.
-        let tokenizer_file =
-            kiln_sdk::config::<String>("tokenizer")?.unwrap_or_else(|| "tokenizer.json".into());
-        let max_length = kiln_sdk::config::<usize>("max_length")?.unwrap_or(256);
+        let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".into())?;
+        let max_length: usize = config_or("max_length", 256)?;
         let tokenizer =
             kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
                 .map_err(Error::internal)?;
-        let _ = STATE.set(State {
+        Ok(Embedder {
             tokenizer,
             graph: Graph::load("model")?,
             // input_ids, attention_mask, token_type_ids: the usual Hugging Face names.
             inputs: EncoderInputs::from_config()?,
-        });
-        Ok(())
+        })
     }
 }
 
-impl Guest for Plugin {
-    fn embed(inputs: Vec<String>) -> Result<Output, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("embed called before init"))?;
+impl EmbeddingsPlugin for Embedder {
+    fn embed(&self, inputs: Vec<String>) -> Result<Output, Error> {
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
+        let batch = kiln_sdk::text::tokenize(&self.tokenizer, &texts).map_err(Error::internal)?;
+        let mut outputs = self.graph.compute(batch.graph_inputs(&self.inputs))?;
         // f32 [batch, seq, hidden]
         let states = kiln_sdk::to_f32_vec(&outputs.take("last_hidden_state")?)?;
         let tokens = batch.batch * batch.seq;
@@ -98,4 +87,4 @@ fn mean_pool(states: &[f32], mask: &[i64], hidden: usize) -> Vec<f32> {
     sum
 }
 
-kiln_sdk::export_embeddings!(Plugin);
+kiln_sdk::export_embeddings!(Embedder);

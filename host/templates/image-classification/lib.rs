@@ -13,11 +13,8 @@
 //! | `input`  | `"input"`      | graph input: f32 `[1, 3, 224, 224]`              |
 //! | `output` | `"logits"`     | graph output: f32 `[1, classes]`                 |
 
-use std::sync::OnceLock;
-
 use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
-use kiln_sdk::image_classification::{Guest, Lifecycle};
-use kiln_sdk::{ClassScore, Error, Graph, Image};
+use kiln_sdk::{config_or, ClassScore, Error, Graph, Image, ImageClassificationPlugin, Plugin};
 
 /// The largest decoded image (the host checks the header against the model's limit first).
 const MAX_PIXELS: u64 = 24_000_000;
@@ -32,44 +29,29 @@ const TENSOR: TensorSpec = TensorSpec {
     std: [128.0; 3],
 };
 
-/// What `init` loads once per instance.
-struct State {
+/// The plugin: what `init` loads once per instance, which every request uses.
+struct Classifier {
     labels: Vec<String>,
     graph: Graph,
     input: String,
     output: String,
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct Plugin;
-
-impl Lifecycle for Plugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for Classifier {
+    fn init() -> Result<Self, Error> {
         // `[plugin.config]` values (JSON, deserialised), with defaults for the demo model.
-        let labels_file =
-            kiln_sdk::config::<String>("labels")?.unwrap_or_else(|| "labels.txt".into());
-        let labels_path = kiln_sdk::model_file(&labels_file);
-        let labels = std::fs::read_to_string(&labels_path)
-            .map_err(|e| Error::internal(format!("reading {}: {e}", labels_path.display())))?
-            .lines()
-            .map(|line| line.trim_end().to_owned())
-            .collect();
-        let _ = STATE.set(State {
-            labels,
+        Ok(Classifier {
+            // One per line in the file `labels` names (default `labels.txt`).
+            labels: kiln_sdk::labels::from_config()?,
             graph: Graph::load("model")?,
-            input: kiln_sdk::config("input")?.unwrap_or_else(|| "input".into()),
-            output: kiln_sdk::config("output")?.unwrap_or_else(|| "logits".into()),
-        });
-        Ok(())
+            input: config_or("input", "input".into())?,
+            output: config_or("output", "logits".into())?,
+        })
     }
 }
 
-impl Guest for Plugin {
-    fn classify(image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("classify called before init"))?;
+impl ImageClassificationPlugin for Classifier {
+    fn classify(&self, image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
         // A file that does not decode is the caller's error (422), said by `decode`.
         let decoded = kiln_sdk::image::decode(&image.bytes, MAX_PIXELS)?;
         let resized = kiln_sdk::image::resize_short_side(&decoded, RESIZE)?;
@@ -78,12 +60,12 @@ impl Guest for Plugin {
             &TENSOR.dims(CROP, CROP),
             &kiln_sdk::image::to_tensor(&cropped, &TENSOR),
         );
-        let mut outputs = state.graph.compute(vec![(state.input.as_str(), tensor)])?;
-        let logits = kiln_sdk::to_f32_vec(&outputs.take(&state.output)?)?;
+        let mut outputs = self.graph.compute(vec![(self.input.as_str(), tensor)])?;
+        let logits = kiln_sdk::to_f32_vec(&outputs.take(&self.output)?)?;
         // `ranked_top_k` checks that there is one label per score.
         let scores = kiln_sdk::scores::softmax(&logits);
-        kiln_sdk::scores::ranked_top_k(&state.labels, &scores, top_k as usize)
+        kiln_sdk::scores::ranked_top_k(&self.labels, &scores, top_k as usize)
     }
 }
 
-kiln_sdk::export_image_classification!(Plugin);
+kiln_sdk::export_image_classification!(Classifier);

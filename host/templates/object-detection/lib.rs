@@ -19,12 +19,10 @@
 //! | `input`         | `"input_1:0"`  | graph input: f32 `[1, 3, 416, 416]`              |
 //! | `iou_threshold` | `0.5`          | a box overlapping a better one of its class by more is dropped |
 
-use std::sync::OnceLock;
-
 use kiln_sdk::detection::{self, Candidate, GflLevel};
 use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
-use kiln_sdk::object_detection::{Bbox, Detection, Guest, Lifecycle};
-use kiln_sdk::{Error, Graph, Image};
+use kiln_sdk::object_detection::{Bbox, Detection};
+use kiln_sdk::{config_or, Error, Graph, Image, ObjectDetectionPlugin, Plugin};
 
 /// The largest decoded image (the host checks the header against the model's limit first).
 const MAX_PIXELS: u64 = 24_000_000;
@@ -41,44 +39,29 @@ const TENSOR: TensorSpec = TensorSpec {
     std: [57.375, 57.12, 58.395],
 };
 
-/// What `init` loads once per instance.
-struct State {
+/// The plugin: what `init` loads once per instance, which every request uses.
+struct Detector {
     labels: Vec<String>,
     graph: Graph,
     input: String,
     iou_threshold: f32,
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct Plugin;
-
-impl Lifecycle for Plugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for Detector {
+    fn init() -> Result<Self, Error> {
         // `[plugin.config]` values (JSON, deserialised), with defaults for the demo model.
-        let labels_file =
-            kiln_sdk::config::<String>("labels")?.unwrap_or_else(|| "labels.txt".into());
-        let labels_path = kiln_sdk::model_file(&labels_file);
-        let labels = std::fs::read_to_string(&labels_path)
-            .map_err(|e| Error::internal(format!("reading {}: {e}", labels_path.display())))?
-            .lines()
-            .map(|line| line.trim_end().to_owned())
-            .collect();
-        let _ = STATE.set(State {
-            labels,
+        Ok(Detector {
+            // One per line in the file `labels` names (default `labels.txt`).
+            labels: kiln_sdk::labels::from_config()?,
             graph: Graph::load("model")?,
-            input: kiln_sdk::config("input")?.unwrap_or_else(|| "input_1:0".into()),
-            iou_threshold: kiln_sdk::config("iou_threshold")?.unwrap_or(0.5),
-        });
-        Ok(())
+            input: config_or("input", "input_1:0".into())?,
+            iou_threshold: config_or("iou_threshold", 0.5)?,
+        })
     }
 }
 
-impl Guest for Plugin {
-    fn detect(image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("detect called before init"))?;
+impl ObjectDetectionPlugin for Detector {
+    fn detect(&self, image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
         // A file that does not decode is the caller's error (422), said by `decode`.
         let decoded = kiln_sdk::image::decode(&image.bytes, MAX_PIXELS)?;
         let (width, height) = decoded.dimensions();
@@ -88,9 +71,9 @@ impl Guest for Plugin {
             &kiln_sdk::image::to_tensor(&resized, &TENSOR),
         );
         // Every output, as (shape, values).
-        let outputs = state
+        let outputs = self
             .graph
-            .compute(vec![(state.input.as_str(), tensor)])?
+            .compute(vec![(self.input.as_str(), tensor)])?
             .into_vec()
             .into_iter()
             .map(|(_, t)| Ok((t.dimensions(), kiln_sdk::to_f32_vec(&t)?)))
@@ -103,7 +86,7 @@ impl Guest for Plugin {
                 .ok_or_else(|| Error::internal(format!("the graph has no output {shape:?}")))
         };
 
-        let classes = state.labels.len();
+        let classes = self.labels.len();
         // Boxes come in the 416 x 416 input's pixels: scaled back to the image's.
         let (sx, sy) = (width as f32 / SIZE as f32, height as f32 / SIZE as f32);
         let mut candidates: Vec<Candidate> = Vec::new();
@@ -124,10 +107,10 @@ impl Guest for Plugin {
                 ..c
             }));
         }
-        Ok(detection::nms(candidates, state.iou_threshold)
+        Ok(detection::nms(candidates, self.iou_threshold)
             .into_iter()
             .map(|c| Detection {
-                label: state.labels[c.class].clone(),
+                label: self.labels[c.class].clone(),
                 score: c.score,
                 box_: Bbox {
                     xmin: c.bbox.xmin,
@@ -140,4 +123,4 @@ impl Guest for Plugin {
     }
 }
 
-kiln_sdk::export_object_detection!(Plugin);
+kiln_sdk::export_object_detection!(Detector);

@@ -32,17 +32,15 @@
 //! `[1, tokens]`, `past_k`, `past_v` `[layers, 1, heads, past, head_dim]`, `cross_k`, `cross_v`
 //! -> `logits` `[1, tokens, vocab]`, `present_k`, `present_v`.
 
-use std::sync::OnceLock;
-
-use kiln_sdk::asr::{Guest, Lifecycle, Transcript};
+use kiln_sdk::asr::Transcript;
 use kiln_sdk::audio::{self, LogMel, WHISPER_SAMPLE_RATE, WHISPER_WINDOW_SAMPLES};
-use kiln_sdk::{tensor_ext, Audio, Error, Graph, Tensor, TensorType, Usage};
+use kiln_sdk::{
+    config_or, tensor_ext, AsrPlugin, Audio, Error, Graph, Plugin, Tensor, TensorType, Usage,
+};
 use tokenizers::Tokenizer;
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/asr-plugin`): what `init` loads once per instance.
+pub struct Whisper {
     tokenizer: Tokenizer,
     log_mel: LogMel,
     encoder: Graph,
@@ -72,13 +70,6 @@ impl Default for Decoding {
             first_special: 50257,
         }
     }
-}
-
-/// The plugin (exported as `kiln:plugin/asr-plugin`).
-pub struct AsrPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
 }
 
 /// Loads `tokenizer.json` (no threads in a wasm32-wasip2 instance).
@@ -135,8 +126,8 @@ pub fn samples_16k(wav: &[u8]) -> Result<Vec<f32>, Error> {
     ))
 }
 
-impl Lifecycle for AsrPlugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for Whisper {
+    fn init() -> Result<Self, Error> {
         let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
         let filters_file: String = config_or("mel_filters", "mel_filters_80x201.npy".to_owned())?;
         let encoder: String = config_or("encoder", "encoder".to_owned())?;
@@ -163,24 +154,18 @@ impl Lifecycle for AsrPlugin {
         let filters = std::fs::read(&filters_path)
             .map_err(|e| Error::internal(format!("reading {}: {e}", filters_path.display())))?;
         let log_mel = LogMel::new(&audio::read_npy_f32(&filters)?)?;
-        let state = State {
+        Ok(Whisper {
             tokenizer,
             log_mel,
             encoder: Graph::load(&encoder)?,
             decoder: Graph::load(&decoder)?,
             decoding,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
-impl Guest for AsrPlugin {
-    fn transcribe(audio: Audio) -> Result<Transcript, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("transcribe called before init"))?;
+impl AsrPlugin for Whisper {
+    fn transcribe(&self, audio: Audio) -> Result<Transcript, Error> {
         let samples = samples_16k(&audio.bytes)?;
         if samples.is_empty() {
             return Err(Error::invalid_input("audio: the WAV file holds no samples"));
@@ -188,10 +173,10 @@ impl Guest for AsrPlugin {
         let mut texts = Vec::new();
         let mut generated = 0usize;
         for window in samples.chunks(WHISPER_WINDOW_SAMPLES) {
-            let ids = state.transcribe_window(window)?;
+            let ids = self.transcribe_window(window)?;
             generated += ids.len();
             texts.push(
-                decode_text(&state.tokenizer, &ids, state.decoding.first_special)
+                decode_text(&self.tokenizer, &ids, self.decoding.first_special)
                     .map_err(Error::internal)?,
             );
         }
@@ -205,7 +190,7 @@ impl Guest for AsrPlugin {
     }
 }
 
-impl State {
+impl Whisper {
     /// The token ids generated for one window of at most 30 s of 16 kHz samples (start and
     /// end-of-text tokens not included).
     fn transcribe_window(&self, window: &[f32]) -> Result<Vec<i64>, Error> {
@@ -283,7 +268,7 @@ fn last_row_argmax(logits: &Tensor) -> Result<i64, Error> {
     Ok(best as i64)
 }
 
-kiln_sdk::export_asr!(AsrPlugin);
+kiln_sdk::export_asr!(Whisper);
 
 #[cfg(test)]
 mod tests {

@@ -19,20 +19,17 @@
 //! | `token_type_ids` | `"token_type_ids"`    | graph input: segment ids; `""` if the graph has none |
 //! | `output`         | `"last_hidden_state"` | graph output: f32 `[batch, seq, hidden]`        |
 
-use std::sync::OnceLock;
-
-use kiln_sdk::embeddings::{Guest, Lifecycle, Output};
+use kiln_sdk::embeddings::Output;
 use kiln_sdk::text::{EncoderInputs, Tokenizer};
-use kiln_sdk::{Error, Graph, Usage};
+use kiln_sdk::{config_or, EmbeddingsPlugin, Error, Graph, Plugin, Usage};
 
 pub mod pooling;
 
 use pooling::Pooling;
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/embeddings-plugin`): what `init` loads once per
+/// instance.
+pub struct SentenceEncoder {
     tokenizer: Tokenizer,
     graph: Graph,
     pooling: Pooling,
@@ -41,19 +38,12 @@ struct State {
     output: String,
 }
 
-/// The plugin (exported as `kiln:plugin/embeddings-plugin`).
-pub struct EmbeddingsPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
-}
-
 // The batch tokenizer lives in kiln-sdk; re-exported for the native benchmark, which runs the
 // same code outside the sandbox.
 pub use kiln_sdk::text::{load_tokenizer, tokenize, Batch};
 
-impl Lifecycle for EmbeddingsPlugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for SentenceEncoder {
+    fn init() -> Result<Self, Error> {
         let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
         let max_length: usize = config_or("max_length", 256)?;
         if max_length < 2 {
@@ -76,32 +66,26 @@ impl Lifecycle for EmbeddingsPlugin {
         let tokenizer = load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
             .map_err(Error::internal)?;
         let graph = Graph::load(&graph_name)?;
-        let state = State {
+        Ok(SentenceEncoder {
             tokenizer,
             graph,
             pooling,
             normalize,
             inputs: EncoderInputs::from_config()?,
             output: config_or("output", "last_hidden_state".to_owned())?,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
-impl Guest for EmbeddingsPlugin {
-    fn embed(inputs: Vec<String>) -> Result<Output, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("embed called before init"))?;
+impl EmbeddingsPlugin for SentenceEncoder {
+    fn embed(&self, inputs: Vec<String>) -> Result<Output, Error> {
         if inputs.is_empty() {
             return Err(Error::invalid_input("no inputs to embed"));
         }
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let batch = tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
-        let hidden_states = outputs.take(&state.output)?;
+        let batch = tokenize(&self.tokenizer, &texts).map_err(Error::internal)?;
+        let mut outputs = self.graph.compute(batch.graph_inputs(&self.inputs))?;
+        let hidden_states = outputs.take(&self.output)?;
         let shape = hidden_states.dimensions();
         let values = kiln_sdk::to_f32_vec(&hidden_states)?;
         let hidden = match shape.as_slice() {
@@ -109,14 +93,14 @@ impl Guest for EmbeddingsPlugin {
             _ => {
                 return Err(Error::internal(format!(
                     "output {:?} has shape {shape:?}, expected [{}, {}, hidden]",
-                    state.output, batch.batch, batch.seq
+                    self.output, batch.batch, batch.seq
                 )))
             }
         };
         if values.len() != batch.batch * batch.seq * hidden {
             return Err(Error::internal(format!(
                 "output {:?} holds {} values for shape {shape:?}",
-                state.output,
+                self.output,
                 values.len()
             )));
         }
@@ -126,9 +110,9 @@ impl Guest for EmbeddingsPlugin {
             &batch.attention_mask,
             batch.seq,
             hidden,
-            state.pooling,
+            self.pooling,
         );
-        if state.normalize {
+        if self.normalize {
             vectors.iter_mut().for_each(|v| pooling::l2_normalize(v));
         }
         let input_tokens = batch.real_tokens();
@@ -142,7 +126,7 @@ impl Guest for EmbeddingsPlugin {
     }
 }
 
-kiln_sdk::export_embeddings!(EmbeddingsPlugin);
+kiln_sdk::export_embeddings!(SentenceEncoder);
 
 #[cfg(test)]
 mod tests {

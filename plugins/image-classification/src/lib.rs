@@ -23,11 +23,8 @@
 //! | `scores`        | `"softmax"`       | `"softmax"` of the output, or `"probabilities"` taken as they are |
 //! | `max_pixels`    | `24000000`        | decoded image size limit (see [`DEFAULT_MAX_PIXELS`])  |
 
-use std::sync::OnceLock;
-
 use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
-use kiln_sdk::image_classification::{Guest, Lifecycle};
-use kiln_sdk::{ClassScore, Error, Graph, Image};
+use kiln_sdk::{config_or, ClassScore, Error, Graph, Image, ImageClassificationPlugin, Plugin};
 use serde::Deserialize;
 
 /// Pixels a decoded image may have unless `max_pixels` says otherwise: the host's default
@@ -36,10 +33,9 @@ use serde::Deserialize;
 /// 192 MiB while a 16-bit RGBA PNG decodes, inside an instance's default 512 MiB.
 pub const DEFAULT_MAX_PIXELS: u64 = 24_000_000;
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/image-classification-plugin`): what `init` loads once
+/// per instance.
+pub struct ImageClassifier {
     graph: Graph,
     input: String,
     output: String,
@@ -112,18 +108,6 @@ pub fn preprocess(bytes: &[u8], preprocess: &Preprocess) -> Result<([u32; 4], Ve
     Ok((dims, kiln_sdk::image::to_tensor(&image, &preprocess.tensor)))
 }
 
-/// Labels, one per line, in class index order (a trailing newline or `\r\n` endings are fine).
-pub fn parse_labels(text: &str) -> Vec<String> {
-    text.lines().map(|l| l.trim_end().to_owned()).collect()
-}
-
-/// The plugin (exported as `kiln:plugin/image-classification-plugin`).
-pub struct ImageClassificationPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
-}
-
 fn read_config() -> Result<Preprocess, Error> {
     let defaults = Preprocess::default();
     let width: u32 = config_or("width", defaults.width)?;
@@ -160,62 +144,48 @@ fn read_config() -> Result<Preprocess, Error> {
     })
 }
 
-impl Lifecycle for ImageClassificationPlugin {
-    fn init() -> Result<(), Error> {
-        let labels_file: String = config_or("labels", "labels.txt".to_owned())?;
-        let path = kiln_sdk::model_file(&labels_file);
-        let labels = parse_labels(
-            &std::fs::read_to_string(&path)
-                .map_err(|e| Error::internal(format!("reading labels {}: {e}", path.display())))?,
-        );
-        if labels.is_empty() {
-            return Err(Error::internal(format!("{} has no labels", path.display())));
-        }
+impl Plugin for ImageClassifier {
+    fn init() -> Result<Self, Error> {
+        let labels = kiln_sdk::labels::from_config()?;
         let graph_name: String = config_or("graph", "model".to_owned())?;
-        let state = State {
+        Ok(ImageClassifier {
             graph: Graph::load(&graph_name)?,
             input: config_or("input", "input".to_owned())?,
             output: config_or("output", "logits".to_owned())?,
             labels,
             preprocess: read_config()?,
             scores: config_or("scores", Scores::Softmax)?,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
-impl Guest for ImageClassificationPlugin {
-    fn classify(image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("classify called before init"))?;
-        let (dims, values) = preprocess(&image.bytes, &state.preprocess)?;
+impl ImageClassificationPlugin for ImageClassifier {
+    fn classify(&self, image: Image, top_k: u32) -> Result<Vec<ClassScore>, Error> {
+        let (dims, values) = preprocess(&image.bytes, &self.preprocess)?;
         let tensor = kiln_sdk::tensor_f32(&dims, &values);
-        let mut outputs = state.graph.compute(vec![(state.input.as_str(), tensor)])?;
-        let output = outputs.take(&state.output)?;
+        let mut outputs = self.graph.compute(vec![(self.input.as_str(), tensor)])?;
+        let output = outputs.take(&self.output)?;
         let shape = output.dimensions();
         let values = kiln_sdk::to_f32_vec(&output)?;
         // [1, classes] (or a bare [classes]): one image per run.
         if shape.iter().product::<u32>() as usize != values.len()
-            || values.len() != state.labels.len()
+            || values.len() != self.labels.len()
         {
             return Err(Error::internal(format!(
                 "output {:?} has shape {shape:?}; expected [1, {}] (one score per label)",
-                state.output,
-                state.labels.len()
+                self.output,
+                self.labels.len()
             )));
         }
-        let scores = match state.scores {
+        let scores = match self.scores {
             Scores::Softmax => kiln_sdk::scores::softmax(&values),
             Scores::Probabilities => values,
         };
-        kiln_sdk::scores::ranked_top_k(&state.labels, &scores, top_k as usize)
+        kiln_sdk::scores::ranked_top_k(&self.labels, &scores, top_k as usize)
     }
 }
 
-kiln_sdk::export_image_classification!(ImageClassificationPlugin);
+kiln_sdk::export_image_classification!(ImageClassifier);
 
 #[cfg(test)]
 mod tests {
@@ -307,7 +277,7 @@ mod tests {
         let Some(path) = shared("efficientnet-lite0/labels.txt") else {
             return;
         };
-        let labels = parse_labels(&std::fs::read_to_string(path).unwrap());
+        let labels = kiln_sdk::labels::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(labels.len(), 1000);
         assert_eq!(labels[0], "tench");
         assert_eq!(labels[967], "espresso");

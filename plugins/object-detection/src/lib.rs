@@ -30,12 +30,10 @@
 //! | `max_detections` | `100`                         | detections returned at most (best first) |
 //! | `max_pixels`     | `24000000`                    | decoded image size limit (see [`DEFAULT_MAX_PIXELS`]) |
 
-use std::sync::OnceLock;
-
 use kiln_sdk::detection::{self, BBox, Candidate, GflLevel};
 use kiln_sdk::image::{ChannelOrder, Layout, TensorSpec};
-use kiln_sdk::object_detection::{Bbox, Detection, Guest, Lifecycle};
-use kiln_sdk::{Error, Graph, Image};
+use kiln_sdk::object_detection::{Bbox, Detection};
+use kiln_sdk::{config_or, Error, Graph, Image, ObjectDetectionPlugin, Plugin};
 
 /// Pixels a decoded image may have unless `max_pixels` says otherwise: the host's default
 /// `max_image_pixels` (24 MP), which the host checks on the header before the plugin is called;
@@ -43,10 +41,9 @@ use kiln_sdk::{Error, Graph, Image};
 /// 192 MiB while a 16-bit RGBA PNG decodes, inside an instance's default 512 MiB.
 pub const DEFAULT_MAX_PIXELS: u64 = 24_000_000;
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/object-detection-plugin`): what `init` loads once per
+/// instance.
+pub struct Detector {
     graph: Graph,
     input: String,
     labels: Vec<String>,
@@ -186,18 +183,6 @@ pub fn postprocess(
     Ok(kept)
 }
 
-/// Labels, one per line, in class index order (a trailing newline or `\r\n` endings are fine).
-pub fn parse_labels(text: &str) -> Vec<String> {
-    text.lines().map(|l| l.trim_end().to_owned()).collect()
-}
-
-/// The plugin (exported as `kiln:plugin/object-detection-plugin`).
-pub struct ObjectDetectionPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
-}
-
 fn read_config() -> Result<Model, Error> {
     let defaults = Model::default();
     let model = Model {
@@ -236,45 +221,31 @@ fn read_config() -> Result<Model, Error> {
     Ok(model)
 }
 
-impl Lifecycle for ObjectDetectionPlugin {
-    fn init() -> Result<(), Error> {
-        let labels_file: String = config_or("labels", "labels.txt".to_owned())?;
-        let path = kiln_sdk::model_file(&labels_file);
-        let labels = parse_labels(
-            &std::fs::read_to_string(&path)
-                .map_err(|e| Error::internal(format!("reading labels {}: {e}", path.display())))?,
-        );
-        if labels.is_empty() {
-            return Err(Error::internal(format!("{} has no labels", path.display())));
-        }
+impl Plugin for Detector {
+    fn init() -> Result<Self, Error> {
+        let labels = kiln_sdk::labels::from_config()?;
         let graph_name: String = config_or("graph", "model".to_owned())?;
-        let state = State {
+        Ok(Detector {
             graph: Graph::load(&graph_name)?,
             input: config_or("input", "input_1:0".to_owned())?,
             labels,
             model: read_config()?,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
-impl Guest for ObjectDetectionPlugin {
-    fn detect(image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("detect called before init"))?;
+impl ObjectDetectionPlugin for Detector {
+    fn detect(&self, image: Image, threshold: f32) -> Result<Vec<Detection>, Error> {
         if !(0.0..=1.0).contains(&threshold) {
             return Err(Error::invalid_input(format!(
                 "`threshold` must be between 0.0 and 1.0, got {threshold}"
             )));
         }
-        let input = preprocess(&image.bytes, &state.model)?;
+        let input = preprocess(&image.bytes, &self.model)?;
         let tensor = kiln_sdk::tensor_f32(&input.dims, &input.values);
-        let outputs = state
+        let outputs = self
             .graph
-            .compute(vec![(state.input.as_str(), tensor)])?
+            .compute(vec![(self.input.as_str(), tensor)])?
             .into_vec()
             .into_iter()
             .map(|(_, t)| {
@@ -286,8 +257,8 @@ impl Guest for ObjectDetectionPlugin {
             .collect::<Result<Vec<_>, kiln_sdk::NnError>>()?;
         let kept = postprocess(
             &outputs,
-            &state.model,
-            state.labels.len(),
+            &self.model,
+            self.labels.len(),
             input.original,
             threshold,
         )
@@ -296,7 +267,7 @@ impl Guest for ObjectDetectionPlugin {
             .into_iter()
             .map(|c| Detection {
                 // `decode_gfl_level` returns class indices below `labels.len()`.
-                label: state.labels[c.class].clone(),
+                label: self.labels[c.class].clone(),
                 score: c.score,
                 box_: to_wit(c.bbox),
             })
@@ -313,7 +284,7 @@ fn to_wit(b: BBox) -> Bbox {
     }
 }
 
-kiln_sdk::export_object_detection!(ObjectDetectionPlugin);
+kiln_sdk::export_object_detection!(Detector);
 
 #[cfg(test)]
 mod tests {
@@ -491,7 +462,7 @@ mod tests {
         let Some(path) = shared("nanodet-m/labels.txt") else {
             return;
         };
-        let labels = parse_labels(&std::fs::read_to_string(path).unwrap());
+        let labels = kiln_sdk::labels::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(labels.len(), 80);
         assert_eq!(labels[0], "person");
         assert_eq!(labels[3], "motorcycle");

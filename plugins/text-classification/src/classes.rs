@@ -1,5 +1,4 @@
-//! From the graph's output to the task's answer: the labels file, and one ranked list of
-//! [`ClassScore`] per input.
+//! From the graph's output to the task's answer: one ranked list of [`ClassScore`] per input.
 
 use kiln_sdk::scores;
 use kiln_sdk::{ClassScore, Error};
@@ -32,24 +31,6 @@ impl ScoreSource {
             ScoreSource::Probabilities => "probabilities",
         }
     }
-}
-
-/// The labels of a labels file: one per line, in class index order. Surrounding whitespace
-/// (a Windows `\r` included) is trimmed and trailing blank lines are ignored; a blank line
-/// before the last label is an error, as it would shift every later class by one.
-pub fn parse_labels(text: &str) -> Result<Vec<String>, String> {
-    let labels: Vec<String> = text
-        .trim_end()
-        .lines()
-        .map(|line| line.trim().to_owned())
-        .collect();
-    if let Some(i) = labels.iter().position(String::is_empty) {
-        return Err(format!("line {} is blank", i + 1));
-    }
-    if labels.is_empty() {
-        return Err("no labels".to_owned());
-    }
-    Ok(labels)
 }
 
 /// Splits a `[batch, labels]` output into one list per input holding every label, highest
@@ -96,23 +77,11 @@ mod tests {
     use super::*;
 
     fn sentiment_labels() -> Vec<String> {
-        parse_labels("negative\nneutral\npositive").unwrap()
+        ["negative", "neutral", "positive"].map(String::from).into()
     }
 
     fn names(list: &[ClassScore]) -> Vec<&str> {
         list.iter().map(|c| c.label.as_str()).collect()
-    }
-
-    #[test]
-    fn parses_labels_in_order() {
-        assert_eq!(sentiment_labels(), ["negative", "neutral", "positive"]);
-        assert_eq!(parse_labels("a\r\nb c \r\n\n\n").unwrap(), ["a", "b c"]);
-    }
-
-    #[test]
-    fn rejects_blank_labels() {
-        assert_eq!(parse_labels("a\n\nb").unwrap_err(), "line 2 is blank");
-        assert_eq!(parse_labels(" \n").unwrap_err(), "no labels");
     }
 
     #[test]

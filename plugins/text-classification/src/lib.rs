@@ -21,20 +21,17 @@
 //! | `attention_mask` | `"attention_mask"` | graph input: 1 for tokens, 0 for padding             |
 //! | `token_type_ids` | `"token_type_ids"` | graph input: segment ids; `""` if the graph has none |
 
-use std::sync::OnceLock;
-
 use kiln_sdk::text::{EncoderInputs, Tokenizer};
-use kiln_sdk::text_classification::{Guest, Lifecycle, Output};
-use kiln_sdk::{Error, Graph, Usage};
+use kiln_sdk::text_classification::Output;
+use kiln_sdk::{config_or, Error, Graph, Plugin, TextClassificationPlugin, Usage};
 
 pub mod classes;
 
 use classes::ScoreSource;
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/text-classification-plugin`): what `init` loads once per
+/// instance.
+pub struct TextClassifier {
     tokenizer: Tokenizer,
     labels: Vec<String>,
     graph: Graph,
@@ -43,23 +40,8 @@ struct State {
     inputs: EncoderInputs,
 }
 
-/// The plugin (exported as `kiln:plugin/text-classification-plugin`).
-pub struct TextClassificationPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
-}
-
-fn load_labels(file: &str) -> Result<Vec<String>, Error> {
-    let path = kiln_sdk::model_file(file);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::internal(format!("reading labels {}: {e}", path.display())))?;
-    classes::parse_labels(&text)
-        .map_err(|e| Error::internal(format!("labels {}: {e}", path.display())))
-}
-
-impl Lifecycle for TextClassificationPlugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for TextClassifier {
+    fn init() -> Result<Self, Error> {
         let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
         let labels_file: String = config_or("labels", "labels.txt".to_owned())?;
         let max_length: usize = config_or("max_length", 256)?;
@@ -76,41 +58,35 @@ impl Lifecycle for TextClassificationPlugin {
         let tokenizer =
             kiln_sdk::text::load_tokenizer(&kiln_sdk::model_file(&tokenizer_file), max_length)
                 .map_err(Error::internal)?;
-        let labels = load_labels(&labels_file)?;
+        let labels = kiln_sdk::labels::load(&labels_file)?;
         let graph = Graph::load(&graph_name)?;
-        let state = State {
+        Ok(TextClassifier {
             tokenizer,
             labels,
             graph,
             source,
             output,
             inputs: EncoderInputs::from_config()?,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
-impl Guest for TextClassificationPlugin {
-    fn classify(inputs: Vec<String>) -> Result<Output, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("classify called before init"))?;
+impl TextClassificationPlugin for TextClassifier {
+    fn classify(&self, inputs: Vec<String>) -> Result<Output, Error> {
         if inputs.is_empty() {
             return Err(Error::invalid_input("no inputs to classify"));
         }
         let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let batch = kiln_sdk::text::tokenize(&state.tokenizer, &texts).map_err(Error::internal)?;
-        let mut outputs = state.graph.compute(batch.graph_inputs(&state.inputs))?;
-        let scores = outputs.take(&state.output)?;
+        let batch = kiln_sdk::text::tokenize(&self.tokenizer, &texts).map_err(Error::internal)?;
+        let mut outputs = self.graph.compute(batch.graph_inputs(&self.inputs))?;
+        let scores = outputs.take(&self.output)?;
         let values = kiln_sdk::to_f32_vec(&scores)?;
         let results = classes::rank_rows(
             &values,
             &scores.dimensions(),
             batch.batch,
-            &state.labels,
-            state.source,
+            &self.labels,
+            self.source,
         )?;
         Ok(Output {
             results,
@@ -122,4 +98,4 @@ impl Guest for TextClassificationPlugin {
     }
 }
 
-kiln_sdk::export_text_classification!(TextClassificationPlugin);
+kiln_sdk::export_text_classification!(TextClassifier);

@@ -30,14 +30,10 @@
 //! | `graph`            | `"model"`                 | graph name (`load-by-name`)                |
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
 
 use kiln_sdk::generate::{Sampler, SamplingParams};
-use kiln_sdk::text_generation::Generation as GenerationHandle;
-use kiln_sdk::text_generation::{
-    FinishReason, Guest, GuestGeneration, Input, Lifecycle, Params, Step,
-};
-use kiln_sdk::{Error, Graph, Tensor, TensorType, Usage};
+use kiln_sdk::text_generation::{FinishReason, GuestGeneration, Input, Params, Step};
+use kiln_sdk::{config_or, Error, Graph, Plugin, Tensor, TensorType, TextGenerationPlugin, Usage};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -47,10 +43,9 @@ pub mod stream;
 use chat::{ChatMessage, ChatTemplate, RenderError};
 use stream::{TextStream, TokenBytes};
 
-/// The instance's state, set by `init`.
-static STATE: OnceLock<State> = OnceLock::new();
-
-struct State {
+/// The plugin (exported as `kiln:plugin/text-generation-plugin`): the model `init` loads once
+/// per instance, which every generation of the instance uses.
+pub struct LanguageModel {
     tokenizer: Tokenizer,
     token_bytes: TokenBytes,
     chat_template: Option<ChatTemplate>,
@@ -63,13 +58,6 @@ struct State {
     eos_token_ids: Vec<u32>,
     max_context: usize,
     prefill_chunk: usize,
-}
-
-/// The plugin (exported as `kiln:plugin/text-generation-plugin`).
-pub struct TextGenerationPlugin;
-
-fn config_or<T: serde::de::DeserializeOwned>(key: &str, default: T) -> Result<T, Error> {
-    Ok(kiln_sdk::config(key)?.unwrap_or(default))
 }
 
 /// A JSON file of the model's folder; `Value::Null` if `name` is "" or the file is missing.
@@ -127,8 +115,8 @@ fn load_tokenizer(path: &std::path::Path) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
-impl Lifecycle for TextGenerationPlugin {
-    fn init() -> Result<(), Error> {
+impl Plugin for LanguageModel {
+    fn init() -> Result<Self, Error> {
         let tokenizer_file: String = config_or("tokenizer", "tokenizer.json".to_owned())?;
         let template_file: String = config_or("chat_template", "chat_template.jinja".to_owned())?;
         let tokenizer_config = read_json(&config_or(
@@ -193,7 +181,7 @@ impl Lifecycle for TextGenerationPlugin {
             })
             .unzip();
         let graph = Graph::load(&config_or("graph", "model".to_owned())?)?;
-        let state = State {
+        Ok(LanguageModel {
             tokenizer,
             token_bytes,
             chat_template,
@@ -205,17 +193,14 @@ impl Lifecycle for TextGenerationPlugin {
             eos_token_ids,
             max_context,
             prefill_chunk,
-        };
-        // A second `init` (the host calls it once per instance) keeps the first state.
-        let _ = STATE.set(state);
-        Ok(())
+        })
     }
 }
 
 /// Tokenizes the request's input: a prompt as is (with the tokenizer's own special tokens, as
 /// transformers' pipelines do), a conversation through the chat template (whose text already
 /// holds its special tokens).
-fn prompt_tokens(state: &State, input: &Input) -> Result<Vec<u32>, Error> {
+fn prompt_tokens(model: &LanguageModel, input: &Input) -> Result<Vec<u32>, Error> {
     let (text, add_special_tokens) = match input {
         Input::Prompt(prompt) => {
             if prompt.is_empty() {
@@ -227,7 +212,7 @@ fn prompt_tokens(state: &State, input: &Input) -> Result<Vec<u32>, Error> {
             if messages.is_empty() {
                 return Err(Error::invalid_input("`messages` is empty"));
             }
-            let template = state.chat_template.as_ref().ok_or_else(|| {
+            let template = model.chat_template.as_ref().ok_or_else(|| {
                 Error::unsupported("this model has no chat template: send a `prompt`")
             })?;
             let messages: Vec<ChatMessage<'_>> = messages
@@ -246,7 +231,7 @@ fn prompt_tokens(state: &State, input: &Input) -> Result<Vec<u32>, Error> {
             (text, false)
         }
     };
-    let encoding = state
+    let encoding = model
         .tokenizer
         .encode(text, add_special_tokens)
         .map_err(|e| Error::internal(format!("tokenizing: {e}")))?;
@@ -257,22 +242,19 @@ fn prompt_tokens(state: &State, input: &Input) -> Result<Vec<u32>, Error> {
     Ok(ids)
 }
 
-impl Guest for TextGenerationPlugin {
+impl TextGenerationPlugin for LanguageModel {
     type Generation = Generation;
 
-    fn start(input: Input, params: Params) -> Result<GenerationHandle, Error> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| Error::internal("start called before init"))?;
-        let prompt = prompt_tokens(state, &input)?;
+    fn start(&'static self, input: Input, params: Params) -> Result<Generation, Error> {
+        let prompt = prompt_tokens(self, &input)?;
         let max_tokens = params.max_tokens as usize;
-        if prompt.len() + max_tokens > state.max_context {
+        if prompt.len() + max_tokens > self.max_context {
             return Err(Error::invalid_input(format!(
                 "the prompt is {} tokens and `max_tokens` is {max_tokens}: {} is over the model's \
                  context of {} tokens",
                 prompt.len(),
                 prompt.len() + max_tokens,
-                state.max_context
+                self.max_context
             )));
         }
         let sampler = Sampler::new(SamplingParams {
@@ -284,7 +266,7 @@ impl Guest for TextGenerationPlugin {
             seed: params.seed,
         });
         let run = Run {
-            state,
+            model: self,
             kv: Vec::new(),
             cached: 0,
             prompt_tokens: prompt.len() as u32,
@@ -296,9 +278,9 @@ impl Guest for TextGenerationPlugin {
             finished: None,
             failed: None,
         };
-        Ok(GenerationHandle::new(Generation {
+        Ok(Generation {
             run: RefCell::new(run),
-        }))
+        })
     }
 }
 
@@ -309,8 +291,8 @@ pub struct Generation {
 }
 
 struct Run {
-    state: &'static State,
-    /// The KV cache: host tensors named as the next step's inputs, in `state.past_names` order.
+    model: &'static LanguageModel,
+    /// The KV cache: host tensors named as the next step's inputs, in `model.past_names` order.
     kv: Vec<(&'static str, Tensor)>,
     /// Tokens in the KV cache.
     cached: usize,
@@ -367,10 +349,10 @@ impl Run {
         };
         let token = self.sampler.sample(&mut logits);
         self.generated += 1;
-        if self.state.eos_token_ids.contains(&token) {
+        if self.model.eos_token_ids.contains(&token) {
             return Ok(self.end(FinishReason::Eos, String::new()));
         }
-        let (piece, stopped) = self.text.push(self.state.token_bytes.get(token));
+        let (piece, stopped) = self.text.push(self.model.token_bytes.get(token));
         if stopped {
             // Whatever the stop matcher held back is the stop sequence or follows it: dropped.
             self.kv.clear();
@@ -406,17 +388,17 @@ impl Run {
     /// Feeds the pending tokens to the model (in chunks of `prefill_chunk`), keeping the new KV
     /// cache on the host; returns the logits of the last position.
     fn forward(&mut self) -> Result<Vec<f32>, Error> {
-        let state = self.state;
+        let model = self.model;
         let pending = std::mem::take(&mut self.pending);
-        let chunks = pending.len().div_ceil(state.prefill_chunk);
+        let chunks = pending.len().div_ceil(model.prefill_chunk);
         let mut last_row = Vec::new();
-        for (i, chunk) in pending.chunks(state.prefill_chunk).enumerate() {
+        for (i, chunk) in pending.chunks(model.prefill_chunk).enumerate() {
             let past = self.cached;
             let total = past + chunk.len();
             let ids: Vec<i64> = chunk.iter().map(|&t| i64::from(t)).collect();
             let positions: Vec<i64> = (past as i64..total as i64).collect();
             let seq = [1, chunk.len() as u32];
-            let mut inputs: Vec<(&str, Tensor)> = Vec::with_capacity(3 + state.past_names.len());
+            let mut inputs: Vec<(&str, Tensor)> = Vec::with_capacity(3 + model.past_names.len());
             inputs.push(("input_ids", kiln_sdk::tensor_i64(&seq, &ids)));
             inputs.push((
                 "attention_mask",
@@ -424,17 +406,17 @@ impl Run {
             ));
             inputs.push(("position_ids", kiln_sdk::tensor_i64(&seq, &positions)));
             if self.kv.is_empty() {
-                let empty = [1, state.kv_heads, 0, state.head_dim];
-                for name in &state.past_names {
+                let empty = [1, model.kv_heads, 0, model.head_dim];
+                for name in &model.past_names {
                     inputs.push((name, Tensor::new(&empty, TensorType::Fp32, &[])));
                 }
             } else {
                 inputs.extend(std::mem::take(&mut self.kv));
             }
 
-            let mut outputs = state.graph.compute(inputs)?;
+            let mut outputs = model.graph.compute(inputs)?;
             let logits = outputs.take("logits")?;
-            for (past_name, present_name) in state.past_names.iter().zip(&state.present_names) {
+            for (past_name, present_name) in model.past_names.iter().zip(&model.present_names) {
                 self.kv.push((past_name, outputs.take(present_name)?));
             }
             self.cached = total;
@@ -471,7 +453,7 @@ fn last_logits_row(logits: &Tensor, seq: usize) -> Result<Vec<f32>, Error> {
     Ok(kiln_sdk::f32_from_le_bytes(&bytes))
 }
 
-kiln_sdk::export_text_generation!(TextGenerationPlugin);
+kiln_sdk::export_text_generation!(LanguageModel);
 
 #[cfg(test)]
 mod tests {
