@@ -763,7 +763,10 @@ async fn a_real_model_hit_is_the_same_answer_at_a_fraction_of_the_cost() {
             tenant.meter.cache_outcome(),
             Some(kiln_host::infer::CacheOutcome::Miss)
         );
-        assert!(tenant.meter.compute() > Duration::ZERO, "the miss ran the model");
+        assert!(
+            tenant.meter.compute() > Duration::ZERO,
+            "the miss ran the model"
+        );
         // A request of its own, so its meter shows what the hit alone cost.
         let tenant = RequestContext::new("user:timing");
         let started = Instant::now();
