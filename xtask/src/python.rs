@@ -2,7 +2,7 @@
 //! `onnxruntime` and `tokenizers`, used to write the synthetic ONNX fixtures
 //! (`tests/fixtures/make_onnx_fixtures.py`) and the independent embeddings reference
 //! (`tests/reference/embeddings_reference.py`), and `requests` for the streaming client example
-//! (`examples/clients/stream.py`, run by `tests/tests/stream_clients.rs`). Not needed by `demo`
+//! (`examples/clients/stream.py`, run by `tests/tests/all/stream_clients.rs`). Not needed by `demo`
 //! or `bench`; `bench peers` adds the hand-rolled FastAPI peer's packages ([`BENCH_REQUIREMENTS`],
 //! a separate stamp, so the fixtures' fingerprint does not change with them).
 

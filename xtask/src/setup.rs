@@ -317,7 +317,7 @@ pub fn build_plugins(repo: &Repo) -> Result<()> {
     Ok(())
 }
 
-/// What the streaming-client and playground tests (`tests/tests/stream_clients.rs`) need beside
+/// What the streaming-client and playground tests (`tests/tests/all/stream_clients.rs`) need beside
 /// Node.js: Debian's Chromium and the browser harness's npm packages (`tests/browser/`). Part of
 /// `cargo xtask test`; also `cargo xtask browser`.
 pub fn browser(repo: &Repo, steps: &mut Steps) -> Result<()> {

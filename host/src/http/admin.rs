@@ -120,7 +120,7 @@ pub fn routes() -> Vec<AdminRoute> {
 /// carrying a whole tokenizer or model in its code is past what a handler should be.
 const MAX_PLUGIN_BYTES: usize = 64 << 20;
 
-/// The admin router: [`routes`] behind [`admin_guard`]. JSON bodies are held to
+/// The admin router: [`routes`] behind `admin_guard`. JSON bodies are held to
 /// `max_body_bytes`, as everywhere else.
 pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
     let json_limit = axum::extract::DefaultBodyLimit::max(state.max_body_bytes);

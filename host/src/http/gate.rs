@@ -4,7 +4,7 @@
 //! is committed before the response leaves (a stream commits its own when it ends). Every
 //! answer carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`, and every admitted one
 //! `X-Kiln-Cache` (`hit`, `miss` or `bypass`: what the response cache did for it) and
-//! `Server-Timing` (where the server's time went: see [`server_timing`]).
+//! `Server-Timing` (where the server's time went: see `server_timing`).
 //!
 //! Each route gets its own gate with its [`InferenceRoute`] (task, body limit), so nothing here
 //! looks at the URL.

@@ -2,12 +2,12 @@
 //! parse and shape the request, call [`crate::infer`], and shape the answer; they never touch
 //! wasmtime or ORT.
 //!
-//! - [`tasks`]: the inference endpoints (`/v1/inference/*`), each behind [`gate`] (token, rate
+//! - `tasks`: the inference endpoints (`/v1/inference/*`), each behind [`gate`] (token, rate
 //!   limit, quota, usage record), from one route table;
 //! - [`admin`]: `/admin/*`, from one route table behind one admin guard;
-//! - [`models`]: model registration under `/v1/models/<ns>/...`, behind the namespace guard;
-//! - [`error`]: [`ErrorCode`] and the one mapping of every layer's errors to HTTP;
-//! - [`stream`]: Server-Sent Events of streamed generation; [`request_id`]: ids and spans.
+//! - `models`: model registration under `/v1/models/<ns>/...`, behind the namespace guard;
+//! - `error`: [`ErrorCode`] and the one mapping of every layer's errors to HTTP;
+//! - `stream`: Server-Sent Events of streamed generation; [`request_id`]: ids and spans.
 
 pub mod admin;
 mod error;

@@ -5,11 +5,11 @@
 //! Where things are:
 //! - [`task`]: the [`InferTask`] trait, one implementation per task (how to check a request
 //!   against the model, key it in the cache, call the plugin's export and check its answer);
-//! - [`pipeline`]: the one generic path every task goes through ([`Inference::run`]): model,
+//! - `pipeline`: the one generic path every task goes through ([`Inference::run`]): model,
 //!   checks, response cache, instance lease, the call on a blocking thread, meter;
-//! - [`models`]: discovering, loading, reloading and unloading models within the memory budget;
-//! - [`stream`]: streamed text generation, which holds its instance for the whole stream;
-//! - [`context`]: the [`RequestContext`] a request carries down; [`error`]: [`InferError`];
+//! - `models`: discovering, loading, reloading and unloading models within the memory budget;
+//! - `stream`: streamed text generation, which holds its instance for the whole stream;
+//! - `context`: the [`RequestContext`] a request carries down; `error`: [`InferError`];
 //!   [`cache`]: the response cache; [`catalog`]: one model's load state.
 //!
 //! Deterministic requests are answered from the response cache when the same tenant sent the
@@ -130,7 +130,7 @@ impl Inference {
     }
 
     /// Looks at the models folder again: new folders become known (and load if warm), folders
-    /// whose [`ModelSpec::stamp`] changed are replaced (loaded before the swap when the old
+    /// whose `ModelSpec::stamp` changed are replaced (loaded before the swap when the old
     /// version was loaded, so no caller sees a cold start), folders that are gone are dropped,
     /// the rest stay as they are. A folder that fails is reported and, if it was known before,
     /// keeps its last good version. Requests in flight finish on the version they started with.
