@@ -195,6 +195,45 @@ options! {
         // for a graph without external data, so no larger file can be one valid graph, and it
         // bounds the disk one request can fill.
         max_model_file_bytes: u64, "KILN_MAX_MODEL_FILE_BYTES" = 2 << 30;
+        /// Connections open at once; past it a new connection gets a 503 and is closed.
+        // Each costs a file descriptor and a few KiB; the server raises its descriptor limit to
+        // the hard limit at startup. Slow or idle clients are cut by the timeouts below, so this
+        // only bounds a flood: 10,000 stays well under the usual hard limits (65,536+).
+        max_connections: usize, "KILN_MAX_CONNECTIONS" = 10_000;
+        /// Connections open at once from one client address (for a client behind a trusted
+        /// proxy: its requests in flight); 0: no cap.
+        // Off by default: behind a proxy or an ingress, every connection comes from one address.
+        max_connections_per_client: usize, "KILN_MAX_CONNECTIONS_PER_CLIENT" = 0;
+        /// Proxies whose `X-Forwarded-For` names the client (for the per-client cap and the
+        /// logs): addresses or prefixes, comma-separated, e.g. `10.0.0.0/8, ::1`.
+        // None by default: an untrusted client could otherwise name any address it likes.
+        trusted_proxies: IpPrefixes, "KILN_TRUSTED_PROXIES" =>
+            trusted_proxies: Vec<IpPrefix>, IpPrefixes::into_vec = Vec::new();
+        /// Longest time from a request's first byte to the end of its headers, ms.
+        // A real client sends its headers in one or two packets; 10 s covers a slow mobile link,
+        // and a client that sends half a header and stops holds its connection no longer.
+        header_read_timeout_ms: u64, "KILN_HEADER_READ_TIMEOUT_MS" =>
+            header_read_timeout: Duration, Duration::from_millis = Duration::from_secs(10);
+        /// Longest time a connection may sit with nothing moving, ms: between requests
+        /// (keep-alive), or while its client does not read a response.
+        // Longer than the 60 s idle timeout of common load balancers (AWS ALB, GCP), so that the
+        // balancer closes idle connections first (the other order makes 502s).
+        idle_timeout_ms: u64, "KILN_IDLE_TIMEOUT_MS" =>
+            idle_timeout: Duration, Duration::from_millis = Duration::from_secs(75);
+        /// Slowest average rate a request body may arrive at after `body_grace_ms`, bytes per
+        /// second; slower gets 408. 0: no minimum.
+        // 4 KiB/s: a full 2 MiB JSON body may take 8 minutes, a 64 MiB plugin upload 4.5 hours;
+        // a client that sends a byte a second is cut after the grace.
+        min_body_rate: u64, "KILN_MIN_BODY_RATE" = 4096;
+        /// Time a request body has before `min_body_rate` applies, ms.
+        // A phone on a poor link may stall a few seconds before its body flows.
+        body_grace_ms: u64, "KILN_BODY_GRACE_MS" =>
+            body_grace: Duration, Duration::from_millis = Duration::from_secs(10);
+        /// A second address serving only `GET /metrics`, without a token (for a scraper on a
+        /// private network). Unset: `/metrics` is on the main address, for admin tokens only.
+        // Metrics count every tenant's activity: not everyone's to see.
+        metrics_addr: SocketAddr, "KILN_METRICS_ADDR" =>
+            metrics_addr: Option<SocketAddr>, Some = None;
         /// Plugin instances alive at once across all models and tenants.
         // Fixed when the wasmtime Engine is built (the pooling allocator's slot count).
         instance_slots: u32, "KILN_INSTANCE_SLOTS" = 64;
@@ -315,6 +354,103 @@ fn default_model_memory_bytes() -> u64 {
 /// MiB, as the options write sizes, to bytes.
 fn mib(value: u64) -> u64 {
     value << 20
+}
+
+/// An address prefix (`10.0.0.0/8`, `fd00::/8`), or one address (`127.0.0.1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IpPrefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl IpPrefix {
+    /// Whether `ip` is inside the prefix (an IPv4-mapped IPv6 address counts as its IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let masked = |bits: u128, width: u32| {
+            let len = u32::from(self.len);
+            if len == 0 {
+                0
+            } else {
+                bits >> (width - len)
+            }
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), 32) == masked(u32::from(ip).into(), 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), 128) == masked(u128::from(ip), 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err = || format!("{s:?} is not an IP address or prefix (e.g. 10.0.0.0/8, ::1)");
+        let (addr, len) = match s.trim().split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| err())?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= width)
+                .ok_or_else(err)?,
+            None => width,
+        };
+        Ok(IpPrefix { addr, len })
+    }
+}
+
+/// `trusted_proxies` as written: a comma-separated list (flag, environment) or a list of
+/// strings (kiln.toml).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IpPrefixes(Vec<IpPrefix>);
+
+impl IpPrefixes {
+    fn into_vec(self) -> Vec<IpPrefix> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for IpPrefixes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map(IpPrefixes)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IpPrefixes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match Written::deserialize(d)? {
+            Written::One(s) => s,
+            Written::Many(v) => v.join(","),
+        };
+        list.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 options! {

@@ -77,6 +77,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         max_media_body_bytes: config.max_media_body_bytes,
         max_model_file_bytes: config.max_model_file_bytes,
         stream_keepalive: config.stream_keepalive,
+        connection_limits: http::server::ConnectionLimits::from_config(config),
         tenancy,
     }))
 }
@@ -159,24 +160,48 @@ fn spawn_reload_watcher(inference: std::sync::Weak<Inference>, store: Arc<dyn te
         });
 }
 
-/// Serves on an already bound listener until `shutdown` resolves.
+/// Serves on an already bound listener until `shutdown` resolves, under the state's connection
+/// limits (`http::server`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
+    let limits = state.connection_limits.clone();
+    http::server::serve(listener, app(state), limits, shutdown)
         .await
         .context("HTTP server failed")
 }
 
-/// Loads the models, binds `config.addr` and serves until Ctrl-C.
+/// Loads the models, binds `config.addr` (and `config.metrics_addr`) and serves until Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let open_files = os::raise_open_files_limit();
+    if open_files < config.max_connections as u64 + 256 {
+        tracing::warn!(
+            open_files,
+            max_connections = config.max_connections,
+            "the process may open fewer files than max_connections needs: connections past it \
+             fail to be accepted"
+        );
+    }
     let state = load(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
+    if let Some(addr) = config.metrics_addr {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics_addr {addr}"))?;
+        tracing::info!(addr = %metrics.local_addr()?, "serving /metrics without a token");
+        let app = http::metrics_router(Arc::clone(&state));
+        let limits = state.connection_limits.clone();
+        tokio::spawn(async move {
+            let forever = std::future::pending::<()>();
+            if let Err(e) = http::server::serve(metrics, app, limits, forever).await {
+                tracing::error!("the metrics listener failed: {e}");
+            }
+        });
+    }
     tracing::info!(addr = %listener.local_addr()?, models = state.inference.models().len(), "Kiln is serving");
     serve(listener, state, async {
         let _ = tokio::signal::ctrl_c().await;

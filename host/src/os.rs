@@ -60,6 +60,31 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit (a server holds one per connection;
+/// the usual soft limit, 1024, is far below what `max_connections` allows) and returns it.
+pub fn raise_open_files_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
 #[cfg(test)]
 mod cpu_clock_tests {
     use super::thread_cpu_time;

@@ -469,6 +469,7 @@ impl TestServer {
         let text = self
             .client
             .get(self.url("/metrics"))
+            .bearer_auth(&self.admin_token)
             .send()
             .await
             .expect("metrics")

@@ -84,6 +84,8 @@ error_codes! {
     PluginMemoryExceeded = "plugin_memory_exceeded" => INTERNAL_SERVER_ERROR,
     /// The plugin's answer is over the model's `output_mb`.
     PluginOutputTooLarge = "plugin_output_too_large" => INTERNAL_SERVER_ERROR,
+    /// The request body arrived slower than `min_body_rate`.
+    RequestTimeout = "request_timeout" => REQUEST_TIMEOUT,
     /// A server bug or a failed database operation (the detail is in the log).
     Internal = "internal" => INTERNAL_SERVER_ERROR,
     /// No plugin instance (or ONNX Runtime queue slot) became free in time.
@@ -164,6 +166,14 @@ impl ApiError {
                 ErrorCode::PayloadTooLarge,
                 format!("request body is larger than the limit of {limit} bytes"),
             )
+        }
+    }
+
+    /// A request body slower than the server's minimum rate (the connection closes).
+    pub fn body_too_slow(slow: &super::server::SlowBody) -> Self {
+        ApiError {
+            close_connection: true,
+            ..Self::new(ErrorCode::RequestTimeout, slow.to_string())
         }
     }
 
@@ -250,7 +260,16 @@ impl From<InferError> for ApiError {
             }
             _ => {}
         }
-        let mut error = ApiError::new(code, e.to_string());
+        let message = match &e {
+            // A load failure's reason names files on the server: the log keeps them, the
+            // caller sees file names only.
+            InferError::ModelFailed(reason) => {
+                tracing::warn!(request_id = %request_id::current(), "{reason}");
+                without_paths(reason)
+            }
+            e => e.to_string(),
+        };
+        let mut error = ApiError::new(code, message);
         match e {
             InferError::Overloaded { retry_after } => {
                 error.retry_after = Some(retry_after.as_secs().max(1));
@@ -353,6 +372,34 @@ impl ApiError {
     }
 }
 
+/// `message` with every absolute path in it (`/srv/kiln/models/a/b/model.toml`) cut to its file
+/// name (`model.toml`): where the server keeps its files is not a caller's business.
+pub fn without_paths(message: &str) -> String {
+    /// An absolute path with a folder in it becomes its last part (a trailing ':' stays).
+    fn shorten(word: &str) -> &str {
+        let path = word.strip_suffix(':').unwrap_or(word);
+        if path.starts_with('/') && path[1..].contains('/') {
+            let name_at = path.rfind('/').map_or(0, |i| i + 1);
+            &word[name_at..]
+        } else {
+            word
+        }
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut word = String::new();
+    for c in message.chars() {
+        if c.is_whitespace() || matches!(c, '"' | '\'' | '(' | ')' | '`' | ',' | ';' | '=') {
+            out.push_str(shorten(&word));
+            word.clear();
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    out.push_str(shorten(&word));
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.body(&request_id::current());
@@ -418,6 +465,29 @@ mod tests {
                 "README's error table lists `{name}` ({status}), which is no ErrorCode"
             );
         }
+    }
+
+    #[test]
+    fn load_failures_name_files_without_their_paths() {
+        assert_eq!(
+            without_paths(
+                "reading plugin /srv/kiln/.kiln/plugins/x.wasm: No such file (os error 2)"
+            ),
+            "reading plugin x.wasm: No such file (os error 2)"
+        );
+        assert_eq!(
+            without_paths("model a/b failed to load: parsing \"/m/a/b/model.toml\", line 3"),
+            "model a/b failed to load: parsing \"model.toml\", line 3"
+        );
+        // Not paths: a model id, a ratio, an endpoint inside a word.
+        assert_eq!(without_paths("model a/b: 3/4 done"), "model a/b: 3/4 done");
+        let error = ApiError::from(InferError::ModelFailed(
+            "model a/b failed to load: reading /home/op/models/a/b/graph.onnx".into(),
+        ));
+        assert_eq!(
+            error.message,
+            "model a/b failed to load: reading graph.onnx"
+        );
     }
 
     #[test]

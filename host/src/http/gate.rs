@@ -1,5 +1,6 @@
 //! The gate in front of every inference route: the bearer token (401/403), the plan's rate limit
-//! and monthly compute quota (429), all from the headers before a byte of the body is read; then
+//! and monthly compute quota (429), all from the headers before a byte of the body is read (a
+//! refused request's body is never read); then
 //! the handler, with the request's [`Admitted`] context; afterwards the request's usage record
 //! is committed before the response leaves (a stream commits its own when it ends). Every
 //! answer carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`, and every admitted one
@@ -125,21 +126,6 @@ fn rate_headers(headers: &mut HeaderMap, d: &Decision) {
     headers.insert("x-ratelimit-reset", HeaderValue::from(d.reset_secs()));
 }
 
-/// The model a refused request named, for its usage record (its body is read only on this rare
-/// path, within the route's body limit).
-async fn model_of(request: Request, limit: usize) -> String {
-    #[derive(serde::Deserialize)]
-    struct ModelOnly {
-        model: String,
-    }
-    let Ok(bytes) = axum::body::to_bytes(request.into_body(), limit).await else {
-        return String::new();
-    };
-    serde_json::from_slice::<ModelOnly>(&bytes)
-        .map(|m| m.model)
-        .unwrap_or_default()
-}
-
 /// A boolean request header: `true`/`1` is true, anything else false, None when absent.
 fn flag(headers: &HeaderMap, name: &str) -> Option<bool> {
     headers.get(name).map(|v| {
@@ -179,8 +165,10 @@ pub async fn inference_gate(
         Err(refusal) => {
             let error = ApiError::refused(&refusal, &caller.user.plan);
             let status = error.status().as_u16();
-            let model = model_of(request, body_limit).await;
-            commit(&state, record(status, model, None)).await;
+            // Recorded without a model: the body, which names it, is not read for a request
+            // that will not run (a caller over its limit could otherwise make the server read
+            // every body it sends).
+            commit(&state, record(status, String::new(), None)).await;
             let mut response = error.into_response();
             rate_headers(response.headers_mut(), &refusal_decision(&refusal));
             return response;

@@ -14,6 +14,7 @@ mod error;
 pub mod gate;
 mod models;
 pub mod request_id;
+pub mod server;
 mod stream;
 mod tasks;
 #[cfg(test)]
@@ -45,6 +46,8 @@ pub struct AppState {
     pub max_model_file_bytes: u64,
     /// Interval of keep-alive comments in streamed responses.
     pub stream_keepalive: std::time::Duration,
+    /// What each connection is held to (`server`).
+    pub connection_limits: server::ConnectionLimits,
     pub tenancy: Arc<crate::tenancy::Tenancy>,
 }
 
@@ -62,7 +65,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(admin_metrics))
         .route("/playground", get(playground))
         .route("/v1/models", get(models))
         .route("/v1/usage", get(usage))
@@ -88,9 +91,16 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
             .extensions()
             .get::<gate::Admitted>()
             .map_or(state.max_body_bytes, |admitted| admitted.body_limit);
+        // A body declared too large is refused before a byte of it is read (the connection
+        // closes: the rest of it is never read either).
+        if server::declared_length(req.headers()).is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::body_too_large(limit));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::body_too_large(limit)
+            } else if let Some(slow) = server::slow_body(&rejection) {
+                ApiError::body_too_slow(slow)
             } else {
                 ApiError::bad_request(format!("could not read the request body: {rejection}"))
             }
@@ -214,8 +224,27 @@ async fn usage(
     admin::report(&state, &name).await.map(Json)
 }
 
+/// `GET /metrics` on `metrics_addr`: the same, without a token (that address is for a scraper
+/// on a private network).
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found_route() })
+        .with_state(state)
+}
+
+/// `GET /metrics` on the main address: for an admin token only. The counters cover every
+/// tenant's activity (requests, compute, models loading), which no tenant may watch.
+async fn admin_metrics(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Result<impl axum::response::IntoResponse, ApiError> {
+    gate::authenticate(&state, &headers, crate::tenancy::Scope::Admin)?;
+    Ok(metrics(State(state)).await)
+}
+
 /// `GET /metrics`: process-wide counters in the Prometheus text format. No model or tenant
-/// names: they are not everyone's to see.
+/// names, though: a scraper's network may be wider than the admins.
 async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;

@@ -23,7 +23,7 @@ use crate::infer::{
     ImageQuery, Message, Ranked,
 };
 use crate::media;
-use crate::registry::Task;
+use crate::registry::{ModelId, Task};
 
 /// One wire shape of one task: the body it takes and how an admitted request is served.
 pub(super) trait Endpoint: Send + 'static {
@@ -48,14 +48,38 @@ async fn handle<E: Endpoint>(
     Extension(admitted): Extension<Admitted>,
     ApiJson(body): ApiJson<E::Body>,
 ) -> Response {
-    let model = E::model(&body).to_owned();
+    let model = E::model(&body);
+    // A name that cannot be a model id is refused before anything looks it up or records it
+    // (the usage store keeps only names of models that exist: a caller cannot write its own
+    // strings into it).
+    if ModelId::parse(model).is_none() {
+        return ApiError::bad_request(format!(
+            "invalid model name {}: expected <namespace>/<name>, each at most 96 letters, \
+             digits, '.', '_' or '-'",
+            quoted_prefix(model)
+        ))
+        .into_response();
+    }
+    let known = state.inference.get(model).is_some();
+    let model = model.to_owned();
     let result = match admitted.use_model(&state, &model) {
         Ok(()) => E::serve(state, admitted, body).await,
         Err(error) => Err(error),
     };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    response.extensions_mut().insert(UsageModel(model));
+    if known {
+        response.extensions_mut().insert(UsageModel(model));
+    }
     response
+}
+
+/// `s` quoted for an error message, cut to its first 64 characters (a caller's string is echoed
+/// back only that far).
+fn quoted_prefix(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+        None => format!("{s:?}"),
+    }
 }
 
 /// The inference routes: path, task, what the body carries (its size limit), endpoint.

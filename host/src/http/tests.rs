@@ -90,6 +90,7 @@ impl Fixture {
             max_media_body_bytes: config.max_media_body_bytes,
             max_model_file_bytes: config.max_model_file_bytes,
             stream_keepalive: config.stream_keepalive,
+            connection_limits: super::server::ConnectionLimits::from_config(&config),
             tenancy,
         });
         Fixture {
@@ -462,7 +463,49 @@ async fn every_answer_carries_the_rate_limit_and_usage_is_recorded_by_model() {
     .unwrap();
     let report = serde_json::to_value(report).unwrap();
     let text = report.to_string();
-    assert!(text.contains("alice/nope"), "{text}");
+    // A model that does not exist is recorded without the caller's string.
+    assert!(!text.contains("alice/nope"), "{text}");
+    assert!(text.contains(r#""model":"""#), "{text}");
+}
+
+#[tokio::test]
+async fn usage_names_only_models_that_exist_and_odd_names_are_refused_first() {
+    let f = Fixture::new();
+    // A name that cannot be a model id: 400 before anything is looked up or recorded, and the
+    // answer echoes only its start.
+    let huge = format!("alice/{}", "x".repeat(3000));
+    let answer = f
+        .post(
+            "/v1/inference/embeddings",
+            Some(&f.alice),
+            json!({"model": huge, "inputs": "x"}),
+        )
+        .await;
+    answer.is(StatusCode::BAD_REQUEST, "bad_request");
+    assert!(answer.body.to_string().len() < 1000, "{}", answer.body);
+    // A model that exists is named in the usage record (whatever its request's outcome).
+    let answer = f
+        .post(
+            "/v1/inference/text-classification",
+            Some(&f.alice),
+            json!({"model": "alice/sentiment", "inputs": "x"}),
+        )
+        .await;
+    assert_ne!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    let state = Arc::clone(&f.state);
+    let report = tokio::task::spawn_blocking(move || {
+        let tenancy = &state.tenancy;
+        tenancy_admin::usage(tenancy.store().as_ref(), tenancy.plans(), "alice").unwrap()
+    })
+    .await
+    .unwrap();
+    let text = serde_json::to_value(report).unwrap().to_string();
+    assert!(text.contains("alice/sentiment"), "{text}");
+    assert!(
+        !text.contains("xxxxxxxx"),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
 }
 
 #[tokio::test]
@@ -498,4 +541,58 @@ async fn a_rate_limited_request_is_refused_from_its_headers() {
         .unwrap();
     assert!(retry >= 1, "{retry}");
     assert_eq!(answer.headers.get("x-ratelimit-remaining").unwrap(), "0");
+    // Still over the limit: a request whose body never ends gets its 429 all the same (the
+    // body of a request that will not run is not read).
+    let endless = futures_util::stream::repeat_with(|| {
+        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"[1,"))
+    });
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        f.send(
+            Method::POST,
+            "/v1/inference/embeddings",
+            Some(&f.bob),
+            Body::from_stream(endless),
+        ),
+    )
+    .await
+    .expect("a refused request's body is not read");
+    answer.is(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+}
+
+#[tokio::test]
+async fn metrics_need_an_admin_token() {
+    let f = Fixture::new();
+    let get = |token: Option<String>| {
+        let f = &f;
+        async move {
+            f.send(Method::GET, "/metrics", token.as_deref(), Body::empty())
+                .await
+        }
+    };
+    get(None).await.is(StatusCode::UNAUTHORIZED, "unauthorized");
+    get(Some(f.alice.clone()))
+        .await
+        .is(StatusCode::FORBIDDEN, "forbidden");
+    let answer = f
+        .send(Method::GET, "/metrics", Some(&f.admin), Body::empty())
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    // The metrics address serves them without a token, and nothing else.
+    let scraper = super::metrics_router(Arc::clone(&f.state));
+    let response = scraper
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("kiln_model_loads_total"));
+    let response = scraper
+        .oneshot(Request::get("/v1/models").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }

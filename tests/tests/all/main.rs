@@ -10,6 +10,7 @@
 mod allowlist;
 mod author_flow;
 mod batching;
+mod connections;
 mod embeddings_minilm;
 mod fetch;
 mod hostile;
