@@ -324,6 +324,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         "Plugin instances alive and idle, ready for the next request of their model and tenant.",
         idle as u64,
     );
+    metric(
+        "kiln_plugin_instance_waiters",
+        "gauge",
+        "Requests waiting for a plugin instance (all slots busy, or their model's max_instances).",
+        state.inference.instance_waiters() as u64,
+    );
     let cache = &state.inference.cache;
     metric(
         "kiln_cache_hits_total",

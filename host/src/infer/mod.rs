@@ -99,6 +99,11 @@ impl Inference {
         self.pool.counts()
     }
 
+    /// Requests waiting for a plugin instance, engine-wide.
+    pub fn instance_waiters(&self) -> usize {
+        self.pool.waiting()
+    }
+
     /// Plugin log lines dropped over their budgets.
     pub fn log_lines_dropped(&self) -> u64 {
         self.runtime.log_lines_dropped()

@@ -18,6 +18,13 @@
 //! memory of the instances only a burst needed (MiniLM's plugin: ~6.7 MiB each, mostly its
 //! tokenizer) while a caller who comes back still finds one ready.
 //!
+//! Tenants share the slots fairly (work-conserving, not a hard split): a tenant alone may use
+//! every slot, but while k tenants hold or wait for instances, each is guaranteed `slots / k`.
+//! A tenant at or over its share stands back (takes neither an idle instance nor a new slot)
+//! while another tenant below its share waits; what the first tenant releases then goes idle
+//! and is evicted for the waiter. Without this, one tenant running long requests on two models
+//! took all 64 slots and every other tenant got 503 `overloaded`.
+//!
 //! The bookkeeping is a plain struct (`PoolState`) with unit tests; [`InstancePool`] adds the
 //! lock and the waiting.
 
@@ -48,8 +55,8 @@ struct PoolState<I> {
     tick: u64,
     /// Models (pool keys' `model`) replaced by a reload: their instances are not pooled again.
     retired: std::collections::HashSet<String>,
-    /// Callers waiting, oldest first, with their ticket.
-    waiting: std::collections::VecDeque<(u64, PoolKey)>,
+    /// Callers waiting, oldest first, with their ticket and their key's `max_for_key`.
+    waiting: std::collections::VecDeque<(u64, PoolKey, u32)>,
     next_ticket: u64,
 }
 
@@ -81,28 +88,68 @@ impl<I> PoolState<I> {
     /// [`Self::take`] in turn: `ticket` is the caller's place in the queue (None: it has not
     /// waited yet). Anyone behind an earlier waiter of the same key waits.
     fn take_in_turn(&mut self, key: &PoolKey, max_for_key: u32, ticket: Option<u64>) -> Take<I> {
-        let first = self.waiting.iter().find(|(_, k)| k == key).map(|(t, _)| *t);
+        let first = self
+            .waiting
+            .iter()
+            .find(|(_, k, _)| k == key)
+            .map(|(t, _, _)| *t);
         if first.is_some() && first != ticket {
+            return Take::Wait;
+        }
+        if self.stands_back(&key.tenant) {
             return Take::Wait;
         }
         self.take(key, max_for_key)
     }
 
+    /// Instances (and reservations) `tenant` holds, all its models together.
+    fn live_of_tenant(&self, tenant: &str) -> u32 {
+        self.live
+            .iter()
+            .filter(|(k, _)| k.tenant == tenant)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Each competing tenant's guaranteed number of slots: `slots / k` for the k tenants
+    /// holding or waiting for instances (`tenant` among them), at least one.
+    fn fair_share(&self, tenant: &str) -> u32 {
+        let mut tenants: std::collections::HashSet<&str> =
+            self.live.keys().map(|k| k.tenant.as_str()).collect();
+        tenants.extend(self.waiting.iter().map(|(_, k, _)| k.tenant.as_str()));
+        tenants.insert(tenant);
+        (self.slots / tenants.len() as u32).max(1)
+    }
+
+    /// Whether `tenant`, at or over its fair share, must let a waiting caller of another
+    /// tenant below its share go first (one that its model's `max_for_key` does not hold back).
+    fn stands_back(&self, tenant: &str) -> bool {
+        let share = self.fair_share(tenant);
+        if self.live_of_tenant(tenant) < share {
+            return false;
+        }
+        self.waiting.iter().any(|(_, k, max_for_key)| {
+            k.tenant != tenant
+                && self.live_of_tenant(&k.tenant) < share
+                && self.live.get(k).copied().unwrap_or(0) < *max_for_key
+        })
+    }
+
     /// Joins the queue; returns the ticket.
-    fn enqueue(&mut self, key: &PoolKey) -> u64 {
+    fn enqueue(&mut self, key: &PoolKey, max_for_key: u32) -> u64 {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        self.waiting.push_back((ticket, key.clone()));
+        self.waiting.push_back((ticket, key.clone(), max_for_key));
         ticket
     }
 
-    /// Leaves the queue (served, timed out or gone). True when others of its key still wait.
+    /// Leaves the queue (served, timed out or gone). True when others still wait.
     fn dequeue(&mut self, ticket: u64) -> bool {
-        let Some(at) = self.waiting.iter().position(|(t, _)| *t == ticket) else {
+        let Some(at) = self.waiting.iter().position(|(t, _, _)| *t == ticket) else {
             return false;
         };
-        let (_, key) = self.waiting.remove(at).expect("found above");
-        self.waiting.iter().any(|(_, k)| *k == key)
+        self.waiting.remove(at);
+        !self.waiting.is_empty()
     }
 
     fn take(&mut self, key: &PoolKey, max_for_key: u32) -> Take<I> {
@@ -321,7 +368,7 @@ impl InstancePool {
                 if matches!(taken, Take::Wait) && place.is_none() {
                     place = Some(QueuePlace {
                         pool: Arc::clone(self),
-                        ticket: state.enqueue(&key),
+                        ticket: state.enqueue(&key, max_for_key),
                     });
                 }
                 taken
@@ -382,6 +429,11 @@ impl InstancePool {
     pub fn counts(&self) -> (u32, usize) {
         let state = self.lock();
         (state.live_total, state.idle.values().map(Vec::len).sum())
+    }
+
+    /// Callers waiting for an instance, engine-wide.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting.len()
     }
 }
 
@@ -473,8 +525,8 @@ mod tests {
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::New { .. }));
         // Two callers of `a` wait, in order.
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
-        let first = s.enqueue(&a);
-        let second = s.enqueue(&a);
+        let first = s.enqueue(&a, 1);
+        let second = s.enqueue(&a, 1);
         s.put_back(a.clone(), "a1", Instant::now());
         // A newcomer and the second ticket must not jump the queue...
         assert!(matches!(s.take_in_turn(&a, 1, None), Take::Wait));
@@ -495,6 +547,50 @@ mod tests {
         ));
         assert!(!s.dequeue(second));
         assert!(!s.dequeue(second), "leaving twice is harmless");
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_stands_back_for_another_below_it() {
+        let mut s = PoolState::<&str>::new(4);
+        let (flood_a, flood_b, other) = (key("a", "flood"), key("b", "flood"), key("c", "other"));
+        // Alone, a tenant may take every slot, across its models.
+        for k in [&flood_a, &flood_a, &flood_b, &flood_b] {
+            assert!(matches!(s.take_in_turn(k, 32, None), Take::New { .. }));
+        }
+        // Another tenant comes and finds every instance busy: it waits.
+        assert!(matches!(s.take_in_turn(&other, 32, None), Take::Wait));
+        let ticket = s.enqueue(&other, 32);
+        // The flood releases one: its own next request (4 live, share 2) stands back...
+        s.put_back(flood_a.clone(), "a1", Instant::now());
+        assert!(matches!(s.take_in_turn(&flood_a, 32, None), Take::Wait));
+        assert!(matches!(s.take_in_turn(&flood_b, 32, None), Take::Wait));
+        // ...and the waiter gets a slot, evicting the released instance.
+        match s.take_in_turn(&other, 32, Some(ticket)) {
+            Take::New { evicted } => assert_eq!(evicted, Some("a1")),
+            taken => panic!("the waiter should get a slot: {taken:?}"),
+        }
+        assert!(!s.dequeue(ticket));
+        // Below its share, with nobody waiting, the flood takes what frees up again.
+        s.forget(&other);
+        assert!(matches!(
+            s.take_in_turn(&flood_a, 32, None),
+            Take::New { .. }
+        ));
+    }
+
+    #[test]
+    fn a_waiter_held_back_by_its_own_models_limit_takes_nothing_from_others() {
+        let mut s = PoolState::<&str>::new(4);
+        let (flood, other) = (key("a", "flood"), key("c", "other"));
+        for _ in 0..3 {
+            assert!(matches!(s.take_in_turn(&flood, 32, None), Take::New { .. }));
+        }
+        assert!(matches!(s.take_in_turn(&other, 1, None), Take::New { .. }));
+        // `other` waits for a second instance its model (max 1) does not allow: the flood is
+        // not held up for it.
+        let _ticket = s.enqueue(&other, 1);
+        s.put_back(flood.clone(), "f", Instant::now());
+        assert!(matches!(s.take_in_turn(&flood, 32, None), Take::Idle("f")));
     }
 
     #[tokio::test]

@@ -671,3 +671,87 @@ async fn python_client_gives_up_after_bounded_retries_and_on_other_errors() {
         assert_eq!(seen, attempts, "{task}: attempts");
     }
 }
+
+/// One tenant holding every plugin instance slot (long streams on two models) and queueing
+/// for more cannot starve another: when one of its instances comes back, the other tenant's
+/// waiting request gets the slot (each of k competing tenants is guaranteed slots / k), and the
+/// flood's own queued request is served after it. Without the fair share, the flood's queued
+/// request took the released instance and the other tenant waited out its queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_holding_every_slot_does_not_starve_another() {
+    let models = ModelsDir::new();
+    for name in ["gen-a", "gen-b", "gen-c"] {
+        models.add(
+            &format!("test/{name}"),
+            &format!(
+                "task = \"text-generation\"\n[plugin]\npath = {:?}\n[limits]\n\
+                 max_instances = 2\n[graphs]\nmain = \"main.onnx\"\n",
+                plugin("gen-probe")
+            ),
+            &[("main.onnx", &fixture_onnx("main.onnx"))],
+        );
+    }
+    let config = kiln_host::Config {
+        instance_slots: 4,
+        // Longer than the test: only the fair share can get the other tenant served.
+        queue_timeout: Duration::from_secs(300),
+        ..kiln_tests::config(models.path())
+    };
+    let server = TestServer::start(config).await;
+    let other = add_user(&server.state, "other", kiln_tests::TEST_PLAN);
+    // The flood (the test user) holds all four slots, two models x max_instances 2.
+    let mut held = Vec::new();
+    for model in ["test/gen-a", "test/gen-a", "test/gen-b", "test/gen-b"] {
+        held.push(server.hold_instance(model).await);
+    }
+    let generate = |model: &str, token: &str| {
+        let request = server
+            .client
+            .post(server.url("/v1/inference/text-generation"))
+            .bearer_auth(token)
+            .json(&json!({"model": model, "prompt": "words:3", "max_tokens": 10}));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let response = request.send().await.expect("request");
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            (status, body, started.elapsed(), Instant::now())
+        })
+    };
+    let waiters = |n: u64| {
+        let server = &server;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while server.metric("kiln_plugin_instance_waiters").await < n {
+                assert!(Instant::now() < deadline, "{n} requests never queued");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The other tenant queues a request, then the flood one more. (Either order is served
+    // fairly; in this one, without the fair share, the flood's request won the race for the
+    // released slot: tokio wakes the later waiter first.)
+    let fair = generate("test/gen-c", &other);
+    waiters(1).await;
+    let flood = generate("test/gen-a", &server.token);
+    waiters(2).await;
+    // One of the flood's instances of test/gen-a (the model its queued request is for) comes
+    // back.
+    held.remove(0).release().await;
+    let (status, body, waited, fair_done) = tokio::time::timeout(Duration::from_secs(60), fair)
+        .await
+        .expect("the other tenant is served once an instance comes back")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    eprintln!("the other tenant's request, queued behind the flood: {waited:?}");
+    // The flood's queued request is served after it, when the other tenant's instance is idle.
+    let (status, body, _, flood_done) = tokio::time::timeout(Duration::from_secs(60), flood)
+        .await
+        .expect("the flood's queued request is served next")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(fair_done <= flood_done, "the other tenant went first");
+    for h in held {
+        h.release().await;
+    }
+}
