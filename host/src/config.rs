@@ -213,6 +213,13 @@ options! {
         fetch_allow_loopback: bool, "KILN_FETCH_ALLOW_LOOPBACK" = false;
         /// Let `image_url` / `audio_url` reach private (RFC 1918, CGNAT, ULA) addresses.
         fetch_allow_private: bool, "KILN_FETCH_ALLOW_PRIVATE" = false;
+        /// Ports `image_url` / `audio_url` may name, comma-separated (a URL without one uses its
+        /// scheme's: 80, 443); empty: no URL is fetched.
+        // SSRF protection: internal services listen on other ports, often on hosts that also
+        // serve the public web.
+        fetch_allowed_ports: PortList, "KILN_FETCH_ALLOWED_PORTS" =>
+            fetch_allowed_ports: Vec<u16>, PortList::into_ports =
+            crate::fetch::DEFAULT_ALLOWED_PORTS.to_vec();
         /// Largest file fetched from a URL, in bytes.
         // As a media body: a 16 MiB file.
         fetch_max_bytes: usize, "KILN_FETCH_MAX_BYTES" = 16 << 20;
@@ -315,6 +322,33 @@ fn default_model_memory_bytes() -> u64 {
 /// MiB, as the options write sizes, to bytes.
 fn mib(value: u64) -> u64 {
     value << 20
+}
+
+/// A list of ports: `80,443` in a flag or the environment, `[80, 443]` in kiln.toml.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PortList(Vec<u16>);
+
+impl PortList {
+    fn into_ports(self) -> Vec<u16> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for PortList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|port| !port.is_empty())
+            .map(|port| {
+                port.parse()
+                    .map_err(|_| format!("{port:?} is not a port number"))
+            })
+            .collect::<Result<_, _>>()
+            .map(PortList)
+    }
 }
 
 options! {
@@ -434,6 +468,7 @@ impl Config {
         crate::fetch::FetchPolicy {
             allow_loopback: self.fetch_allow_loopback,
             allow_private: self.fetch_allow_private,
+            allowed_ports: self.fetch_allowed_ports.clone(),
             max_bytes: self.fetch_max_bytes,
             timeout: self.fetch_timeout,
             static_hosts: self.fetch_static_hosts.clone(),
@@ -629,6 +664,7 @@ mod tests {
                 "--sessions-per-graph=5",
                 "--memory-mb=64",
                 "--max-new-tokens=7",
+                "--fetch-allowed-ports=443, 8443",
             ])
             .unwrap();
         let flags = <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
@@ -639,6 +675,14 @@ mod tests {
         assert_eq!(config.ort_sessions_per_graph, 5);
         assert_eq!(config.limits.memory_bytes, 64 << 20);
         assert_eq!(config.limits.max_new_tokens, 7);
+        assert_eq!(config.fetch_allowed_ports, vec![443, 8443]);
+        assert_eq!(config.fetch_policy().allowed_ports, vec![443, 8443]);
+        let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("kiln serve"));
+        let err = command
+            .try_get_matches_from(["kiln serve", "--fetch-allowed-ports=80,http"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http\" is not a port number"), "{err}");
     }
 
     #[test]
@@ -695,6 +739,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stream_keepalive_ms"), "{err}");
+
+        std::fs::write(&file, "fetch_allowed_ports = [8080]\n").unwrap();
+        let config = Config::load(Some(&file), &ServeArgs::default()).unwrap();
+        assert_eq!(config.fetch_allowed_ports, vec![8080]);
 
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
         let err = Config::load(Some(&file), &ServeArgs::default())
