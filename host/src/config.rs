@@ -261,6 +261,13 @@ options! {
         plugin_log_burst: u32, "KILN_PLUGIN_LOG_BURST" = 200;
         /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
         database_url: String, "KILN_DATABASE_URL" = "sqlite:.kiln/kiln.db".into();
+        /// Longest lifetime of an API token (`--expires` / `"expires"`), days; `kiln admin`
+        /// reads it too.
+        // Ten years: longer than any key rotation policy asks for, short enough that a
+        // forgotten token does not outlive the deployment, and far from the end of the
+        // millisecond timestamps an expiry is stored as.
+        max_token_lifetime_days: u64, "KILN_MAX_TOKEN_LIFETIME_DAYS" =>
+            max_token_lifetime: Duration, days = DEFAULT_MAX_TOKEN_LIFETIME;
     }
 
     /// `[ort]`: how ONNX Runtime sessions are set up.
@@ -322,6 +329,16 @@ fn default_model_memory_bytes() -> u64 {
 /// MiB, as the options write sizes, to bytes.
 fn mib(value: u64) -> u64 {
     value << 20
+}
+
+/// The longest lifetime of an API token unless `max_token_lifetime_days` says otherwise.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Days, as the options write long durations, to a `Duration`. A count of days too large for
+/// one (past 584 billion years) is the longest `Duration`: no bound at all, in effect, and
+/// creating a token still refuses an expiry its timestamp cannot hold.
+pub fn days(value: u64) -> Duration {
+    Duration::from_secs(value.saturating_mul(86_400))
 }
 
 /// A list of ports: `80,443` in a flag or the environment, `[80, 443]` in kiln.toml.
@@ -455,6 +472,10 @@ impl Config {
                      at least 0"
                 );
             }
+        }
+        if config.max_token_lifetime.is_zero() {
+            // Zero would refuse every token with an expiry.
+            anyhow::bail!("max_token_lifetime_days must be at least 1");
         }
         if config.stream_keepalive.is_zero() {
             // Zero would send comments back to back, forever.
@@ -665,6 +686,7 @@ mod tests {
                 "--memory-mb=64",
                 "--max-new-tokens=7",
                 "--fetch-allowed-ports=443, 8443",
+                "--max-token-lifetime-days=30",
             ])
             .unwrap();
         let flags = <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
@@ -677,6 +699,7 @@ mod tests {
         assert_eq!(config.limits.max_new_tokens, 7);
         assert_eq!(config.fetch_allowed_ports, vec![443, 8443]);
         assert_eq!(config.fetch_policy().allowed_ports, vec![443, 8443]);
+        assert_eq!(config.max_token_lifetime, Duration::from_secs(30 * 86_400));
         let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("kiln serve"));
         let err = command
             .try_get_matches_from(["kiln serve", "--fetch-allowed-ports=80,http"])
@@ -739,6 +762,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stream_keepalive_ms"), "{err}");
+
+        std::fs::write(&file, "max_token_lifetime_days = 0\n").unwrap();
+        let err = Config::load(Some(&file), &ServeArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_token_lifetime_days"), "{err}");
 
         std::fs::write(&file, "fetch_allowed_ports = [8080]\n").unwrap();
         let config = Config::load(Some(&file), &ServeArgs::default()).unwrap();

@@ -77,6 +77,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         max_media_body_bytes: config.max_media_body_bytes,
         max_model_file_bytes: config.max_model_file_bytes,
         stream_keepalive: config.stream_keepalive,
+        max_token_lifetime: config.max_token_lifetime,
         tenancy,
     }))
 }

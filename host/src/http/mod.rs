@@ -45,6 +45,8 @@ pub struct AppState {
     pub max_model_file_bytes: u64,
     /// Interval of keep-alive comments in streamed responses.
     pub stream_keepalive: std::time::Duration,
+    /// See [`crate::config::Config::max_token_lifetime`].
+    pub max_token_lifetime: std::time::Duration,
     pub tenancy: Arc<crate::tenancy::Tenancy>,
 }
 

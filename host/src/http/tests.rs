@@ -90,6 +90,7 @@ impl Fixture {
             max_media_body_bytes: config.max_media_body_bytes,
             max_model_file_bytes: config.max_model_file_bytes,
             stream_keepalive: config.stream_keepalive,
+            max_token_lifetime: config.max_token_lifetime,
             tenancy,
         });
         Fixture {
