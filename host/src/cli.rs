@@ -15,6 +15,10 @@ pub struct AdminArgs {
     /// The models folder (default from the config file, else .kiln/models).
     #[arg(long, env = "KILN_MODELS_DIR")]
     models_dir: Option<std::path::PathBuf>,
+    /// Longest lifetime of a token created here, days (default from the config file, else
+    /// 3650): the server's `max_token_lifetime_days`.
+    #[arg(long, env = "KILN_MAX_TOKEN_LIFETIME_DAYS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_token_lifetime_days: Option<u64>,
     #[command(subcommand)]
     command: AdminCommand,
 }
@@ -149,6 +153,9 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
     let store = store.as_ref();
     let models_dir = args.models_dir.unwrap_or_else(|| config.models_dir.clone());
     let plans = &config.plans;
+    let max_lifetime = args
+        .max_token_lifetime_days
+        .map_or(config.max_token_lifetime, crate::config::days);
     let result: Result<(), AdminError> = (|| {
         match args.command {
             AdminCommand::User(UserCommand::Create { name, plan }) => {
@@ -166,7 +173,7 @@ pub fn run(config: &Config, args: AdminArgs) -> anyhow::Result<()> {
             }) => {
                 let expires = expires
                     .as_deref()
-                    .map(parse_duration)
+                    .map(|text| parse_duration(text, max_lifetime))
                     .transpose()
                     .map_err(AdminError::Invalid)?;
                 let scope = if is_admin {

@@ -252,6 +252,13 @@ options! {
         fetch_allow_loopback: bool, "KILN_FETCH_ALLOW_LOOPBACK" = false;
         /// Let `image_url` / `audio_url` reach private (RFC 1918, CGNAT, ULA) addresses.
         fetch_allow_private: bool, "KILN_FETCH_ALLOW_PRIVATE" = false;
+        /// Ports `image_url` / `audio_url` may name, comma-separated (a URL without one uses its
+        /// scheme's: 80, 443); empty: no URL is fetched.
+        // SSRF protection: internal services listen on other ports, often on hosts that also
+        // serve the public web.
+        fetch_allowed_ports: PortList, "KILN_FETCH_ALLOWED_PORTS" =>
+            fetch_allowed_ports: Vec<u16>, PortList::into_ports =
+            crate::fetch::DEFAULT_ALLOWED_PORTS.to_vec();
         /// Largest file fetched from a URL, in bytes.
         // As a media body: a 16 MiB file.
         fetch_max_bytes: usize, "KILN_FETCH_MAX_BYTES" = 16 << 20;
@@ -293,6 +300,13 @@ options! {
         plugin_log_burst: u32, "KILN_PLUGIN_LOG_BURST" = 200;
         /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
         database_url: String, "KILN_DATABASE_URL" = "sqlite:.kiln/kiln.db".into();
+        /// Longest lifetime of an API token (`--expires` / `"expires"`), days; `kiln admin`
+        /// reads it too.
+        // Ten years: longer than any key rotation policy asks for, short enough that a
+        // forgotten token does not outlive the deployment, and far from the end of the
+        // millisecond timestamps an expiry is stored as.
+        max_token_lifetime_days: u64, "KILN_MAX_TOKEN_LIFETIME_DAYS" =>
+            max_token_lifetime: Duration, days = DEFAULT_MAX_TOKEN_LIFETIME;
     }
 
     /// `[ort]`: how ONNX Runtime sessions are set up.
@@ -424,6 +438,27 @@ impl IpPrefixes {
     }
 }
 
+/// The longest lifetime of an API token unless `max_token_lifetime_days` says otherwise.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Days, as the options write long durations, to a `Duration`. A count of days too large for
+/// one (past 584 billion years) is the longest `Duration`: no bound at all, in effect, and
+/// creating a token still refuses an expiry its timestamp cannot hold.
+pub fn days(value: u64) -> Duration {
+    Duration::from_secs(value.saturating_mul(86_400))
+}
+
+/// A list of ports: `80,443` in a flag or the environment, `[80, 443]` in kiln.toml.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(transparent)]
+pub struct PortList(Vec<u16>);
+
+impl PortList {
+    fn into_ports(self) -> Vec<u16> {
+        self.0
+    }
+}
+
 impl std::str::FromStr for IpPrefixes {
     type Err = String;
 
@@ -450,6 +485,22 @@ impl<'de> serde::Deserialize<'de> for IpPrefixes {
             Written::Many(v) => v.join(","),
         };
         list.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for PortList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|port| !port.is_empty())
+            .map(|port| {
+                port.parse()
+                    .map_err(|_| format!("{port:?} is not a port number"))
+            })
+            .collect::<Result<_, _>>()
+            .map(PortList)
     }
 }
 
@@ -558,6 +609,10 @@ impl Config {
                 );
             }
         }
+        if config.max_token_lifetime.is_zero() {
+            // Zero would refuse every token with an expiry.
+            anyhow::bail!("max_token_lifetime_days must be at least 1");
+        }
         if config.stream_keepalive.is_zero() {
             // Zero would send comments back to back, forever.
             anyhow::bail!("stream_keepalive_ms must be at least 1");
@@ -570,6 +625,7 @@ impl Config {
         crate::fetch::FetchPolicy {
             allow_loopback: self.fetch_allow_loopback,
             allow_private: self.fetch_allow_private,
+            allowed_ports: self.fetch_allowed_ports.clone(),
             max_bytes: self.fetch_max_bytes,
             timeout: self.fetch_timeout,
             static_hosts: self.fetch_static_hosts.clone(),
@@ -765,6 +821,8 @@ mod tests {
                 "--sessions-per-graph=5",
                 "--memory-mb=64",
                 "--max-new-tokens=7",
+                "--fetch-allowed-ports=443, 8443",
+                "--max-token-lifetime-days=30",
             ])
             .unwrap();
         let flags = <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
@@ -775,6 +833,15 @@ mod tests {
         assert_eq!(config.ort_sessions_per_graph, 5);
         assert_eq!(config.limits.memory_bytes, 64 << 20);
         assert_eq!(config.limits.max_new_tokens, 7);
+        assert_eq!(config.fetch_allowed_ports, vec![443, 8443]);
+        assert_eq!(config.fetch_policy().allowed_ports, vec![443, 8443]);
+        assert_eq!(config.max_token_lifetime, Duration::from_secs(30 * 86_400));
+        let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("kiln serve"));
+        let err = command
+            .try_get_matches_from(["kiln serve", "--fetch-allowed-ports=80,http"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"http\" is not a port number"), "{err}");
     }
 
     #[test]
@@ -831,6 +898,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stream_keepalive_ms"), "{err}");
+
+        std::fs::write(&file, "max_token_lifetime_days = 0\n").unwrap();
+        let err = Config::load(Some(&file), &ServeArgs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_token_lifetime_days"), "{err}");
+
+        std::fs::write(&file, "fetch_allowed_ports = [8080]\n").unwrap();
+        let config = Config::load(Some(&file), &ServeArgs::default()).unwrap();
+        assert_eq!(config.fetch_allowed_ports, vec![8080]);
 
         std::fs::write(&file, "adr = \"x\"\n").unwrap();
         let err = Config::load(Some(&file), &ServeArgs::default())

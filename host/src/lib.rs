@@ -78,6 +78,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         max_model_file_bytes: config.max_model_file_bytes,
         stream_keepalive: config.stream_keepalive,
         connection_limits: http::server::ConnectionLimits::from_config(config),
+        max_token_lifetime: config.max_token_lifetime,
         tenancy,
     }))
 }

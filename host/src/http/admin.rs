@@ -317,7 +317,7 @@ async fn create_token(
     let expires = body
         .expires
         .as_deref()
-        .map(parse_duration)
+        .map(|text| parse_duration(text, state.max_token_lifetime))
         .transpose()
         .map_err(invalid)?;
     let scope = match body.scope.as_deref() {

@@ -48,6 +48,8 @@ pub struct AppState {
     pub stream_keepalive: std::time::Duration,
     /// What each connection is held to (`server`).
     pub connection_limits: server::ConnectionLimits,
+    /// See [`crate::config::Config::max_token_lifetime`].
+    pub max_token_lifetime: std::time::Duration,
     pub tenancy: Arc<crate::tenancy::Tenancy>,
 }
 

@@ -91,6 +91,7 @@ impl Fixture {
             max_model_file_bytes: config.max_model_file_bytes,
             stream_keepalive: config.stream_keepalive,
             connection_limits: super::server::ConnectionLimits::from_config(&config),
+            max_token_lifetime: config.max_token_lifetime,
             tenancy,
         });
         Fixture {

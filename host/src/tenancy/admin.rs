@@ -119,7 +119,21 @@ pub fn create_token(
     let user = user(store, name)?;
     let (token, hash, id) = new_token();
     let now = now_ms();
-    let expires_at_ms = expires_in.map(|d| now + d.as_millis() as i64);
+    // `parse_duration` bounds lifetimes; this keeps a longer one from wrapping past i64::MAX
+    // (an expiry in the past, or nonsense) whatever the bound is.
+    let expires_at_ms = expires_in
+        .map(|d| {
+            i64::try_from(d.as_millis())
+                .ok()
+                .and_then(|ms| now.checked_add(ms))
+                .ok_or_else(|| {
+                    AdminError::Invalid(format!(
+                        "a token lifetime of {} s ends past the last date the server can store",
+                        d.as_secs()
+                    ))
+                })
+        })
+        .transpose()?;
     store.insert_token(&TokenRecord {
         id: id.clone(),
         user_id: user.id,
@@ -318,4 +332,43 @@ pub fn plugins(store: &dyn Store) -> Result<Vec<super::store::PluginRecord>> {
     let mut list: Vec<_> = store.snapshot()?.plugins.into_values().collect();
     list.sort_by_key(|p| p.allowed_at_ms);
     Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenancy::store::SqliteStore;
+
+    #[test]
+    fn an_expiry_past_what_the_store_holds_is_refused_not_wrapped() {
+        let path = std::env::temp_dir().join(format!(
+            "kiln-admin-expiry-{}-{}.db",
+            std::process::id(),
+            now_ms()
+        ));
+        let store = SqliteStore::open(&path).unwrap();
+        let plans = crate::tenancy::default_plans();
+        create_user(&store, &plans, "alice", "free").unwrap();
+        for lifetime in [Duration::from_secs(u64::MAX), Duration::MAX] {
+            let e = create_token(&store, "alice", Scope::Inference, Some(lifetime)).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::Invalid(m) if m.contains("past the last date")),
+                "{e:?}"
+            );
+        }
+        // Ten years (3650 days) is fine, and its date is about ten years on (two or three leap
+        // days make it end a few days short of the same date).
+        let token = create_token(
+            &store,
+            "alice",
+            Scope::Inference,
+            Some(crate::config::DEFAULT_MAX_TOKEN_LIFETIME),
+        )
+        .unwrap();
+        let year = |date: &str| date[..4].parse::<i64>().unwrap();
+        let expires = token.expires.unwrap();
+        let years = year(&expires) - year(&date(now_ms()));
+        assert!(years == 9 || years == 10, "{expires}");
+        let _ = std::fs::remove_file(&path);
+    }
 }

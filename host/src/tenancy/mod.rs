@@ -531,22 +531,41 @@ pub fn month(ms: i64) -> String {
     date(ms)[..7].to_owned()
 }
 
-/// Parses `30d`, `12h`, `90m` or `3600s` (token lifetimes).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses a token lifetime, `30d`, `12h`, `90m` or `3600s`, of at most `max` (the server's
+/// `max_token_lifetime_days`). Any other text, zero, and anything longer are refused with a
+/// message that says why; nothing overflows.
+pub fn parse_duration(s: &str, max: Duration) -> Result<Duration, String> {
     let err = || format!("invalid duration {s:?}: use a number and a unit, e.g. 30d, 12h, 90m");
+    let too_long = || {
+        format!(
+            "invalid duration {s:?}: longer than the longest token lifetime, {}d",
+            max.as_secs() / 86_400
+        )
+    };
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?);
-    let n: u64 = number.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "d" => n * 86_400,
-        "h" => n * 3_600,
-        "m" => n * 60,
-        "s" => n,
+    let unit_secs: u64 = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
         _ => return Err(err()),
     };
+    let n: u64 = number.parse().map_err(|e: std::num::ParseIntError| {
+        // Digits only, so the one way to fail besides none is a number past u64::MAX.
+        match e.kind() {
+            std::num::IntErrorKind::PosOverflow => too_long(),
+            _ => err(),
+        }
+    })?;
+    let secs = n.checked_mul(unit_secs).ok_or_else(too_long)?;
     if secs == 0 {
         return Err(format!("invalid duration {s:?}: must be more than zero"));
     }
-    Ok(Duration::from_secs(secs))
+    let lifetime = Duration::from_secs(secs);
+    if lifetime > max {
+        return Err(too_long());
+    }
+    Ok(lifetime)
 }
 
 #[cfg(test)]
@@ -569,12 +588,63 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5_400)));
-        assert!(parse_duration("30").unwrap_err().contains("unit"));
-        assert!(parse_duration("d").is_err());
-        assert!(parse_duration("3w").is_err());
-        assert!(parse_duration("0d").unwrap_err().contains("more than zero"));
+        let max = crate::config::DEFAULT_MAX_TOKEN_LIFETIME;
+        let parse = |s: &str| parse_duration(s, max);
+        assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse("30").unwrap_err().contains("unit"));
+        assert!(parse("d").is_err());
+        assert!(parse("3w").is_err());
+        assert!(parse("-5d")
+            .unwrap_err()
+            .contains("use a number and a unit"));
+        assert!(parse(" 5d").is_err());
+        assert!(parse("5d ").is_err());
+        assert!(parse("5é").is_err());
+        assert!(parse("").is_err());
+        assert!(parse("0d").unwrap_err().contains("more than zero"));
+        assert!(parse("0s").unwrap_err().contains("more than zero"));
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_and_never_overflow() {
+        let max = crate::config::DEFAULT_MAX_TOKEN_LIFETIME;
+        let parse = |s: &str| parse_duration(s, max);
+        let too_long = "longer than the longest token lifetime, 3650d";
+        // The longest, in every unit, and one more second, minute, hour or day.
+        assert_eq!(parse("3650d"), Ok(max));
+        assert_eq!(parse("87600h"), Ok(max));
+        assert_eq!(parse("5256000m"), Ok(max));
+        assert_eq!(parse("315360000s"), Ok(max));
+        for over in ["3651d", "87601h", "5256001m", "315360001s"] {
+            assert!(parse(over).unwrap_err().contains(too_long), "{over}");
+        }
+        // Multiplied past u64::MAX seconds (used to wrap to a short or past expiry), at
+        // u64::MAX exactly, and numbers u64 cannot hold at all.
+        for huge in [
+            "99999999999999999d",
+            "213503982334602d",
+            "18446744073709551615s",
+            "18446744073709551615d",
+            "18446744073709551616s",
+            "99999999999999999999999999999999999999999h",
+        ] {
+            let e = parse(huge).unwrap_err();
+            assert!(e.contains(too_long), "{huge}: {e}");
+        }
+        // The bound is the server's: a shorter one refuses what the default allows.
+        assert!(parse_duration("31d", Duration::from_secs(30 * 86_400))
+            .unwrap_err()
+            .contains("longest token lifetime, 30d"));
+        // With no practical bound, the largest count of seconds still parses without a panic.
+        let unbounded = crate::config::days(u64::MAX);
+        assert_eq!(
+            parse_duration("18446744073709551615s", unbounded),
+            Ok(Duration::from_secs(u64::MAX))
+        );
+        assert!(parse_duration("18446744073709551615d", unbounded).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `image_url` / `audio_url` fetching over real HTTP, and its SSRF protections: a name that
-//! resolves to loopback, an IPv4-mapped IPv6 literal, a public-looking URL redirecting to a
-//! link-local or private one, redirect loops, size caps. Traffic goes only to loopback; the
-//! private and link-local destinations are refused before any connection.
+//! resolves to loopback (with or without a trailing dot), an IPv4-mapped IPv6 literal, a port
+//! not allowed, a public-looking URL redirecting to a link-local or private one or to another
+//! port, redirect loops, size caps. Traffic goes only to loopback; the private and link-local
+//! destinations are refused before any connection. The file server listens on a random port,
+//! so the tests that reach it allow that port (`fetch_allowed_ports`).
 
 use kiln_tests::{
     fixture_onnx, ok_body, plugin, redirect_to, ModelsDir, Reply, StaticServer, TestServer,
@@ -36,15 +38,22 @@ async fn classify_url(server: &TestServer, url: &str) -> Reply {
 async fn loopback_names_and_literals_are_refused_by_default() {
     let files = StaticServer::start(vec![("/a.png", ok_body(b"png".to_vec()))]).await;
     let models = probe_models();
-    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let mut config = kiln_tests::config(models.path());
     let port = files.port;
+    // The file server's port is allowed: what refuses these URLs is their address.
+    config.fetch_allowed_ports = vec![80, 443, port];
+    let server = TestServer::start(config).await;
     for (url, why) in [
         (
             format!("http://localhost:{port}/a.png"),
-            "resolves to 127.0.0.1 (loopback)",
+            "localhost resolves to 127.0.0.1, which is a loopback address (127.0.0.0/8",
         ),
         (
             format!("http://[::ffff:127.0.0.1]:{port}/a.png"),
+            "127.0.0.1 is a loopback address",
+        ),
+        (
+            format!("http://127.0.0.1.:{port}/a.png"),
             "127.0.0.1 is a loopback address",
         ),
         (
@@ -56,6 +65,14 @@ async fn loopback_names_and_literals_are_refused_by_default() {
             "link-local",
         ),
         ("http://10.0.0.8/a.png".into(), "private"),
+        (
+            "http://[64:ff9b:1::a00:8]/a.png".into(),
+            "64:ff9b:1::a00:8 is a local-use NAT64 address (64:ff9b:1::/48, RFC 8215)",
+        ),
+        (
+            "http://192.0.2.1/a.png".into(),
+            "192.0.2.1 is a documentation address (192.0.2.0/24, RFC 5737)",
+        ),
         ("file:///etc/passwd".into(), "only http and https"),
     ] {
         let r = classify_url(&server, &url).await;
@@ -83,9 +100,13 @@ async fn every_redirect_is_checked_again() {
         ),
         (
             "/to-internal",
-            redirect_to("http://internal.example/secret"),
+            redirect_to("http://internal.example./secret"),
         ),
         ("/loop", redirect_to("/loop")),
+        (
+            "/to-other-port",
+            redirect_to("http://images.example.com:6379/"),
+        ),
         ("/missing-here", redirect_to("/nothing")),
         ("/big", ok_body(vec![0u8; 4096])),
         ("/fine", ok_body(b"not an image".to_vec())),
@@ -95,6 +116,7 @@ async fn every_redirect_is_checked_again() {
     let mut config = kiln_tests::config(models.path());
     // The file server plays a public host; `internal.example` a private one.
     config.fetch_allow_loopback = true;
+    config.fetch_allowed_ports = vec![80, files.port];
     config.fetch_max_bytes = 1024;
     config.fetch_static_hosts = vec![
         ("images.example.com".into(), "127.0.0.1".parse().unwrap()),
@@ -111,11 +133,29 @@ async fn every_redirect_is_checked_again() {
         r.message()
     );
 
-    let r = classify_url(&server, &public("/to-internal")).await;
+    // The name with a trailing dot (through a redirect) and without.
+    for url in [
+        public("/to-internal"),
+        format!("http://internal.example:{}/secret", files.port),
+    ] {
+        let r = classify_url(&server, &url).await;
+        assert_eq!(r.code(), "url_refused", "{url}: {:?}", r.body);
+        assert!(
+            r.message()
+                .contains("resolves to 10.0.0.5, which is a private address"),
+            "{url}: {}",
+            r.message()
+        );
+    }
+
+    let r = classify_url(&server, &public("/to-other-port")).await;
     assert_eq!(r.code(), "url_refused", "{:?}", r.body);
+    let only = format!(
+        "port 6379 is not fetched from: only ports 80 and {} are",
+        files.port
+    );
     assert!(
-        r.message()
-            .contains("internal.example resolves to 10.0.0.5 (private)"),
+        r.message().contains("redirect refused") && r.message().contains(&only),
         "{}",
         r.message()
     );
@@ -150,6 +190,32 @@ async fn every_redirect_is_checked_again() {
             .iter()
             .any(|p| p.contains("secret") || p.contains("meta-data")),
         "{seen:?}"
+    );
+}
+
+/// By default only ports 80 and 443 are fetched from: a public-looking name on another port is
+/// refused before any connection, and the message names the allowed ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_other_than_the_allowed_ones_are_refused() {
+    let files = StaticServer::start(vec![("/fine", ok_body(b"not an image".to_vec()))]).await;
+    let models = probe_models();
+    let mut config = kiln_tests::config(models.path());
+    config.fetch_allow_loopback = true;
+    config.fetch_static_hosts = vec![("images.example.com".into(), "127.0.0.1".parse().unwrap())];
+    let server = TestServer::start(config).await;
+    let url = format!("http://images.example.com:{}/fine", files.port);
+    let r = classify_url(&server, &url).await;
+    assert_eq!((r.status, r.code()), (422, "url_refused"), "{:?}", r.body);
+    assert_eq!(
+        r.message(),
+        format!(
+            "`image_url` was not fetched: port {} is not fetched from: only ports 80 and 443 are",
+            files.port
+        )
+    );
+    assert!(
+        files.seen.lock().unwrap().is_empty(),
+        "nothing reached the file server"
     );
 }
 

@@ -595,19 +595,25 @@ fn kiln_binary() -> PathBuf {
     kiln_tests::kiln_bin()
 }
 
-/// Runs `kiln admin --database-url <url> <args>` in another process; returns its stdout and
-/// panics with its stderr when it fails.
-async fn kiln_admin(database_url: &str, args: &[&str]) -> String {
+/// Runs `kiln admin --database-url <url> <args>` in another process, with no config file.
+async fn kiln_admin_output(database_url: &str, args: &[&str]) -> std::process::Output {
     let mut command = std::process::Command::new(kiln_binary());
     command
         .args(["admin", "--database-url", database_url])
         .args(args)
         .env_remove("KILN_CONFIG")
+        .env_remove("KILN_MAX_TOKEN_LIFETIME_DAYS")
         .env("KILN_LOG", "warn");
-    let output = tokio::task::spawn_blocking(move || command.output())
+    tokio::task::spawn_blocking(move || command.output())
         .await
         .expect("join")
-        .expect("running kiln");
+        .expect("running kiln")
+}
+
+/// Runs `kiln admin --database-url <url> <args>` in another process; returns its stdout and
+/// panics with its stderr when it fails.
+async fn kiln_admin(database_url: &str, args: &[&str]) -> String {
+    let output = kiln_admin_output(database_url, args).await;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -616,6 +622,77 @@ async fn kiln_admin(database_url: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
+}
+
+/// Token lifetimes are bounded by `max_token_lifetime_days`, over HTTP (here 30 days) and in
+/// the CLI (its own configuration: the default ten years, or its flag), and a lifetime whose
+/// seconds overflow (it used to wrap to an expiry already past, or in the year 197881603) is
+/// refused with the same message, never wrapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_lifetimes_are_bounded_over_http_and_in_the_cli() {
+    use reqwest::Method;
+    let models = probe_models(&["test/probe"]);
+    let mut config = kiln_tests::config(models.path());
+    config.max_token_lifetime = Duration::from_secs(30 * 86_400);
+    let url = config.database_url.clone();
+    let server = TestServer::start(config).await;
+    let create = |expires: &'static str| {
+        call(
+            &server.base,
+            Method::POST,
+            "/admin/tokens",
+            &server.admin_token,
+            Some(json!({"user": "tester", "expires": expires})),
+        )
+    };
+    for expires in [
+        "31d",
+        "721h",
+        "99999999999999999d",
+        "18446744073709551615s",
+        "18446744073709551616s",
+    ] {
+        let r = create(expires).await;
+        assert_error(
+            &r,
+            422,
+            "invalid_input",
+            &format!("invalid duration \"{expires}\": longer than the longest token lifetime, 30d"),
+        );
+    }
+    let r = create("30d").await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let in_30_days = tenancy::date(tenancy::store::now_ms() + 30 * 86_400_000);
+    assert_eq!(r.body["expires"], in_30_days.as_str());
+
+    // The CLI: refused with the message on stderr, a failing exit status and nothing on stdout.
+    for (bound, expires, longest) in [
+        (None, "99999999999999999d", "3650d"),
+        (None, "18446744073709551615s", "3650d"),
+        (None, "3651d", "3650d"),
+        (Some("30"), "31d", "30d"),
+    ] {
+        let mut args = match bound {
+            Some(days) => vec!["--max-token-lifetime-days", days],
+            None => vec![],
+        };
+        args.extend(["token", "create", "tester", "--expires", expires]);
+        let out = kiln_admin_output(&url, &args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "longer than the longest token lifetime, {longest}"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: no token printed");
+    }
+    let printed = kiln_admin(&url, &["token", "create", "tester", "--expires", "3650d"]).await;
+    assert!(printed.trim().starts_with("kiln_"), "{printed}");
+    let list = kiln_admin(&url, &["token", "list", "tester"]).await;
+    let in_3650_days = tenancy::date(tenancy::store::now_ms() + 3650 * 86_400_000);
+    assert!(list.contains(&format!("expires {in_3650_days}")), "{list}");
 }
 
 /// How soon a running server must apply a change another writer made to the database. Its
