@@ -377,6 +377,17 @@ options! {
         // Inputs are truncated to the model's token window anyway; this bounds the tokenizer's
         // work and the request's memory.
         max_input_chars: usize, "KILN_MAX_INPUT_CHARS" = 16_384;
+        /// Characters of all the text inputs of one request together, each input counted with
+        /// 8 characters more (so that empty inputs still weigh).
+        // Without it, `max_inputs` x `max_input_chars` (2 million characters) would be one
+        // request's tokenizer work. Past the model's token window inputs are truncated anyway:
+        // 128 inputs of ~2,000 characters (~512 tokens each) fit.
+        max_total_input_chars: usize, "KILN_MAX_TOTAL_INPUT_CHARS" = 262_144;
+        /// Messages in one chat conversation (`messages` of a text generation).
+        // Each message costs the plugin's chat template a few tokens whatever its content:
+        // 40,000 empty messages (1.3 MB of JSON) were 200,000 tokens. Conversations that fit a
+        // small model's context window have far fewer turns.
+        max_messages: usize, "KILN_MAX_MESSAGES" = 256;
         /// Pixels (width x height) of an input image.
         // Decoded to RGB8 plus an f32 copy inside the plugin (~15 bytes a pixel): 24 MP (a
         // 6000x4000 photo) fits the default memory cap; a decompression bomb's header claiming
