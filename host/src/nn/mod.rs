@@ -165,7 +165,7 @@ impl TensorGauge {
     }
 }
 
-/// Why [`TensorBudget::reserve`] refused.
+/// Why a [`TensorBudget`] refused a new resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BudgetExceeded {
     /// The instance's own limits (`tensor_mb`, `max_tensors`).
