@@ -277,6 +277,14 @@ options! {
         // plugin instances (512 MiB of linear memory each at most) and the OS.
         model_memory_mb: u64, "KILN_MODEL_MEMORY_MB" =>
             model_memory_bytes: u64, mib = default_model_memory_bytes();
+        /// Host tensor bytes alive across all requests and instances, MiB (default: a quarter of
+        /// the machine's memory).
+        // Each instance has its own `tensor_mb` budget, but 64 slots x 1 GiB is more than most
+        // machines have; past this ceiling a `wasi:nn` call that would allocate more is refused
+        // (503, retry) instead of the server running out of memory. A quarter of the machine:
+        // loaded models get half (`model_memory_mb`), plugin linear memory and the OS the rest.
+        host_tensor_mb: u64, "KILN_HOST_TENSOR_MB" =>
+            host_tensor_bytes: u64, mib = default_model_memory_bytes() / 2;
         /// Longest a request with `wait_for_model` waits for its model to load, ms.
         // The request timeout callers are told to use (30-60 s) less time to answer.
         model_wait_ms: u64, "KILN_MODEL_WAIT_MS" =>
@@ -519,6 +527,14 @@ options! {
         // Pre/post-processing is milliseconds of work; seconds of guest CPU without a wasi:nn
         // call is a runaway loop.
         cpu_ms: u64, "KILN_CPU_MS" => cpu: Duration, Duration::from_millis = Duration::from_secs(5);
+        /// Guest CPU time of all the calls of one request together (a stream's steps included),
+        /// ms.
+        // `cpu_ms` is re-armed after every wasi:nn call, so a plugin alternating short spins
+        // and `compute` calls would otherwise run until the wall-clock timeout (or, streaming,
+        // for every step). Legitimate guest work is milliseconds per input or per generated
+        // token: 2048 tokens at a few ms each is well under this.
+        request_cpu_ms: u64, "KILN_REQUEST_CPU_MS" =>
+            request_cpu: Duration, Duration::from_millis = Duration::from_secs(30);
         /// Wall-clock limit of a whole request (of each step of a stream, and of a stream's
         /// client taking an event), ms.
         // API callers are told to set 30-60 s timeouts: answer before they give up.
@@ -548,6 +564,17 @@ options! {
         // Inputs are truncated to the model's token window anyway; this bounds the tokenizer's
         // work and the request's memory.
         max_input_chars: usize, "KILN_MAX_INPUT_CHARS" = 16_384;
+        /// Characters of all the text inputs of one request together, each input counted with
+        /// 8 characters more (so that empty inputs still weigh).
+        // Without it, `max_inputs` x `max_input_chars` (2 million characters) would be one
+        // request's tokenizer work. Past the model's token window inputs are truncated anyway:
+        // 128 inputs of ~2,000 characters (~512 tokens each) fit.
+        max_total_input_chars: usize, "KILN_MAX_TOTAL_INPUT_CHARS" = 262_144;
+        /// Messages in one chat conversation (`messages` of a text generation).
+        // Each message costs the plugin's chat template a few tokens whatever its content:
+        // 40,000 empty messages (1.3 MB of JSON) were 200,000 tokens. Conversations that fit a
+        // small model's context window have far fewer turns.
+        max_messages: usize, "KILN_MAX_MESSAGES" = 256;
         /// Pixels (width x height) of an input image.
         // Decoded to RGB8 plus an f32 copy inside the plugin (~15 bytes a pixel): 24 MP (a
         // 6000x4000 photo) fits the default memory cap; a decompression bomb's header claiming

@@ -186,7 +186,9 @@ impl ApiError {
             InferError::Media(MediaError::Encoding(_)) => ErrorCode::BadRequest,
             InferError::Media(MediaError::Unsupported(_)) => ErrorCode::UnsupportedMedia,
             InferError::Media(MediaError::TooLarge(_)) => ErrorCode::MediaTooLarge,
-            InferError::Overloaded { .. } => ErrorCode::Overloaded,
+            InferError::Overloaded { .. } | InferError::TensorMemoryFull(_) => {
+                ErrorCode::Overloaded
+            }
             InferError::Loading { .. } => ErrorCode::ModelLoading,
             InferError::ModelFailed(_) => ErrorCode::ModelUnavailable,
             InferError::Timeout(_) => ErrorCode::Timeout,
@@ -274,6 +276,8 @@ impl From<InferError> for ApiError {
             InferError::Overloaded { retry_after } => {
                 error.retry_after = Some(retry_after.as_secs().max(1));
             }
+            // Tensors are freed as the requests holding them end: seconds.
+            InferError::TensorMemoryFull(_) => error.retry_after = Some(1),
             InferError::Loading { wait, .. } => {
                 error.retry_after = Some(crate::infer::catalog::retry_after_secs(wait));
                 error.estimated_time = Some((wait.as_secs_f64() * 10.0).ceil() / 10.0);

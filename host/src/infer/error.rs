@@ -37,6 +37,9 @@ pub enum InferError {
     Timeout(String),
     #[error("{0}")]
     TensorBudget(String),
+    /// The server's ceiling of host tensor memory (`host_tensor_mb`) was reached: retry later.
+    #[error("{0}")]
+    TensorMemoryFull(String),
     #[error("the model's plugin exceeded its memory limit of {limit_mb} MiB")]
     PluginMemory { limit_mb: u64 },
     #[error("the model's plugin failed")]

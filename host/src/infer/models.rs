@@ -133,7 +133,7 @@ impl Inference {
             this: this.clone(),
             stream_stats: Arc::default(),
             load_stats: LoadStats::default(),
-            tensor_gauge: TensorGauge::default(),
+            tensor_gauge: TensorGauge::with_limit(config.host_tensor_bytes),
             cache: ResponseCache::new(config.response_cache_bytes),
         });
         for entry in inference.models() {

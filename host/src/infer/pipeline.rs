@@ -266,6 +266,7 @@ pub(super) fn refusal_to_error(refusal: Refusal, failure: Option<CallFailure>) -
             limit.as_millis()
         )),
         Refusal::TensorBudget { message } => InferError::TensorBudget(message),
+        Refusal::ServerTensorMemory { message } => InferError::TensorMemoryFull(message),
         Refusal::QueueFull => InferError::Overloaded {
             retry_after: Duration::from_secs(1),
         },
@@ -285,6 +286,10 @@ pub(super) fn failure_to_error(model: &LoadedModel, failure: CallFailure) -> Inf
             match kind {
                 TrapKind::CpuDeadline(limit) => InferError::Timeout(format!(
                     "the model's plugin ran longer than its CPU limit of {} ms",
+                    limit.as_millis()
+                )),
+                TrapKind::RequestCpuBudget(limit) => InferError::Timeout(format!(
+                    "the model's plugin used more than its CPU budget of {} ms for one request",
                     limit.as_millis()
                 )),
                 TrapKind::WallDeadline => InferError::Timeout(format!(

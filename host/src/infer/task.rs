@@ -87,6 +87,15 @@ fn ranked(scores: Vec<types::ClassScore>) -> Ranked {
     ranked
 }
 
+/// Characters each text input counts for beyond its own in `max_total_input_chars`: the
+/// tokenizer adds its special tokens to every input, so a list of empty strings is not free.
+const INPUT_OVERHEAD_CHARS: usize = 8;
+
+/// Characters each chat message counts for beyond its role and content in `max_input_chars`:
+/// a chat template wraps every message in markers (`<|im_start|>role\n ... <|im_end|>\n`),
+/// several tokens whatever its content, so empty messages still weigh.
+const MESSAGE_OVERHEAD_CHARS: usize = 16;
+
 /// Inputs against the model's limits; messages name the limit and the value.
 fn check_texts(inputs: &[String], limits: &Limits) -> Result<(), InferError> {
     if inputs.is_empty() {
@@ -101,6 +110,7 @@ fn check_texts(inputs: &[String], limits: &Limits) -> Result<(), InferError> {
             limits.max_inputs
         )));
     }
+    let mut total = 0usize;
     for (i, text) in inputs.iter().enumerate() {
         let chars = text.chars().count();
         if chars > limits.max_input_chars {
@@ -109,6 +119,14 @@ fn check_texts(inputs: &[String], limits: &Limits) -> Result<(), InferError> {
                 limits.max_input_chars
             )));
         }
+        total = total.saturating_add(chars + INPUT_OVERHEAD_CHARS);
+    }
+    if total > limits.max_total_input_chars {
+        return Err(InferError::InvalidInput(format!(
+            "`inputs` are {total} characters long together (each input counts \
+             {INPUT_OVERHEAD_CHARS} more); the limit is {}",
+            limits.max_total_input_chars
+        )));
     }
     Ok(())
 }
@@ -499,13 +517,31 @@ pub(super) fn check_generation(
             limits.max_new_tokens, params.max_tokens
         )));
     }
-    let total: usize = match input {
-        GenerationInput::Prompt(p) => p.chars().count(),
-        GenerationInput::Chat(messages) => messages.iter().map(|m| m.content.chars().count()).sum(),
+    let (what, total) = match input {
+        GenerationInput::Prompt(p) => ("the prompt is", p.chars().count()),
+        GenerationInput::Chat(messages) => {
+            // The count first: it bounds the sum below without reading every message.
+            if messages.len() > limits.max_messages {
+                return Err(InferError::InvalidInput(format!(
+                    "`messages` has {} items; this model accepts at most {} per conversation",
+                    messages.len(),
+                    limits.max_messages
+                )));
+            }
+            let total = messages.iter().fold(0usize, |sum, m| {
+                sum.saturating_add(
+                    m.role.chars().count() + m.content.chars().count() + MESSAGE_OVERHEAD_CHARS,
+                )
+            });
+            (
+                "the conversation is (roles, contents and 16 per message)",
+                total,
+            )
+        }
     };
     if total > limits.max_input_chars {
         return Err(InferError::InvalidInput(format!(
-            "the prompt is {total} characters long; the limit is {}",
+            "{what} {total} characters long; the limit is {}",
             limits.max_input_chars
         )));
     }
@@ -610,6 +646,71 @@ mod tests {
         assert!(
             check_texts(&["héllo".to_string()], &limits).is_ok(),
             "5 chars (6 bytes) is within 5"
+        );
+    }
+
+    #[test]
+    fn empty_inputs_count_towards_the_total() {
+        let limits = Limits {
+            max_total_input_chars: 40,
+            ..Limits::default()
+        };
+        // 5 empty inputs count 5 x 8 = 40, at the limit; 6 are over it.
+        assert!(check_texts(&vec![String::new(); 5], &limits).is_ok());
+        let six = vec![String::new(); 6];
+        let err = check_texts(&six, &limits).unwrap_err().to_string();
+        assert!(
+            err.contains("48 characters long together") && err.contains("limit is 40"),
+            "{err}"
+        );
+    }
+
+    fn chat(n: usize, content: &str) -> GenerationInput {
+        GenerationInput::Chat(
+            (0..n)
+                .map(|_| crate::runtime::instance::Message {
+                    role: "user".into(),
+                    content: content.into(),
+                })
+                .collect(),
+        )
+    }
+
+    fn params() -> GenerationParams {
+        GenerationParams {
+            max_tokens: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            stop_sequences: Vec::new(),
+            seed: None,
+        }
+    }
+
+    #[test]
+    fn a_conversation_is_limited_in_messages_and_in_characters_with_their_overhead() {
+        let limits = Limits {
+            max_messages: 10,
+            max_input_chars: 100,
+            ..Limits::default()
+        };
+        let err = check_generation(&limits, &chat(11, ""), &params())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("11 items") && err.contains("at most 10"),
+            "{err}"
+        );
+        // 5 empty messages: 5 x (4 for "user" + 16) = 100, at the limit; 6 are over it.
+        assert!(check_generation(&limits, &chat(5, ""), &params()).is_ok());
+        let err = check_generation(&limits, &chat(6, ""), &params())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("120 characters") && err.contains("limit is 100"),
+            "{err}"
         );
     }
 }

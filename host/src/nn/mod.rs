@@ -90,6 +90,9 @@ pub enum Refusal {
     RunTimedOut { limit: Duration },
     /// The instance's tensor budget was exceeded.
     TensorBudget { message: String },
+    /// The server-wide ceiling of host tensor bytes (`host_tensor_mb`) was reached: the server
+    /// as a whole is out of tensor memory, not this request.
+    ServerTensorMemory { message: String },
     /// The graph's run queue was full: the server is overloaded.
     QueueFull,
 }
@@ -106,15 +109,86 @@ pub struct TensorBudgetLimits {
     pub max_live: u32,
 }
 
-/// Bytes of host tensors alive in all the instances that share it (one per server): an
-/// operator's gauge (`/metrics`), and how tests see that a cancelled generation's KV cache was
-/// freed.
-#[derive(Debug, Clone, Default)]
-pub struct TensorGauge(Arc<AtomicU64>);
+/// Bytes of host tensors alive in all the instances that share it (one per server), and their
+/// server-wide ceiling (`host_tensor_mb`): the per-instance budgets alone would let every slot
+/// hold its whole `tensor_mb` at once (64 x 1 GiB by default). Also an operator's gauge
+/// (`/metrics`), and how tests see that a cancelled generation's KV cache was freed.
+#[derive(Debug, Clone)]
+pub struct TensorGauge(Arc<GaugeState>);
+
+#[derive(Debug)]
+struct GaugeState {
+    bytes: AtomicU64,
+    limit: u64,
+}
+
+impl Default for TensorGauge {
+    /// A gauge without a ceiling.
+    fn default() -> Self {
+        Self::with_limit(u64::MAX)
+    }
+}
 
 impl TensorGauge {
+    /// A gauge whose total may not go over `limit` bytes.
+    pub fn with_limit(limit: u64) -> Self {
+        Self(Arc::new(GaugeState {
+            bytes: AtomicU64::new(0),
+            limit,
+        }))
+    }
+
     pub fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.0.limit
+    }
+
+    /// Adds `bytes` unless the total would go over the ceiling; then returns that total.
+    fn try_add(&self, bytes: u64) -> Result<(), u64> {
+        let limit = self.0.limit;
+        let mut total = 0;
+        self.0
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+                total = current.saturating_add(bytes);
+                (total <= limit).then_some(total)
+            })
+            .map(drop)
+            .map_err(|_| total)
+    }
+
+    fn sub(&self, bytes: u64) {
+        self.0.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Why a [`TensorBudget`] refused a new resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetExceeded {
+    /// The instance's own limits (`tensor_mb`, `max_tensors`).
+    Instance(String),
+    /// The server-wide ceiling (`host_tensor_mb`).
+    Server(String),
+}
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BudgetExceeded::Instance(m) | BudgetExceeded::Server(m) => f.write_str(m),
+        }
+    }
+}
+
+impl BudgetExceeded {
+    /// What the request is refused with.
+    fn refusal(&self) -> Refusal {
+        match self.clone() {
+            BudgetExceeded::Instance(message) => Refusal::TensorBudget { message },
+            BudgetExceeded::Server(message) => Refusal::ServerTensorMemory { message },
+        }
     }
 }
 
@@ -137,24 +211,34 @@ impl TensorBudget {
         }
     }
 
-    /// Reserves a new resource holding `bytes` of fresh data.
-    fn reserve(&mut self, bytes: u64) -> Result<(), String> {
+    /// Reserves a new resource holding `bytes` of fresh data: within the instance's limits,
+    /// then within the server's ceiling.
+    fn reserve(&mut self, bytes: u64) -> Result<(), BudgetExceeded> {
         if self.live >= self.limits.max_live {
-            return Err(format!(
+            return Err(BudgetExceeded::Instance(format!(
                 "tensor budget exceeded: more than {} live wasi:nn resources in one instance",
                 self.limits.max_live
-            ));
+            )));
         }
         let total = self.bytes.saturating_add(bytes);
         if total > self.limits.max_bytes {
-            return Err(format!(
+            return Err(BudgetExceeded::Instance(format!(
                 "tensor budget exceeded: {} bytes of host tensors would be alive, the limit is {}",
                 total, self.limits.max_bytes
-            ));
+            )));
+        }
+        if bytes > 0 {
+            self.gauge.try_add(bytes).map_err(|server_total| {
+                BudgetExceeded::Server(format!(
+                    "the server is out of tensor memory: {} bytes of host tensors would be alive \
+                     across all requests, the server's limit is {}",
+                    server_total,
+                    self.gauge.limit()
+                ))
+            })?;
         }
         self.live += 1;
         self.bytes = total;
-        self.gauge.0.fetch_add(bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -162,7 +246,7 @@ impl TensorBudget {
         let bytes = bytes.min(self.bytes);
         self.live = self.live.saturating_sub(1);
         self.bytes -= bytes;
-        self.gauge.0.fetch_sub(bytes, Ordering::Relaxed);
+        self.gauge.sub(bytes);
     }
 
     pub fn bytes(&self) -> u64 {
@@ -177,7 +261,7 @@ impl TensorBudget {
 impl Drop for TensorBudget {
     /// A discarded instance frees its tensors with its resource table, without `release`.
     fn drop(&mut self) {
-        self.gauge.0.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.gauge.sub(self.bytes);
     }
 }
 
@@ -191,6 +275,9 @@ pub struct RequestNnState {
     /// The calling thread's CPU time when the last `wasi:nn` call returned: the CPU deadline
     /// counts guest time from here ([`crate::os::thread_cpu_time`]).
     pub last_call_end: Option<Duration>,
+    /// The calling thread's CPU time spent inside `wasi:nn` calls during this export call: the
+    /// request's guest CPU budget leaves it out ([`crate::os::thread_cpu_time`]).
+    pub nn_cpu: Duration,
     /// Latest time at which an ORT run must end (the request's wall-clock deadline).
     pub deadline: Option<Instant>,
 }
@@ -251,7 +338,10 @@ impl<'a> NnView<'a> {
     ) -> wasmtime::Result<Resource<NnError>> {
         let error = NnError::new(code, message);
         tracing::debug!(code = ?error.code, message = %error.message, "wasi:nn error for the plugin");
-        self.ctx.budget.reserve(0).map_err(wasmtime::Error::msg)?;
+        self.ctx
+            .budget
+            .reserve(0)
+            .map_err(|e| wasmtime::Error::msg(e.to_string()))?;
         Ok(self.table.push(error)?)
     }
 
@@ -267,11 +357,9 @@ impl<'a> NnView<'a> {
         } else {
             0
         };
-        if let Err(message) = self.ctx.budget.reserve(bytes) {
-            self.ctx.request.refusal = Some(Refusal::TensorBudget {
-                message: message.clone(),
-            });
-            return Err(message);
+        if let Err(exceeded) = self.ctx.budget.reserve(bytes) {
+            self.ctx.request.refusal = Some(exceeded.refusal());
+            return Err(exceeded.to_string());
         }
         self.table
             .push(tensor)
@@ -401,11 +489,15 @@ pub fn add_to_linker<T: Send + 'static>(
     Ok(())
 }
 
-/// Records the end of a host call so the CPU deadline counts guest time only.
+/// Records the end of a host call, and the CPU time the thread spent in it, so the CPU
+/// deadline and the request's CPU budget count guest time only.
 macro_rules! host_call {
     ($view:expr, $body:expr) => {{
+        let start = crate::os::thread_cpu_time();
         let result = $body;
-        $view.ctx.request.last_call_end = Some(crate::os::thread_cpu_time());
+        let end = crate::os::thread_cpu_time();
+        $view.ctx.request.last_call_end = Some(end);
+        $view.ctx.request.nn_cpu += end.saturating_sub(start);
         result
     }};
 }
@@ -439,8 +531,8 @@ impl graph::Host for NnView<'_> {
             );
             return Ok(Err(self.error(ErrorCode::NotFound, message)?));
         };
-        if let Err(message) = self.ctx.budget.reserve(0) {
-            return Ok(Err(self.error(ErrorCode::TooLarge, message)?));
+        if let Err(exceeded) = self.ctx.budget.reserve(0) {
+            return Ok(Err(self.error(ErrorCode::TooLarge, exceeded.to_string())?));
         }
         Ok(Ok(self.table.push(Graph(graph))?))
     }
@@ -452,8 +544,8 @@ impl graph::HostGraph for NnView<'_> {
         graph: Resource<Graph>,
     ) -> wasmtime::Result<Result<Resource<ExecutionContext>, Resource<NnError>>> {
         let executor = Arc::clone(&self.table.get(&graph)?.0);
-        if let Err(message) = self.ctx.budget.reserve(0) {
-            return Ok(Err(self.error(ErrorCode::TooLarge, message)?));
+        if let Err(exceeded) = self.ctx.budget.reserve(0) {
+            return Ok(Err(self.error(ErrorCode::TooLarge, exceeded.to_string())?));
         }
         Ok(Ok(self.table.push(ExecutionContext(executor))?))
     }
@@ -599,14 +691,18 @@ mod tests {
             gauge.clone(),
         );
         b.reserve(60).unwrap();
-        let err = b.reserve(41).unwrap_err();
+        let err = b.reserve(41).unwrap_err().to_string();
         assert!(
             err.contains("101 bytes") && err.contains("limit is 100"),
             "{err}"
         );
         b.reserve(40).unwrap();
         b.reserve(0).unwrap();
-        assert!(b.reserve(0).unwrap_err().contains("more than 3 live"));
+        assert!(b
+            .reserve(0)
+            .unwrap_err()
+            .to_string()
+            .contains("more than 3 live"));
         b.release(60);
         assert_eq!((b.bytes(), b.live()), (40, 2));
         b.reserve(60).unwrap();
@@ -621,5 +717,32 @@ mod tests {
         drop(b);
         assert_eq!(gauge.bytes(), 0, "a dropped budget gives back what it held");
         drop(other);
+    }
+
+    #[test]
+    fn the_server_ceiling_is_shared_by_every_instance() {
+        let gauge = TensorGauge::with_limit(100);
+        let limits = TensorBudgetLimits {
+            max_bytes: 80,
+            max_live: 10,
+        };
+        let mut a = TensorBudget::new(limits, gauge.clone());
+        let mut b = TensorBudget::new(limits, gauge.clone());
+        a.reserve(60).unwrap();
+        // Within b's own 80 bytes, over the server's 100 with a's 60.
+        match b.reserve(50).unwrap_err() {
+            BudgetExceeded::Server(m) => {
+                assert!(m.contains("110 bytes") && m.contains("limit is 100"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((b.bytes(), b.live(), gauge.bytes()), (0, 0, 60));
+        b.reserve(40).unwrap();
+        a.release(60);
+        b.reserve(40).unwrap();
+        assert_eq!(gauge.bytes(), 80);
+        // Zero-byte resources (graphs, errors) never hit the server's ceiling.
+        let full = TensorGauge::with_limit(0);
+        TensorBudget::new(limits, full).reserve(0).unwrap();
     }
 }

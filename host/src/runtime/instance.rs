@@ -5,7 +5,14 @@
 //!   deadline. The epoch callback counts guest CPU time (the calling thread's own CPU clock, so
 //!   time the thread spends waiting for a core on a busy machine, or blocked while ORT runs, is
 //!   not counted) from the later of the call's start and the end of the last `wasi:nn` call, so
-//!   neither ORT time nor other tenants' load counts as this plugin's CPU.
+//!   neither ORT time nor other tenants' load counts as this plugin's CPU. Beside it, the guest
+//!   CPU of all the calls of one request adds up against the model's `request_cpu_ms`: the
+//!   per-call limit is re-armed after every `wasi:nn` call, so without a total a plugin could
+//!   alternate short spins and `compute` calls until the wall-clock timeout.
+//! - Waits: `wasi:io/poll` ends at the call's deadline ([`super::deadline_poll`]), so a plugin
+//!   that sleeps is trapped at the deadline instead of holding its thread and slot.
+//! - Handles: the store's resource table (WASI files, streams and pollables, `wasi:nn` resources)
+//!   is capped, so a plugin cannot hold a million host objects (or open files).
 //! - WASI: no network, no environment, no arguments; the model's folder is the only preopen,
 //!   read-only, at `/model`; stdout/stderr go to the host log.
 //! - A trap (deadline, memory, panic) leaves the instance unusable: callers discard it.
@@ -116,14 +123,37 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// Deadlines of the call in progress.
+/// Room in an instance's resource table beyond its `wasi:nn` resources (`max_tensors`, counted
+/// on their own by the tensor budget): WASI's open files and directories, their streams and
+/// pollables. A plugin opens a handful of model files at `init`. Without a cap the table grows
+/// to wasmtime's default of a million entries, each open file a descriptor of the server
+/// process, which every instance and the server's sockets share; with it, one instance holds
+/// at most `max_tensors` + 256 handles of any kind (4,352 by default) and a plugin opening
+/// files in a loop traps with a full table.
+pub const MAX_WASI_HANDLES: usize = 256;
+
+/// Deadlines of the call in progress, and the guest CPU of the request so far.
 #[derive(Debug, Default)]
-struct CallClock {
+pub(crate) struct CallClock {
     /// The calling thread's CPU time when the call started.
     armed_at: Option<Duration>,
     cpu_limit: Duration,
     wall_deadline: Option<Instant>,
     expired: Option<TrapKind>,
+    /// Guest CPU the request may use over all its calls (`request_cpu_ms`).
+    request_cpu_limit: Duration,
+    /// Guest CPU of the request's earlier calls (reset by [`PluginInstance::end_request`]).
+    request_cpu_used: Duration,
+}
+
+impl CallClock {
+    /// Guest CPU of the call in progress: the thread's CPU since the call started, less the
+    /// time this thread spent inside `wasi:nn` calls (`in_nn`).
+    fn call_cpu(&self, cpu_now: Duration, in_nn: Duration) -> Duration {
+        self.armed_at
+            .map_or(Duration::ZERO, |a| cpu_now.saturating_sub(a))
+            .saturating_sub(in_nn)
+    }
 }
 
 /// Per-store data.
@@ -134,6 +164,17 @@ pub struct StoreState {
     pub(crate) host: PluginHost,
     limiter: MemoryLimiter,
     clock: CallClock,
+}
+
+impl StoreState {
+    /// The view `wasi:io/poll` works through: its waits end at the call's deadline.
+    pub(crate) fn deadline_poll(&mut self) -> super::deadline_poll::DeadlinePoll<'_> {
+        super::deadline_poll::DeadlinePoll {
+            table: &mut self.table,
+            deadline: self.clock.wall_deadline,
+            expired: &mut self.clock.expired,
+        }
+    }
 }
 
 impl WasiView for StoreState {
@@ -150,8 +191,10 @@ impl WasiView for StoreState {
 pub enum TrapKind {
     /// Guest code ran longer than the CPU limit without a host call.
     CpuDeadline(Duration),
-    /// The request's wall-clock deadline passed while guest code ran.
+    /// The request's wall-clock deadline passed while guest code ran or waited.
     WallDeadline,
+    /// The guest CPU of all the request's calls together went over this budget.
+    RequestCpuBudget(Duration),
     /// Linear memory over its cap.
     Memory(usize),
     /// Anything else: a panic, `unreachable`, an out-of-bounds access, a host-side refusal.
@@ -299,9 +342,11 @@ impl PluginInstance {
             .preopened_dir(&setup.dir, "/model", FsPerms::ReadOnly)
             .map_err(|e| trap(format!("opening the model folder: {e:#}")))?;
         let limits = &setup.limits;
+        let mut table = ResourceTable::new();
+        table.set_max_capacity((limits.max_tensors as usize).saturating_add(MAX_WASI_HANDLES));
         let state = StoreState {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table,
             nn: NnCtx::new(
                 Arc::clone(&setup.graphs),
                 TensorBudgetLimits {
@@ -321,6 +366,7 @@ impl PluginInstance {
             },
             clock: CallClock {
                 cpu_limit: limits.cpu,
+                request_cpu_limit: limits.request_cpu,
                 ..CallClock::default()
             },
         };
@@ -339,10 +385,18 @@ impl PluginInstance {
             open_generations: 0,
         };
         let report = instance.call(deadline, |store, exports| exports.init(store));
+        // `init` has the per-call limits; the request's CPU budget is for its own calls.
+        instance.end_request();
         match report.result {
             Ok(()) => Ok(instance),
             Err(e) => Err(e),
         }
+    }
+
+    /// Ends the request the instance served: the next one starts with its whole CPU budget.
+    /// Called when the instance goes back to its pool.
+    pub fn end_request(&mut self) {
+        self.store.data_mut().clock.request_cpu_used = Duration::ZERO;
     }
 
     pub fn is_poisoned(&self) -> bool {
@@ -567,6 +621,13 @@ impl PluginInstance {
         }
         arm(&mut self.store, deadline);
         let outcome = f(&mut self.store, &self.exports);
+        {
+            let state = self.store.data_mut();
+            let used = state
+                .clock
+                .call_cpu(crate::os::thread_cpu_time(), state.nn.request.nn_cpu);
+            state.clock.request_cpu_used += used;
+        }
         let result = match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(CallFailure::Plugin(error)),
@@ -599,6 +660,12 @@ fn arm(store: &mut Store<StoreState>, deadline: Instant) {
     let first = state
         .clock
         .cpu_limit
+        .min(
+            state
+                .clock
+                .request_cpu_limit
+                .saturating_sub(state.clock.request_cpu_used),
+        )
         .min(deadline.saturating_duration_since(now));
     store.set_epoch_deadline(ticks(first));
 }
@@ -629,7 +696,15 @@ fn on_epoch_deadline(
         state.clock.expired = Some(TrapKind::CpuDeadline(state.clock.cpu_limit));
         return Ok(UpdateDeadline::Interrupt);
     }
-    let mut remaining = state.clock.cpu_limit - used;
+    // The request's total: its earlier calls, and this one's guest time so far.
+    let request_used =
+        state.clock.request_cpu_used + state.clock.call_cpu(cpu_now, state.nn.request.nn_cpu);
+    if request_used >= state.clock.request_cpu_limit {
+        state.clock.expired = Some(TrapKind::RequestCpuBudget(state.clock.request_cpu_limit));
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    let mut remaining =
+        (state.clock.cpu_limit - used).min(state.clock.request_cpu_limit - request_used);
     if let Some(deadline) = state.clock.wall_deadline {
         remaining = remaining.min(deadline.saturating_duration_since(now));
     }

@@ -9,6 +9,7 @@
 //! and wall-clock deadlines of each call.
 
 pub mod bindings;
+pub mod deadline_poll;
 pub mod instance;
 pub mod log;
 pub mod pool;
@@ -109,6 +110,8 @@ impl PluginRuntime {
 
         let mut linker = Linker::<StoreState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        // Then `wasi:io/poll` again, its waits bounded by each call's deadline.
+        deadline_poll::add_to_linker(&mut linker)?;
         nn::add_to_linker(&mut linker, |s: &mut StoreState| {
             NnView::new(&mut s.nn, &mut s.table)
         })?;

@@ -302,7 +302,8 @@ impl Drop for PooledInstance {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
         match self.instance.take() {
-            Some(instance) if instance.is_reusable() && !std::thread::panicking() => {
+            Some(mut instance) if instance.is_reusable() && !std::thread::panicking() => {
+                instance.end_request();
                 let retired = state.put_back(self.key.clone(), instance, Instant::now());
                 drop(state);
                 drop(retired);

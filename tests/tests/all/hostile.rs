@@ -21,6 +21,13 @@
 //! - a component importing `wasi:sockets`: refused when an admin tries to allow it (by file and
 //!   by upload).
 //!
+//! And callers whose input would multiply the plugin's work past the limits, refused before
+//! the plugin runs (422 `invalid_input` naming the limit):
+//!
+//! - 40,000 empty chat messages (1.3 MB): over `max_messages`; where a model allows that many
+//!   messages, empty ones still count their role and overhead against `max_input_chars`;
+//! - many empty `inputs`: each counts against `max_total_input_chars`.
+//!
 //! Covered in `sandbox.rs` and not repeated here: a loop in a request, a memory bomb, a panic,
 //! reads outside `/model` (symlinks and `..` included), no network, a flood of large tensors, the
 //! wall-clock and ONNX Runtime run limits. `stream_generation.rs` covers a generation that fails
@@ -483,4 +490,84 @@ async fn a_component_importing_sockets_cannot_be_allowed() {
         .await;
     assert_eq!(ok.status, 200, "{:?}", ok.body);
     assert_eq!(ok.body["generated_text"], "w1 w2");
+}
+
+/// A chat of `n` empty user messages for `model`.
+fn empty_chat(model: &str, n: usize) -> Value {
+    let messages = vec![json!({"role": "user", "content": ""}); n];
+    json!({"model": model, "messages": messages, "max_tokens": 1})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_chat_messages_cannot_amplify_a_request() {
+    let models = ModelsDir::new();
+    let gen_toml = |limits: &str| {
+        format!(
+            "task = \"text-generation\"\n[plugin]\npath = {:?}\n\
+             [graphs]\nmain = \"main.onnx\"\n[limits]\n{limits}\n",
+            plugin("gen-probe")
+        )
+    };
+    let main = fixture_onnx("main.onnx");
+    models.add(
+        "test/gen-probe",
+        &gen_toml("max_messages = 256"),
+        &[("main.onnx", &main)],
+    );
+    // On a server that allows many messages, the characters they count still bound them.
+    models.add("test/long-chat", &gen_toml(""), &[("main.onnx", &main)]);
+    let mut config = kiln_tests::config(models.path());
+    config.limits.max_messages = 50_000;
+    let server = TestServer::start(config).await;
+
+    let r = server
+        .post(GENERATE, &empty_chat("test/gen-probe", 40_000))
+        .await;
+    assert_eq!((r.status, r.code()), (422, "invalid_input"), "{:?}", r.body);
+    assert!(
+        r.message().contains("`messages` has 40000 items") && r.message().contains("at most 256"),
+        "{}",
+        r.message()
+    );
+
+    // 40,000 x ("user" + 16) = 800,000 characters, over the 16,384 of `max_input_chars`.
+    let r = server
+        .post(GENERATE, &empty_chat("test/long-chat", 40_000))
+        .await;
+    assert_eq!((r.status, r.code()), (422, "invalid_input"), "{:?}", r.body);
+    assert!(
+        r.message().contains("800000 characters") && r.message().contains("limit is 16384"),
+        "{}",
+        r.message()
+    );
+
+    for model in ["test/gen-probe", "test/long-chat"] {
+        let ok = server
+            .post(
+                GENERATE,
+                &json!({"model": model, "prompt": "words:2", "max_tokens": 5}),
+            )
+            .await;
+        assert_eq!(ok.status, 200, "{model}: {:?}", ok.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_inputs_count_against_the_total_of_a_request() {
+    let (_models, server) = probe_server("", "max_total_input_chars = 100").await;
+    // 20 empty inputs count 8 characters each: 160, over 100.
+    let r = server
+        .post(
+            EMBED,
+            &json!({"model": "test/probe", "inputs": vec![""; 20]}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (422, "invalid_input"), "{:?}", r.body);
+    assert!(
+        r.message().contains("160 characters long together")
+            && r.message().contains("limit is 100"),
+        "{}",
+        r.message()
+    );
+    assert_serves(&server, "test/probe").await;
 }

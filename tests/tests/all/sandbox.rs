@@ -8,6 +8,14 @@ use serde_json::json;
 /// The probe as model `test/probe` (graphs main + slow) and as `test/other` (graph other), so
 /// one plugin serves two models.
 async fn probe_server(limits: &str) -> (ModelsDir, TestServer) {
+    probe_server_with(limits, |_| {}).await
+}
+
+/// [`probe_server`] with the server's configuration changed by `configure`.
+async fn probe_server_with(
+    limits: &str,
+    configure: impl FnOnce(&mut kiln_host::Config),
+) -> (ModelsDir, TestServer) {
     let models = ModelsDir::new();
     let wasm = plugin("sandbox-probe");
     let probe_toml = format!(
@@ -32,7 +40,9 @@ async fn probe_server(limits: &str) -> (ModelsDir, TestServer) {
         &other_toml,
         &[("other.onnx", &fixture_onnx("other.onnx"))],
     );
-    let server = TestServer::start(kiln_tests::config(models.path())).await;
+    let mut config = kiln_tests::config(models.path());
+    configure(&mut config);
+    let server = TestServer::start(config).await;
     (models, server)
 }
 
@@ -438,5 +448,99 @@ async fn a_chatty_plugin_is_cut_to_its_log_rate() {
         "{dropped} lines dropped in {elapsed} s"
     );
     assert!(dropped <= 12, "{dropped}: the burst always gets through");
+    assert_still_serving(&server).await;
+}
+
+/// A plugin that sleeps (`std::thread::sleep`: a monotonic-clock subscription and a blocking
+/// poll, out of the epoch's reach) is trapped at the request's deadline, not when its sleep
+/// ends; its instance is discarded and its only slot is free for the next request at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_plugin_is_stopped_at_the_request_deadline() {
+    let (_models, server) =
+        probe_server("memory_mb = 64\ncpu_ms = 300\ntimeout_ms = 1000\nmax_instances = 1").await;
+    // A short sleep within the deadline still works.
+    let short = probe(&server, "test/probe", "sleep:20").await;
+    assert_eq!(short.status, 200, "{:?}", short.body);
+
+    let started = std::time::Instant::now();
+    let r = probe(&server, "test/probe", "sleep:60000").await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.code(), "timeout");
+    assert!(
+        r.message().contains("timeout of 1000 ms"),
+        "{}",
+        r.message()
+    );
+    // At the deadline (1 s), not at the outer guard's (deadline + 5 s) nor the sleep's end.
+    assert!(took < std::time::Duration::from_secs(4), "took {took:?}");
+
+    // The one instance slot is free again: a stuck thread would hold it, and this request
+    // would wait the queue timeout (5 s) for a 503.
+    let started = std::time::Instant::now();
+    assert_still_serving(&server).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server.metric("kiln_plugin_instances").await, 1);
+}
+
+/// The per-call CPU limit is re-armed after every `wasi:nn` call; a plugin alternating short
+/// spins (~20 ms) and `compute` calls is stopped by the request's total CPU budget instead of
+/// running until the wall-clock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spins_between_compute_calls_are_stopped_by_the_request_cpu_budget() {
+    let (_models, server) = probe_server(
+        "memory_mb = 64\ncpu_ms = 300\nrequest_cpu_ms = 600\ntimeout_ms = 60000\nmax_instances = 1",
+    )
+    .await;
+    let r = probe(&server, "test/probe", "spin-compute").await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.code(), "timeout");
+    assert!(
+        r.message().contains("CPU budget of 600 ms for one request"),
+        "{}",
+        r.message()
+    );
+    // Every request starts with the whole budget: a dozen small ones in a row all pass.
+    for _ in 0..12 {
+        assert_still_serving(&server).await;
+    }
+}
+
+/// A plugin opening files in a loop fills its resource table (here `max_tensors` 16 + 256
+/// WASI handles), not the server's file descriptors: it traps, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_files_in_a_loop_hits_the_handle_cap() {
+    let (_models, server) =
+        probe_server("memory_mb = 64\ncpu_ms = 5000\ntimeout_ms = 20000\nmax_tensors = 16").await;
+    let r = probe(&server, "test/probe", "open-files").await;
+    assert_eq!(r.status, 500, "{:?}", r.body);
+    assert_eq!(r.code(), "plugin_failed");
+    assert_still_serving(&server).await;
+}
+
+/// The server-wide ceiling of host tensor memory (`host_tensor_mb`) holds below a model's own
+/// budget: a flood within its instance's 32 MiB is refused at the server's 8 MiB with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_wide_tensor_ceiling_refuses_with_503() {
+    let (_models, server) = probe_server_with(
+        "memory_mb = 64\ncpu_ms = 5000\ntimeout_ms = 20000\ntensor_mb = 32\nmax_instances = 2",
+        |config| config.host_tensor_bytes = 8 << 20,
+    )
+    .await;
+    let r = probe(&server, "test/probe", "flood").await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.code(), "overloaded");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(
+        r.message().contains("out of tensor memory") && r.message().contains("limit is 8388608"),
+        "{}",
+        r.message()
+    );
+    // The flood's instance trapped and was dropped with its tensors: the gauge is back to 0.
+    assert_eq!(server.metric("kiln_host_tensor_bytes").await, 0);
     assert_still_serving(&server).await;
 }
