@@ -481,7 +481,10 @@ impl Config {
             }
         }
         for (key, value) in [
-            ("tenant_uploads_per_minute", config.tenant_uploads_per_minute as usize),
+            (
+                "tenant_uploads_per_minute",
+                config.tenant_uploads_per_minute as usize,
+            ),
             ("tenant_max_sessions", config.tenant_max_sessions),
             ("tenant_max_threads", config.tenant_max_threads),
             ("tenant_max_batch_size", config.tenant_max_batch_size),

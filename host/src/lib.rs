@@ -70,11 +70,10 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         allowlist.plugin_allowed(&entry.plugin_digest, entry.signature.as_ref())
     });
     let load_config = config.clone();
-    let inference = tokio::task::spawn_blocking(move || {
-        Inference::load_with(&load_config, Some(plugin_check))
-    })
-    .await
-    .context("model loading thread failed")??;
+    let inference =
+        tokio::task::spawn_blocking(move || Inference::load_with(&load_config, Some(plugin_check)))
+            .await
+            .context("model loading thread failed")??;
     spawn_reload_watcher(Arc::downgrade(&inference), Arc::clone(tenancy.store()));
     spawn_memory_trimmer(Arc::downgrade(&inference));
     spawn_upload_sweeper(Arc::downgrade(&inference));

@@ -135,7 +135,11 @@ async fn namespace_guard(
         .unwrap_or_default();
     let owner = owner_of(&state, request.headers(), &ns).map(|caller| NamespaceOwner::of(&caller));
     let owner = owner.and_then(|owner| {
-        if let Some(user) = owner.tenant.as_deref().filter(|_| request.method() == "PUT") {
+        if let Some(user) = owner
+            .tenant
+            .as_deref()
+            .filter(|_| request.method() == "PUT")
+        {
             uploads.admit(user, state.inference.config().tenant_uploads_per_minute)?;
         }
         Ok(owner)

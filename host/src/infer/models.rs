@@ -128,10 +128,7 @@ impl Inference {
         Self::start(config, None)
     }
 
-    fn start(
-        config: &Config,
-        plugin_check: Option<PluginCheck>,
-    ) -> anyhow::Result<Arc<Inference>> {
+    fn start(config: &Config, plugin_check: Option<PluginCheck>) -> anyhow::Result<Arc<Inference>> {
         let runtime = Arc::new(PluginRuntime::new(&RuntimeOptions {
             cache_dir: config.cache_dir.clone(),
             instance_slots: config.instance_slots,

@@ -189,24 +189,26 @@ pub fn admit(
     staging: &Path,
     upload: &Path,
 ) -> Result<(), String> {
+    // The installed version (if this replaces it) and the upload give way to the new version.
+    let installed = super::model_dir(models_dir, id);
+    let others = usage(models_dir, user, &[installed.as_path(), upload]);
+    if others.models + 1 > config.tenant_max_models {
+        return Err(format!(
+            "you have {} models registered, and this server's tenant_max_models is {}: remove \
+             one first (DELETE /v1/models/{user}/<name>)",
+            others.models, config.tenant_max_models
+        ));
+    }
     mark(staging, user).map_err(|e| format!("marking the model as {user}'s: {e}"))?;
     let spec = ModelSpec::load(id.clone(), staging).map_err(|e| format!("{e:#}"))?;
     if let Some(why) = check(&spec, config) {
         return Err(why);
     }
-    // The installed version (if this replaces it) and the upload give way to the new version.
-    let installed = super::model_dir(models_dir, id);
-    let others = usage(models_dir, user, &[installed.as_path(), upload]);
     let new = folder_usage(staging);
-    if others.models + 1 > config.tenant_max_models {
-        return Err(format!(
-            "you have {} models registered, and this server's tenant_max_models is {}: remove one              first (DELETE /v1/models/{user}/<name>)",
-            others.models, config.tenant_max_models
-        ));
-    }
     if others.files + new.files > config.tenant_max_files {
         return Err(format!(
-            "this model's {} files would bring your models and uploads to {} files, above this              server's tenant_max_files ({})",
+            "this model's {} files would bring your models and uploads to {} files, above \
+             this server's tenant_max_files ({})",
             new.files,
             others.files + new.files,
             config.tenant_max_files
@@ -214,7 +216,8 @@ pub fn admit(
     }
     if others.bytes + new.bytes > config.tenant_max_disk_bytes {
         return Err(format!(
-            "this model's {} bytes would bring your models and uploads to {} bytes, above this              server's tenant_max_disk_mb ({} MiB)",
+            "this model's {} bytes would bring your models and uploads to {} bytes, above \
+             this server's tenant_max_disk_mb ({} MiB)",
             new.bytes,
             others.bytes + new.bytes,
             config.tenant_max_disk_bytes >> 20
@@ -336,7 +339,9 @@ pub fn sweep_stale(models_dir: &Path, max_age: Duration) -> Vec<PathBuf> {
             if idle >= max_age {
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => removed.push(dir),
-                    Err(e) => tracing::warn!(folder = %dir.display(), "removing a stale folder failed: {e}"),
+                    Err(e) => {
+                        tracing::warn!(folder = %dir.display(), "removing a stale folder failed: {e}")
+                    }
                 }
             }
         }
@@ -381,9 +386,8 @@ mod tests {
     #[test]
     fn each_setting_is_named_when_a_model_asks_above_it() {
         let config = Config::default();
-        let graph = |extra: &str| {
-            format!("{PLUGIN}[graphs]\nmodel = {{ file = \"model.onnx\"{extra} }}\n")
-        };
+        let graph =
+            |extra: &str| format!("{PLUGIN}[graphs]\nmodel = {{ file = \"model.onnx\"{extra} }}\n");
         for (tail, setting) in [
             (format!("warm = true\n{}", graph("")), "tenant_allow_warm"),
             (graph(", sessions = 3"), "tenant_max_sessions"),
