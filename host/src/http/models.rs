@@ -391,6 +391,12 @@ fn install_upload(
     // A replacement starts from the installed version's files, so changing model.toml alone
     // (or one file) needs no upload of the rest.
     let installed = registry::model_dir(models_dir, id);
+    if installed.exists() && !replace {
+        // Said before any other check (as `registry::install` would), and nothing copied.
+        return Err(AdminError::Invalid(format!(
+            "model {id} exists: pass ?replace=true to replace it"
+        )));
+    }
     let mut sources = vec![dir];
     if replace && installed.is_dir() {
         sources.insert(0, installed.as_path());
