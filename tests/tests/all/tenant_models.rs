@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use kiln_host::tenancy::{admin, Scope};
+use kiln_host::tenancy::admin;
 use kiln_host::Config;
 use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer};
 use serde_json::{json, Value};
