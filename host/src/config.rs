@@ -315,6 +315,64 @@ options! {
         // millisecond timestamps an expiry is stored as.
         max_token_lifetime_days: u64, "KILN_MAX_TOKEN_LIFETIME_DAYS" =>
             max_token_lifetime: Duration, days = DEFAULT_MAX_TOKEN_LIFETIME;
+
+        // Tenants' models: what a model registered over HTTP with a non-admin token
+        // (`PUT /v1/models/<user>/...`) may ask for. An operator's models (placed in the
+        // folder, `kiln admin model register`, or an admin token) are not bound by these, only
+        // by `[limits]`. See the README's "Tenant model limits".
+        /// Models a tenant may have registered at once.
+        // Each is a folder every reload reads and, once used, memory within the shared budget; a
+        // few let a tenant try and serve its own models without crowding a small server.
+        tenant_max_models: usize, "KILN_TENANT_MAX_MODELS" = 8;
+        /// Disk a tenant's registered models and unfinished uploads may take together, MiB.
+        // The tenant's share of a small server's disk: our largest demo model (SmolLM2-135M,
+        // 104 MB) fits many times over, and several tenants fit on a modest volume.
+        tenant_max_disk_mb: u64, "KILN_TENANT_MAX_DISK_MB" =>
+            tenant_max_disk_bytes: u64, mib = 2048 << 20;
+        /// Files in a tenant's registered models and unfinished uploads, all together.
+        // A model is a handful of files (graphs, tokenizer, labels, plugin): 64 holds eight such
+        // models, and bounds the entries every reload and quota count walks.
+        tenant_max_files: u64, "KILN_TENANT_MAX_FILES" = 64;
+        /// Uploads (`PUT /v1/models/...` requests: files and model.toml) per tenant per minute.
+        // Each writes to disk and a registration reloads the models; 30 registers a model of
+        // several files a few times a minute, and stops a client uploading in a loop.
+        tenant_uploads_per_minute: u32, "KILN_TENANT_UPLOADS_PER_MINUTE" = 30;
+        /// Graphs (`[graphs]` entries) in one tenant model.
+        // Every graph gets its own ORT sessions and threads; our demo models have at most two
+        // (whisper's encoder and decoder).
+        tenant_max_graphs: usize, "KILN_TENANT_MAX_GRAPHS" = 4;
+        /// ORT sessions per graph of a tenant model, a lead session included (`sessions`,
+        /// `lead_threads`); the server's `[ort] sessions_per_graph` is lowered to it.
+        // Sessions are runs of the model that overlap, each with its threads and memory: two let
+        // a second request start while one runs, as the server's default does.
+        tenant_max_sessions: usize, "KILN_TENANT_MAX_SESSIONS" = 2;
+        /// ORT intra-op threads per session of a tenant model (`intra_threads`, `lead_threads`);
+        /// the server's `[ort] intra_threads` is lowered to it, and a tenant model gets no lead
+        /// session unless its model.toml asks for one.
+        // The server's lead session takes every core for the operator's models; a tenant model
+        // with all of its graphs busy takes at most graphs x sessions x this many cores.
+        tenant_max_threads: usize, "KILN_TENANT_MAX_THREADS" = 2;
+        /// Largest cross-request batch (`batch.max_size`) of a tenant model's graph.
+        // One batched run holds every merged request's activations at once; 32 is the size
+        // our batched demo graphs are measured at.
+        tenant_max_batch_size: usize, "KILN_TENANT_MAX_BATCH_SIZE" = 32;
+        /// Plugin memory per instance of a tenant model, MiB (its `[limits] memory_mb` at most,
+        /// and the value it gets when it does not say).
+        // Half the server's default: the largest demo plugin (whisper's, 256 MiB) fits, and a
+        // tenant's instances (up to `[limits] max_instances` per caller) weigh half as much.
+        tenant_max_memory_mb: u64, "KILN_TENANT_MAX_MEMORY_MB" =>
+            tenant_max_memory_bytes: u64, mib = 256 << 20;
+        /// Whether a tenant model may say `warm = true` (load at startup and on reload instead
+        /// of on first use).
+        // A warm model holds its memory and sessions from startup whether used or not; the
+        // operator decides which models are worth that.
+        tenant_allow_warm: bool, "KILN_TENANT_ALLOW_WARM" = false;
+        /// Seconds after its last write that an unfinished upload folder (`.<name>.upload`,
+        /// never registered) is removed; 0 keeps them.
+        // An hour lets a tenant upload a large model's files one by one; past it the folder is
+        // abandoned, and its disk is the operator's until someone removes it.
+        tenant_upload_max_age_secs: u64, "KILN_TENANT_UPLOAD_MAX_AGE_SECS" =>
+            tenant_upload_max_age: Duration, Duration::from_secs = Duration::from_secs(3600);
     }
 
     /// `[ort]`: how ONNX Runtime sessions are set up.
@@ -639,6 +697,21 @@ impl Config {
         if config.max_token_lifetime.is_zero() {
             // Zero would refuse every token with an expiry.
             anyhow::bail!("max_token_lifetime_days must be at least 1");
+        }
+        for (key, value) in [
+            (
+                "tenant_uploads_per_minute",
+                config.tenant_uploads_per_minute as usize,
+            ),
+            ("tenant_max_sessions", config.tenant_max_sessions),
+            ("tenant_max_threads", config.tenant_max_threads),
+            ("tenant_max_batch_size", config.tenant_max_batch_size),
+        ] {
+            if value == 0 {
+                // A tenant model needs one session of one thread; no uploads at all is
+                // `tenant_max_models = 0`.
+                anyhow::bail!("{key} must be at least 1");
+            }
         }
         if config.stream_keepalive.is_zero() {
             // Zero would send comments back to back, forever.

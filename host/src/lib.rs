@@ -55,10 +55,6 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 /// Loads every model (blocking work, off the async executor) and returns the shared state.
 pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
-    let load_config = config.clone();
-    let inference = tokio::task::spawn_blocking(move || Inference::load(&load_config))
-        .await
-        .context("model loading thread failed")??;
     let database_url = config.database_url.clone();
     let plans = config.plans.clone();
     let tenancy = tokio::task::spawn_blocking(move || {
@@ -68,8 +64,19 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     .await
     .context("database thread failed")?
     .context("opening the database")?;
+    // Before the models: a tenant's model loads (warm, on reload) only once its plugin is allowed.
+    let allowlist = Arc::clone(&tenancy);
+    let plugin_check: infer::PluginCheck = Arc::new(move |entry| {
+        allowlist.plugin_allowed(&entry.plugin_digest, entry.signature.as_ref())
+    });
+    let load_config = config.clone();
+    let inference =
+        tokio::task::spawn_blocking(move || Inference::load_with(&load_config, Some(plugin_check)))
+            .await
+            .context("model loading thread failed")??;
     spawn_reload_watcher(Arc::downgrade(&inference), Arc::clone(tenancy.store()));
     spawn_memory_trimmer(Arc::downgrade(&inference));
+    spawn_upload_sweeper(Arc::downgrade(&inference));
     Ok(Arc::new(AppState {
         inference,
         fetcher: fetch::Fetcher::new(config.fetch_policy())?,
@@ -111,6 +118,20 @@ fn spawn_memory_trimmer(inference: std::sync::Weak<Inference>) {
                 }
                 last_seen = runs;
             }
+        });
+}
+
+/// Removes abandoned upload folders (`tenant_upload_max_age_secs`) every minute: soon enough
+/// for an age counted in tens of minutes, and a walk of the namespaces' folder names is cheap.
+fn spawn_upload_sweeper(inference: std::sync::Weak<Inference>) {
+    let _ = std::thread::Builder::new()
+        .name("kiln-uploads".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            let Some(server) = inference.upgrade() else {
+                return;
+            };
+            server.sweep_stale_uploads();
         });
 }
 

@@ -163,7 +163,13 @@ fn demo_tenant(repo: &Repo, kiln: &Path) -> Result<()> {
     }
     let models = repo.path(".kiln/models/demo");
     for entry in std::fs::read_dir(&models).with_context(|| format!("{}", models.display()))? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Model folders only: hidden ones are the server's (a tenant's unfinished upload,
+        // `.<name>.upload`, a staging copy), and are no model id.
+        if name.starts_with('.') || !entry.file_type()?.is_dir() {
+            continue;
+        }
         let out = admin(&["model", "set-visibility", &format!("demo/{name}"), "public"])?;
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr));

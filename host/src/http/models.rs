@@ -10,9 +10,16 @@
 //!
 //! Files go to a hidden upload folder beside the model's (`.<name>.upload`), which the registry
 //! never serves; `PUT .../{name}` then checks it as a model folder and renames it into place
-//! ([`crate::registry::install`]), and the server reloads. With `?replace=true` the new version
-//! starts from the installed one's files, so a new model.toml alone is a whole new version. The plugin is one of the files: it runs
+//! ([`crate::registry::install`]), and the server reloads. Installed or refused, the upload
+//! folder is then gone (a refused one would hold disk, and it is no model). With
+//! `?replace=true` the new version starts from the installed one's files, so a new model.toml
+//! alone is a whole new version. The plugin is one of the files: it runs, and the model loads,
 //! only once an admin has allowed its digest (or a trusted publisher signed it), as any other.
+//!
+//! A tenant (a non-admin token in its own namespace) is held to the server's `tenant_*`
+//! settings: uploads per minute, files and disk of its models and uploads together, number of
+//! models, and what its model.toml may ask for ([`registry::tenant`]). An admin token registers
+//! an operator's model, bound only by `[limits]`.
 
 use std::sync::Arc;
 
@@ -33,7 +40,7 @@ use super::gate::authenticate;
 use super::{ApiError, AppState, ErrorCode};
 use crate::registry::{self, ModelId};
 use crate::tenancy::admin::AdminError;
-use crate::tenancy::{Caller, Scope};
+use crate::tenancy::{Caller, Rate, RateLimiter, Scope};
 
 /// model.toml is a short text file; 1 MiB leaves room for a large inline config table.
 const MAX_MODEL_TOML_BYTES: usize = 1 << 20;
@@ -41,6 +48,10 @@ const MAX_MODEL_TOML_BYTES: usize = 1 << 20;
 /// The model writes, every one behind [`namespace_guard`]. (`/admin/reload` and `.../warm`,
 /// whose handlers are here too, are admin routes: see `admin::routes`.)
 pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let uploads = Arc::new(Uploads {
+        limiter: RateLimiter::new(),
+        started: std::time::Instant::now(),
+    });
     Router::new()
         .route("/v1/models/{ns}/{name}/files/{file}", put(upload_file))
         .route(
@@ -53,18 +64,66 @@ pub fn router(state: &Arc<AppState>) -> Router<Arc<AppState>> {
             Arc::clone(state),
             namespace_guard,
         ))
+        .layer(Extension(uploads))
+}
+
+/// Tenants' uploads per minute (`tenant_uploads_per_minute`), per server.
+struct Uploads {
+    limiter: RateLimiter,
+    /// The limiter's clock starts here.
+    started: std::time::Instant,
+}
+
+impl Uploads {
+    /// Counts one upload of `user`; a 429 when over the rate.
+    fn admit(&self, user: &str, per_minute: u32) -> Result<(), ApiError> {
+        // A whole minute's uploads at once: a model's files are sent back to back.
+        let rate = Rate {
+            per_minute,
+            burst: per_minute,
+        };
+        let clock = || self.started.elapsed().as_nanos() as u64;
+        let decision = self.limiter.check_at(user, rate, clock);
+        if decision.allowed {
+            return Ok(());
+        }
+        let mut error = ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "at most {per_minute} model uploads a minute per tenant (this server's \
+                 tenant_uploads_per_minute): retry in {} s",
+                decision.retry_after_secs()
+            ),
+        );
+        error.retry_after = Some(decision.retry_after_secs().max(1));
+        // The body was not read.
+        error.close_connection = true;
+        Err(error)
+    }
 }
 
 /// A caller who may change models in the namespace of the path: an admin, or the user who owns
 /// it. Only [`namespace_guard`] makes one, and every model write takes it (a write mounted
 /// outside the guard fails closed: the extension is missing).
 #[derive(Debug, Clone)]
-struct NamespaceOwner(#[allow(dead_code)] Caller);
+struct NamespaceOwner {
+    /// The user, when the token is not an admin's: a tenant, held to the `tenant_*` settings.
+    tenant: Option<String>,
+}
+
+impl NamespaceOwner {
+    fn of(caller: &Caller) -> NamespaceOwner {
+        NamespaceOwner {
+            tenant: (caller.scope != Scope::Admin).then(|| caller.user.name.clone()),
+        }
+    }
+}
 
 /// The guard of every model write: 401 without a token, 403 for a token of another namespace,
-/// before the body is read.
+/// 429 for a tenant's upload over `tenant_uploads_per_minute`, before the body is read.
 async fn namespace_guard(
     State(state): State<Arc<AppState>>,
+    Extension(uploads): Extension<Arc<Uploads>>,
     params: RawPathParams,
     mut request: Request,
     next: Next,
@@ -74,9 +133,20 @@ async fn namespace_guard(
         .find(|(key, _)| *key == "ns")
         .map(|(_, value)| value.to_owned())
         .unwrap_or_default();
-    match owner_of(&state, request.headers(), &ns) {
-        Ok(caller) => {
-            request.extensions_mut().insert(NamespaceOwner(caller));
+    let owner = owner_of(&state, request.headers(), &ns).map(|caller| NamespaceOwner::of(&caller));
+    let owner = owner.and_then(|owner| {
+        if let Some(user) = owner
+            .tenant
+            .as_deref()
+            .filter(|_| request.method() == "PUT")
+        {
+            uploads.admit(user, state.inference.config().tenant_uploads_per_minute)?;
+        }
+        Ok(owner)
+    });
+    match owner {
+        Ok(owner) => {
+            request.extensions_mut().insert(owner);
             next.run(request).await
         }
         Err(error) => error.into_response(),
@@ -112,13 +182,13 @@ fn upload_dir(state: &AppState, id: &ModelId) -> std::path::PathBuf {
         .inference
         .models_dir()
         .join(&id.namespace)
-        .join(format!(".{}.upload", id.name))
+        .join(registry::tenant::upload_dir_name(&id.name))
 }
 
 /// `PUT /v1/models/{ns}/{name}/files/{file}`: streamed to disk, never whole in memory.
 async fn upload_file(
     State(state): State<Arc<AppState>>,
-    _owner: Extension<NamespaceOwner>,
+    Extension(owner): Extension<NamespaceOwner>,
     Path((ns, name, file)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -138,6 +208,14 @@ async fn upload_file(
         )));
     }
     let dir = upload_dir(&state, &id);
+    // What this file may take: the server's `max_model_file_bytes`, and for a tenant what is left
+    // of its `tenant_max_disk_mb` (its files count once they are written).
+    let max_bytes = match &owner.tenant {
+        Some(user) => state
+            .max_model_file_bytes
+            .min(tenant_room(&state, user, dir.join(&file)).await?),
+        None => state.max_model_file_bytes,
+    };
     let internal = |e: std::io::Error| ApiError::internal("the file could not be stored", e);
     tokio::fs::create_dir_all(&dir).await.map_err(internal)?;
     // Written under a temporary name and renamed when complete, so an interrupted upload never
@@ -161,6 +239,15 @@ async fn upload_file(
                     ),
                 ));
             }
+            if written > max_bytes {
+                let mut error = ApiError::invalid(format!(
+                    "this file would take your models and uploads above this server's \
+                     tenant_max_disk_mb ({} MiB): at most {max_bytes} more bytes fit",
+                    state.inference.config().tenant_max_disk_bytes >> 20
+                ));
+                error.close_connection = true;
+                return Err(error);
+            }
             out.write_all(&chunk).await.map_err(internal)?;
         }
         out.flush().await.map_err(internal)?;
@@ -181,6 +268,48 @@ async fn upload_file(
     ))
 }
 
+/// How many bytes tenant `user` may still write to `target` (a file of one of its upload folders,
+/// which it may be replacing) within `tenant_max_disk_mb`; a 422 when the file would be one more
+/// than `tenant_max_files` allows, or no byte is left.
+async fn tenant_room(
+    state: &Arc<AppState>,
+    user: &str,
+    target: std::path::PathBuf,
+) -> Result<u64, ApiError> {
+    let config = state.inference.config();
+    let (max_files, max_bytes) = (config.tenant_max_files, config.tenant_max_disk_bytes);
+    let models_dir = state.inference.models_dir().to_owned();
+    let user = user.to_owned();
+    let (used, replaced) = tokio::task::spawn_blocking(move || {
+        let replaced = std::fs::metadata(&target).ok().map(|m| m.len());
+        (registry::tenant::usage(&models_dir, &user, &[]), replaced)
+    })
+    .await?;
+    let refuse = |message: String| {
+        let mut error = ApiError::invalid(message);
+        // The body was not read.
+        error.close_connection = true;
+        error
+    };
+    let files = used.files + u64::from(replaced.is_none());
+    if files > max_files {
+        return Err(refuse(format!(
+            "your models and uploads have {} files, and this server's tenant_max_files is \
+             {max_files}: remove a model (or wait for unfinished uploads to expire) first",
+            used.files
+        )));
+    }
+    let used_bytes = used.bytes - replaced.unwrap_or(0).min(used.bytes);
+    if used_bytes >= max_bytes {
+        return Err(refuse(format!(
+            "your models and uploads take {used_bytes} bytes, and this server's \
+             tenant_max_disk_mb is {} MiB: remove a model first",
+            max_bytes >> 20
+        )));
+    }
+    Ok(max_bytes - used_bytes)
+}
+
 #[derive(Debug, Deserialize)]
 struct ReplaceQuery {
     #[serde(default)]
@@ -188,10 +317,11 @@ struct ReplaceQuery {
 }
 
 /// `PUT /v1/models/{ns}/{name}` with model.toml as the body: checks the uploaded folder,
-/// installs it and reloads. 201 with what the server now serves (or why it does not).
+/// installs it and reloads. 201 with what the server now serves (or why it does not). The upload
+/// folder is removed either way.
 async fn register(
     State(state): State<Arc<AppState>>,
-    _owner: Extension<NamespaceOwner>,
+    Extension(owner): Extension<NamespaceOwner>,
     Path((ns, name)): Path<(String, String)>,
     Query(query): Query<ReplaceQuery>,
     model_toml: String,
@@ -199,22 +329,15 @@ async fn register(
     let id = model_id(&ns, &name)?;
     let dir = upload_dir(&state, &id);
     let answer = run(&state, move |s| {
-        std::fs::create_dir_all(&dir).map_err(anyhow::Error::from)?;
-        std::fs::write(dir.join("model.toml"), model_toml).map_err(anyhow::Error::from)?;
-        let models_dir = s.inference.models_dir();
-        // A replacement starts from the installed version's files, so changing model.toml alone
-        // (or one file) needs no upload of the rest. Installed from a copy, so the upload folder
-        // stays for a corrected model.toml when this one is refused.
-        let installed = registry::model_dir(models_dir, &id);
-        let mut sources = vec![dir.as_path()];
-        if query.replace && installed.is_dir() {
-            sources.insert(0, installed.as_path());
+        let installed = install_upload(s, &id, &dir, query.replace, &owner, model_toml);
+        // Installed (copied out) or refused: either way the upload folder is done with. A
+        // refused one left behind would hold the tenant's disk for nothing.
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(folder = %dir.display(), "removing an upload folder failed: {e}");
+            }
         }
-        let staging = registry::stage_copy(models_dir, &id, &sources)
-            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
-        let (_, installed) = registry::install(models_dir, &id, &staging, query.replace)
-            .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
-        let _ = std::fs::remove_dir_all(&dir);
+        let installed = installed?;
         let report = s.inference.reload().map_err(AdminError::Store)?;
         // Other servers on this database (sharing the models folder) load it too.
         if let Err(e) = s.tenancy.store().request("reload", "") {
@@ -249,6 +372,47 @@ async fn register(
     })
     .await?;
     Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Installs the upload folder `dir` with `model_toml` as `id`: copied, with the installed
+/// version's files first for a replacement, into a staging folder that is checked (for a tenant
+/// also against the `tenant_*` settings, see [`registry::tenant::admit`]) and renamed into place.
+fn install_upload(
+    s: &AppState,
+    id: &ModelId,
+    dir: &std::path::Path,
+    replace: bool,
+    owner: &NamespaceOwner,
+    model_toml: String,
+) -> Result<registry::Installed, AdminError> {
+    std::fs::create_dir_all(dir).map_err(anyhow::Error::from)?;
+    std::fs::write(dir.join("model.toml"), model_toml).map_err(anyhow::Error::from)?;
+    let models_dir = s.inference.models_dir();
+    // A replacement starts from the installed version's files, so changing model.toml alone
+    // (or one file) needs no upload of the rest.
+    let installed = registry::model_dir(models_dir, id);
+    if installed.exists() && !replace {
+        // Said before any other check (as `registry::install` would), and nothing copied.
+        return Err(AdminError::Invalid(format!(
+            "model {id} exists: pass ?replace=true to replace it"
+        )));
+    }
+    let mut sources = vec![dir];
+    if replace && installed.is_dir() {
+        sources.insert(0, installed.as_path());
+    }
+    let staging = registry::stage_copy(models_dir, id, &sources)
+        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+    if let Some(user) = &owner.tenant {
+        let config = s.inference.config();
+        if let Err(why) = registry::tenant::admit(config, models_dir, id, user, &staging, dir) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(AdminError::Invalid(why));
+        }
+    }
+    let (_, installed) = registry::install(models_dir, id, &staging, replace)
+        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+    Ok(installed)
 }
 
 /// `DELETE /v1/models/{ns}/{name}`: requests in flight on it finish; new ones get 404.

@@ -33,7 +33,7 @@ pub use cache::{CacheOutcome, ResponseCache};
 pub use catalog::{LoadState, ModelEntry};
 pub use context::{Meter, RequestContext};
 pub use error::InferError;
-pub use models::{Catalog, LoadStats, LoadedModel, ReloadFailure, ReloadReport};
+pub use models::{Catalog, LoadStats, LoadedModel, PluginCheck, ReloadFailure, ReloadReport};
 pub use stream::{Finish, StreamEvent, StreamHook, StreamStats, StreamUsage, TokenStream};
 pub use task::{
     Asr, DetectionQuery, Detections, Embed, Embeddings, Generate, Generated, GenerationQuery,
@@ -74,6 +74,9 @@ pub struct Inference {
     pub tensor_gauge: TensorGauge,
     /// Answers of deterministic requests (`response_cache_mb`).
     pub cache: ResponseCache,
+    /// Whether a tenant's model may load (its plugin allowed); `None`: tenants' models never
+    /// load. See [`models::PluginCheck`].
+    plugin_check: Option<models::PluginCheck>,
 }
 
 impl std::fmt::Debug for Inference {
@@ -107,6 +110,11 @@ impl Inference {
     /// Plugin log lines dropped over their budgets.
     pub fn log_lines_dropped(&self) -> u64 {
         self.runtime.log_lines_dropped()
+    }
+
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The folder of model folders.

@@ -86,6 +86,13 @@ pub struct ReloadFailure {
     pub kept_previous: bool,
 }
 
+/// Says whether a model's plugin may run (the tenancy's allowlist and trusted publishers), with
+/// why not. The server gives it to [`Inference::load_with`]: a tenant's model loads (warm, on
+/// reload, on an admin's warm) only when it says yes; requests check the allowlist in the gate
+/// before they ask for a model. An operator's models are not held back: the operator put them
+/// there, and the gate still keeps requests off a plugin that is not allowed.
+pub type PluginCheck = Arc<dyn Fn(&ModelEntry) -> Result<(), String> + Send + Sync>;
+
 /// Counters of model loads, for `/metrics` and the tests.
 #[derive(Debug, Default)]
 pub struct LoadStats {
@@ -97,17 +104,31 @@ pub struct LoadStats {
 
 impl Inference {
     /// Discovers every model under `config.models_dir` and loads the warm ones (all of them with
-    /// `warm_all`). Blocking: call before serving. A folder that does not parse, or a warm model
-    /// that does not load, stops startup.
+    /// `warm_all`). Blocking: call before serving. A folder of the operator's that does not
+    /// parse, or a warm one that does not load, stops startup; a tenant's is logged and left
+    /// out (or unloaded). Without a [`PluginCheck`] no tenant's model ever loads.
     pub fn load(config: &Config) -> anyhow::Result<Arc<Inference>> {
+        Self::load_with(config, None)
+    }
+
+    /// [`Inference::load`] with the check that lets tenants' models load.
+    pub fn load_with(
+        config: &Config,
+        plugin_check: Option<PluginCheck>,
+    ) -> anyhow::Result<Arc<Inference>> {
         // At startup, so a server without its ONNX Runtime library says so before it binds.
         nn::init_ort(&config.ort_dylib)?;
-        Self::load_without_ort(config)
+        Self::start(config, plugin_check)
     }
 
     /// [`Inference::load`], leaving ONNX Runtime to the first model load (each load
     /// initialises it if needed): for tests of the layers above that never load a model.
+    #[cfg(test)]
     pub(crate) fn load_without_ort(config: &Config) -> anyhow::Result<Arc<Inference>> {
+        Self::start(config, None)
+    }
+
+    fn start(config: &Config, plugin_check: Option<PluginCheck>) -> anyhow::Result<Arc<Inference>> {
         let runtime = Arc::new(PluginRuntime::new(&RuntimeOptions {
             cache_dir: config.cache_dir.clone(),
             instance_slots: config.instance_slots,
@@ -115,10 +136,21 @@ impl Inference {
             log_lines_per_second: config.plugin_log_lines_per_second,
             log_burst: config.plugin_log_burst,
         })?);
+        sweep_stale_uploads(config);
         let mut models = BTreeMap::new();
-        for spec in registry::discover(&config.models_dir)? {
-            let entry = discovered(config, spec)?;
-            models.insert(entry.spec.id.clone(), Arc::new(entry));
+        for found in registry::discover_each(&config.models_dir)? {
+            let entry = found.spec.and_then(|spec| discovered(config, spec));
+            match entry {
+                Ok(entry) => {
+                    models.insert(entry.spec.id.clone(), Arc::new(entry));
+                }
+                // A tenant cannot keep the server from starting: its folder is left out.
+                Err(e) if registry::tenant::registrant(&found.dir).is_some() => {
+                    tracing::error!(folder = %found.dir.display(),
+                        "a tenant's model folder did not load, left out: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let inference = Arc::new_cyclic(|this| Inference {
             models: RwLock::new(Arc::new(models)),
@@ -135,12 +167,21 @@ impl Inference {
             load_stats: LoadStats::default(),
             tensor_gauge: TensorGauge::with_limit(config.host_tensor_bytes),
             cache: ResponseCache::new(config.response_cache_bytes),
+            plugin_check,
         });
         for entry in inference.models() {
-            if entry.spec.warm || config.warm_all {
-                inference
-                    .load_now(&entry)
-                    .with_context(|| format!("loading model {}", entry.spec.id))?;
+            if !inference.warm_now(&entry, false) {
+                continue;
+            }
+            let loaded = inference
+                .load_now(&entry)
+                .with_context(|| format!("loading model {}", entry.spec.id));
+            match loaded {
+                Ok(_) => {}
+                Err(e) if entry.spec.tenant.is_some() => {
+                    tracing::error!(model = %entry.spec.id, "a tenant's warm model did not load: {e:#}");
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(inference)
@@ -154,6 +195,7 @@ impl Inference {
     /// Blocking (ORT sessions are created here): call it off the async executor.
     pub fn reload(&self) -> anyhow::Result<ReloadReport> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        sweep_stale_uploads(&self.config);
         let current = self.catalog();
         let mut next = Catalog::new();
         let mut report = ReloadReport::default();
@@ -170,7 +212,7 @@ impl Inference {
                 }
                 let entry = Arc::new(discovered(&self.config, spec)?);
                 let was_loaded = previous.is_some_and(|p| p.loaded().is_some());
-                if was_loaded || entry.spec.warm || self.config.warm_all {
+                if self.warm_now(&entry, was_loaded) {
                     self.load_now(&entry)?;
                 }
                 Ok(entry)
@@ -234,9 +276,48 @@ impl Inference {
             .map_err(|e| InferError::ModelFailed(format!("model {name} failed to load: {e:#}")))
     }
 
+    /// Whether `entry` loads now, at startup or on a reload (`was_loaded`: its previous version
+    /// was loaded): when warm (or `warm_all`, or it was loaded), and, for a tenant's model, only
+    /// once its plugin is allowed (else it loads on the first request after an admin allows it).
+    fn warm_now(&self, entry: &ModelEntry, was_loaded: bool) -> bool {
+        if !(was_loaded || entry.spec.warm || self.config.warm_all) {
+            return false;
+        }
+        match self.may_load(entry) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!(model = %entry.spec.id, "not loaded: {why}");
+                false
+            }
+        }
+    }
+
+    /// Whether `entry` may load: an operator's model always; a tenant's only when the
+    /// [`PluginCheck`] allows its plugin (nothing of it, no ORT session and no plugin compile,
+    /// exists before).
+    fn may_load(&self, entry: &ModelEntry) -> Result<(), String> {
+        if entry.spec.tenant.is_none() {
+            return Ok(());
+        }
+        match &self.plugin_check {
+            Some(check) => check(entry),
+            None => Err("a tenant's model loads only on a server that checks plugins".into()),
+        }
+    }
+
+    /// Removes upload folders abandoned for `tenant_upload_max_age` (and staging copies a crash
+    /// left behind); also done at startup and on every reload.
+    pub fn sweep_stale_uploads(&self) -> usize {
+        sweep_stale_uploads(&self.config)
+    }
+
     /// Runs `entry`'s load on this thread (blocking) if nobody else is loading it, else waits
-    /// for that load; the outcome either way.
+    /// for that load; the outcome either way. A tenant's model whose plugin is not allowed is
+    /// refused before anything loads (its state untouched, so a request after the plugin is
+    /// allowed loads it).
     fn load_now(&self, entry: &Arc<ModelEntry>) -> anyhow::Result<Arc<LoadedModel>> {
+        self.may_load(entry)
+            .map_err(|why| anyhow::anyhow!("model {} is not loaded: {why}", entry.spec.id))?;
         if entry.begin_load() {
             self.run_load(entry);
         }
@@ -258,7 +339,10 @@ impl Inference {
     /// budget, create the sessions, compile the plugin, settle the entry.
     fn run_load(&self, entry: &Arc<ModelEntry>) {
         let started = Instant::now();
-        let result = self.make_room(entry).and_then(|()| {
+        // Requests reach here only after the gate checked the plugin; checked again in case it
+        // was revoked since.
+        let allowed = self.may_load(entry).map_err(|why| anyhow::anyhow!("{why}"));
+        let result = allowed.and_then(|()| self.make_room(entry)).and_then(|()| {
             let seq = self.load_seq.fetch_add(1, Ordering::Relaxed);
             let model = load_model(
                 &self.config,
@@ -419,9 +503,29 @@ impl Inference {
     }
 }
 
+/// Removes the upload folders nothing wrote to for `tenant_upload_max_age`, logging each.
+fn sweep_stale_uploads(config: &Config) -> usize {
+    let removed = registry::tenant::sweep_stale(&config.models_dir, config.tenant_upload_max_age);
+    for dir in &removed {
+        tracing::info!(folder = %dir.display(), "removed an abandoned upload folder");
+    }
+    removed.len()
+}
+
 /// A model folder as discovery found it: the plugin's digest and signature read, its memory
-/// estimated, nothing loaded.
-fn discovered(config: &Config, spec: ModelSpec) -> anyhow::Result<ModelEntry> {
+/// estimated, nothing loaded. A tenant's model gets the server's `tenant_*` caps here (see
+/// [`registry::tenant::apply_caps`]), so its estimate and its load use the capped numbers.
+fn discovered(config: &Config, mut spec: ModelSpec) -> anyhow::Result<ModelEntry> {
+    if spec.tenant.is_some() {
+        if spec.graphs.len() > config.tenant_max_graphs {
+            anyhow::bail!(
+                "a tenant's model has {} graphs, above this server's tenant_max_graphs ({})",
+                spec.graphs.len(),
+                config.tenant_max_graphs
+            );
+        }
+        registry::tenant::apply_caps(&mut spec, config);
+    }
     let bytes = std::fs::read(&spec.plugin_path)
         .with_context(|| format!("reading plugin {}", spec.plugin_path.display()))?;
     let digest = crate::plugin_tools::digest(&bytes);

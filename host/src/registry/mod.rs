@@ -30,6 +30,8 @@ use serde::Deserialize;
 use crate::config::LimitsArgs;
 use crate::nn::BatchSpec;
 
+pub mod tenant;
+
 /// The inference tasks of the API; each has its own plugin world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -166,6 +168,9 @@ pub struct ModelSpec {
     /// whose answers depend on more than its folder and the request (the clock, randomness it
     /// does not take from the request's seed).
     pub cache: bool,
+    /// The user who registered it over HTTP with a non-admin token (its [`tenant::REGISTRANT_FILE`]):
+    /// a tenant's model, bound by the server's `tenant_*` settings. `None` for an operator's.
+    pub tenant: Option<String>,
 }
 
 fn yes() -> bool {
@@ -265,6 +270,7 @@ impl ModelSpec {
             limits: parsed.limits,
             warm: parsed.warm,
             cache: parsed.cache,
+            tenant: tenant::registrant(dir),
         })
     }
 }
@@ -308,7 +314,8 @@ pub fn discover_each(models_dir: &Path) -> anyhow::Result<Vec<Found>> {
         let mut model_dirs: Vec<_> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            // Hidden folders are staging copies of `kiln admin model register`.
+            // Hidden folders are Kiln's own: staging copies of a registration, a tenant's
+            // unfinished upload (`.<name>.upload`), a version being removed. Never models.
             .filter(|p| p.is_dir() && !is_hidden(p))
             .collect();
         model_dirs.sort();

@@ -29,3 +29,4 @@ mod task_text_generation;
 mod task_vision;
 mod tenancy;
 mod tenancy_load;
+mod tenant_models;

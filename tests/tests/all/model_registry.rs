@@ -354,6 +354,12 @@ async fn a_tenant_registers_a_model_in_its_namespace_over_http() {
         "{body}"
     );
     assert!(!models.path().join("alice/probe").exists());
+    // Refused, its upload folder is gone too: the files are sent again.
+    assert!(!models.path().join("alice/.probe.upload").exists());
+    for (name, path) in graph_files() {
+        let (status, body) = put(&server, &alice, &file(name), std::fs::read(path).unwrap()).await;
+        assert_eq!(status, 201, "{body}");
+    }
 
     let plugin_bytes_len = plugin_bytes.len();
     let (status, body) = put(&server, &alice, &file("plugin.wasm"), plugin_bytes).await;
