@@ -190,9 +190,23 @@ async fn upload_file(
     State(state): State<Arc<AppState>>,
     Extension(owner): Extension<NamespaceOwner>,
     Path((ns, name, file)): Path<(String, String, String)>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = model_id(&ns, &name)?;
+    // A file declared over the limit is refused before a byte of it is read.
+    if super::server::declared_length(&headers).is_some_and(|n| n > state.max_model_file_bytes) {
+        return Err(ApiError {
+            close_connection: true,
+            ..ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a model file may be at most {} bytes",
+                    state.max_model_file_bytes
+                ),
+            )
+        });
+    }
     // One plain file name: the folder is flat, and a name can never climb out of it.
     let valid = !file.is_empty()
         && file.len() <= 128
@@ -402,7 +416,7 @@ fn install_upload(
         sources.insert(0, installed.as_path());
     }
     let staging = registry::stage_copy(models_dir, id, &sources)
-        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        .map_err(|e| AdminError::Invalid(super::error::without_paths(&format!("{e:#}"))))?;
     if let Some(user) = &owner.tenant {
         let config = s.inference.config();
         if let Err(why) = registry::tenant::admit(config, models_dir, id, user, &staging, dir) {
@@ -411,7 +425,7 @@ fn install_upload(
         }
     }
     let (_, installed) = registry::install(models_dir, id, &staging, replace)
-        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
+        .map_err(|e| AdminError::Invalid(super::error::without_paths(&format!("{e:#}"))))?;
     Ok(installed)
 }
 

@@ -353,6 +353,9 @@ async fn a_tenant_registers_a_model_in_its_namespace_over_http() {
             .contains("no plugin file at"),
         "{body}"
     );
+    // The message names the file, not where the server keeps it.
+    let models_dir = models.path().to_str().unwrap();
+    assert!(!body.to_string().contains(models_dir), "{body}");
     assert!(!models.path().join("alice/probe").exists());
     // Refused, its upload folder is gone too: the files are sent again.
     assert!(!models.path().join("alice/.probe.upload").exists());
