@@ -147,7 +147,13 @@ pub async fn inference_gate(
     };
     let body_limit = route.body_limit(&state);
     let record = |status: u16, model: String, ctx: Option<&RequestContext>| {
-        let (input_tokens, output_tokens) = ctx.map_or((0, 0), |c| c.meter.tokens());
+        let (input_tokens, mut output_tokens) = ctx.map_or((0, 0), |c| c.meter.tokens());
+        if !(200..300).contains(&status) {
+            // An error answer carries no generated text: its caller is billed the compute it
+            // used, not tokens it never received (a generation that timed out after some
+            // steps). A stream bills its own, the tokens it sent.
+            output_tokens = 0;
+        }
         UsageRecord {
             at_ms: tenancy::store::now_ms(),
             user_id: caller.user.id,

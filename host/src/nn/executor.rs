@@ -148,6 +148,10 @@ pub enum RunError {
     TimedOut(Duration),
     #[error("graph '{0}' has {1} runs queued already")]
     QueueFull(String, usize),
+    /// The run waited in the queue for its whole time limit and never started: the server is
+    /// overloaded.
+    #[error("the ONNX Runtime run waited {} ms in the queue without starting", .0.as_millis())]
+    Queued(Duration),
     #[error("{0}")]
     Ort(String),
     #[error("the executor of graph '{0}' has shut down")]
@@ -237,6 +241,10 @@ struct Control {
     options: RunOptions,
     /// Set by a caller that stopped waiting: the worker skips the job.
     abandoned: AtomicBool,
+    /// Set when a worker takes the job off the queue: a caller whose time ran out before it
+    /// was set waited in the queue only, which is the server's overload (503), not a run too
+    /// slow for its limit (504).
+    taken: AtomicBool,
     /// Set by the worker while the job is part of a merged run.
     merged: Mutex<Option<Arc<MergedControl>>>,
 }
@@ -389,6 +397,7 @@ impl JobQueue {
                         job.drop_abandoned();
                         continue;
                     }
+                    job.control.taken.store(true, Ordering::SeqCst);
                     if lead {
                         state.lead_free = false;
                     } else if self.has_lead {
@@ -493,6 +502,9 @@ fn gather(
         .filter_map(|i| state.jobs.remove(i))
         .collect();
     stats.queued.fetch_sub(taken.len(), Ordering::SeqCst);
+    for job in &taken {
+        job.control.taken.store(true, Ordering::SeqCst);
+    }
     taken.reverse();
     batch.extend(taken);
 }
@@ -722,6 +734,7 @@ impl GraphExecutor {
         let control = Arc::new(Control {
             options: RunOptions::new().map_err(|e| RunError::Ort(e.to_string()))?,
             abandoned: AtomicBool::new(false),
+            taken: AtomicBool::new(false),
             merged: Mutex::new(None),
         });
         let (inputs, key) = match &self.plan {
@@ -750,6 +763,10 @@ impl GraphExecutor {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
                 control.abandoned.store(true, Ordering::SeqCst);
+                if !control.taken.load(Ordering::SeqCst) {
+                    // Never started: the worker skips it when it comes to it.
+                    return Err(RunError::Queued(limit));
+                }
                 // Stops a run in progress between kernels; a queued job is skipped instead.
                 let _ = control.options.terminate();
                 // A merged run goes on for the callers still waiting; the last one to give up

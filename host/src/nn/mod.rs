@@ -478,7 +478,7 @@ impl<'a> NnView<'a> {
                     RunError::TimedOut(limit).to_string(),
                 ))
             }
-            Err(e @ RunError::QueueFull(..)) => {
+            Err(e @ (RunError::QueueFull(..) | RunError::Queued(..))) => {
                 self.ctx.request.refusal = Some(Refusal::QueueFull);
                 Err(NnError::new(ErrorCode::Timeout, e.to_string()))
             }

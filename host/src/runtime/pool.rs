@@ -49,6 +49,10 @@ pub struct PoolKey {
 struct PoolState<I> {
     slots: u32,
     live_total: u32,
+    /// Items handed out to be dropped whose slots wasmtime still holds until the drop is done
+    /// ([`Self::dropped`]): counted against `slots`, or a new instance could be created in
+    /// between and find wasmtime's pool (of exactly `slots`) full.
+    dropping: u32,
     live: HashMap<PoolKey, u32>,
     /// Idle items per key with their last-use tick and time, most recent last.
     idle: HashMap<PoolKey, Vec<(u64, Instant, I)>>,
@@ -76,6 +80,7 @@ impl<I> PoolState<I> {
         Self {
             slots,
             live_total: 0,
+            dropping: 0,
             live: HashMap::new(),
             idle: HashMap::new(),
             tick: 0,
@@ -161,7 +166,7 @@ impl<I> PoolState<I> {
             return Take::Wait;
         }
         let mut evicted = None;
-        if self.live_total >= self.slots {
+        if self.live_total + self.dropping >= self.slots {
             // Evict the least recently used idle item of any key.
             let oldest = self
                 .idle
@@ -177,6 +182,7 @@ impl<I> PoolState<I> {
                 .map(|v| v.remove(0))
                 .expect("found above");
             self.forget(&victim);
+            self.dropping += 1;
             evicted = Some(item);
         }
         self.live_total += 1;
@@ -198,10 +204,17 @@ impl<I> PoolState<I> {
         }
     }
 
+    /// `n` items handed out to be dropped (evicted, shed, retired) have been: their slots are
+    /// free.
+    fn dropped(&mut self, n: u32) {
+        self.dropping = self.dropping.saturating_sub(n);
+    }
+
     /// Keeps `item` for reuse; hands it back when its model was retired (the caller drops it).
     fn put_back(&mut self, key: PoolKey, item: I, now: Instant) -> Option<I> {
         if self.retired.contains(&key.model) {
             self.forget(&key);
+            self.dropping += 1;
             return Some(item);
         }
         self.tick += 1;
@@ -226,6 +239,7 @@ impl<I> PoolState<I> {
             for item in gone {
                 shed.push(item);
                 self.forget(&key);
+                self.dropping += 1;
             }
         }
         shed
@@ -246,6 +260,7 @@ impl<I> PoolState<I> {
             for (_, _, item) in self.idle.remove(&key).unwrap_or_default() {
                 items.push(item);
                 self.forget(&key);
+                self.dropping += 1;
             }
         }
         items
@@ -306,12 +321,16 @@ impl Drop for PooledInstance {
                 instance.end_request();
                 let retired = state.put_back(self.key.clone(), instance, Instant::now());
                 drop(state);
-                drop(retired);
+                if let Some(retired) = retired {
+                    drop(retired);
+                    self.pool.lock().dropped(1);
+                }
             }
             other => {
-                state.forget(&self.key);
+                // Dropped before its slot is given back: wasmtime frees it with the store.
                 drop(state);
                 drop(other);
+                self.pool.lock().forget(&self.key);
             }
         }
         self.pool.freed.notify_waiters();
@@ -383,7 +402,10 @@ impl InstancePool {
                     })
                 }
                 Take::New { evicted } => {
-                    drop(evicted);
+                    if let Some(evicted) = evicted {
+                        drop(evicted);
+                        self.lock().dropped(1);
+                    }
                     return Ok(PooledInstance {
                         pool: Arc::clone(self),
                         key,
@@ -404,7 +426,9 @@ impl InstancePool {
     pub fn retire_model(&self, model: &str) {
         let idle = self.lock().retire(model);
         let freed = !idle.is_empty();
+        let n = idle.len() as u32;
         drop(idle);
+        self.lock().dropped(n);
         if freed {
             self.freed.notify_waiters();
         }
@@ -420,6 +444,7 @@ impl InstancePool {
         let n = shed.len();
         // Dropped outside the lock: dropping an instance resets its memory slot.
         drop(shed);
+        self.lock().dropped(n as u32);
         if n > 0 {
             self.freed.notify_waiters();
         }
@@ -520,6 +545,23 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_is_free_only_once_what_held_it_is_dropped() {
+        // wasmtime's pool has exactly `slots` instances: one being dropped still holds its
+        // slot there (the soak hit "maximum concurrent limit of 64 for component instances"
+        // when a slot was counted free before its instance was gone).
+        let mut s = PoolState::<&str>::new(1);
+        let (a, b) = (key("a", "t"), key("b", "t"));
+        assert!(matches!(s.take(&a, 4), Take::New { .. }));
+        s.put_back(a.clone(), "a", Instant::now());
+        assert!(matches!(s.take(&b, 4), Take::New { evicted: Some("a") }));
+        // b's instance failed to start: its reservation is gone, but "a" is not dropped yet.
+        s.forget(&b);
+        assert!(matches!(s.take(&a, 4), Take::Wait));
+        s.dropped(1);
+        assert!(matches!(s.take(&a, 4), Take::New { evicted: None }));
+    }
+
+    #[test]
     fn waiting_callers_are_served_in_turn() {
         let mut s = PoolState::<&str>::new(10);
         let (a, b) = (key("m", "a"), key("m", "b"));
@@ -570,6 +612,7 @@ mod tests {
             Take::New { evicted } => assert_eq!(evicted, Some("a1")),
             taken => panic!("the waiter should get a slot: {taken:?}"),
         }
+        s.dropped(1);
         assert!(!s.dequeue(ticket));
         // Below its share, with nobody waiting, the flood takes what frees up again.
         s.forget(&other);
