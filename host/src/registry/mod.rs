@@ -64,38 +64,9 @@ impl fmt::Display for Task {
     }
 }
 
-/// `namespace/name`, both restricted to `[A-Za-z0-9._-]` (never `.` or `..`), so a model id
-/// can never name a path outside the models folder.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ModelId {
-    pub fn parse(id: &str) -> Option<ModelId> {
-        let (namespace, name) = id.split_once('/')?;
-        (valid_segment(namespace) && valid_segment(name)).then(|| ModelId {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 96
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-impl fmt::Display for ModelId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
+/// `namespace/name`, checked so that it can never name a path outside the models folder (it is
+/// also what a request body names: `kiln_wire::request`).
+pub use kiln_wire::ModelId;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
