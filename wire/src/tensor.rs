@@ -2,7 +2,9 @@
 //! from the plugin (`tensor` constructor), and nothing about them is trusted. The host
 //! (`kiln-host`'s `nn`) keeps the tensor itself and calls these checks.
 
-/// Number of elements the dimensions describe; None if it overflows.
+/// Number of elements the dimensions describe; None if the product, taken left to right,
+/// overflows. A zero dimension after such an overflow does not make the dimensions acceptable:
+/// they are refused as too large (ONNX Runtime's own shape arithmetic would overflow on them).
 pub fn element_count(dims: &[u32]) -> Option<usize> {
     dims.iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
