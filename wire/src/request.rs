@@ -566,3 +566,64 @@ pub fn check_generation(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generate(body: &str) -> Result<ValidGenerateRequest, RequestError> {
+        ValidGenerateRequest::try_from(serde_json::from_str::<TextGenerationRequest>(body).unwrap())
+    }
+
+    #[test]
+    fn model_names_never_name_a_path() {
+        assert!(check_model_name("demo/minilm").is_ok());
+        for bad in ["demo", "../x", "demo/..", "a/b/c", "/x", "demo/", "dé/mo"] {
+            assert!(
+                matches!(check_model_name(bad), Err(RequestError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        let long = "x".repeat(200);
+        let message = check_model_name(&long).unwrap_err().to_string();
+        assert!(message.contains("... (200 bytes)"), "{message}");
+    }
+
+    #[test]
+    fn generation_defaults_and_ranges() {
+        let valid = generate(r#"{"model": "a/b", "prompt": "hi"}"#).unwrap();
+        assert_eq!(valid.params.max_tokens, DEFAULT_MAX_TOKENS);
+        assert!(valid.return_full_text && !valid.stream);
+        let err = generate(r#"{"model": "a/b", "prompt": "hi", "temperature": 3.5}"#).unwrap_err();
+        assert_eq!(
+            err,
+            RequestError::Invalid("`temperature` must be between 0.0 and 2.0, got 3.5".into())
+        );
+        assert!(matches!(
+            generate(r#"{"model": "a/b"}"#),
+            Err(RequestError::Malformed(_))
+        ));
+        let err = generate(r#"{"model": "a/b", "messages": [{"role": "bot", "content": ""}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`messages[0].role`"), "{err}");
+    }
+
+    #[test]
+    fn a_media_source_is_exactly_one_field() {
+        assert_eq!(
+            media_input("audio", Some("x".into()), None),
+            Ok(MediaInput::Inline("x".into()))
+        );
+        assert_eq!(
+            media_input("audio", Some("x".into()), Some("u".into())),
+            Err(RequestError::Invalid(
+                "give either `audio` or `audio_url`, not both".into()
+            ))
+        );
+        assert!(matches!(
+            media_input("image", None, None),
+            Err(RequestError::Malformed(m)) if m.contains("`image_url`")
+        ));
+    }
+}

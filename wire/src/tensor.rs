@@ -111,6 +111,11 @@ mod tests {
             check_len(&[], 4, "FP32", 4).is_ok(),
             "a scalar is one element"
         );
+        // The running product must fit: a zero after an overflow does not rescue the dims
+        // (the `nn_tensor` fuzz target holds this definition).
+        assert_eq!(element_count(&[u32::MAX, u32::MAX, 0]), Some(0));
+        assert_eq!(element_count(&[u32::MAX, u32::MAX, u32::MAX, 0]), None);
+        assert!(check_len(&[u32::MAX, u32::MAX, u32::MAX, 0], 1, "U8", 0).is_err());
     }
 
     #[test]
