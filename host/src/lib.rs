@@ -23,8 +23,9 @@
 //!
 //! Below them all, the `kiln-wire` crate holds what Kiln parses from untrusted bytes, free of
 //! wasmtime and ONNX Runtime so that `fuzz/` can build it alone: request bodies and their
-//! validation (`http` and `infer` call it), model ids (`registry::ModelId`), image and WAV
-//! headers and base64 ([`media`], re-exported here), a token event's data line (`http`), a
+//! validation (`http` and `infer` call it), model ids and tasks (`registry::ModelId`, `Task`),
+//! `model.toml` less its file checks (`registry`, `nn::BatchSpec`), image and WAV headers and
+//! base64 ([`media`], re-exported here), a token event's data line (`http`), a
 //! guest tensor's length and budget checks (`nn`).
 //!
 //! See `docs/` and the README for the architecture.

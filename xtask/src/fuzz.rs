@@ -23,6 +23,7 @@ pub const TARGETS: &[&str] = &[
     "base64",
     "nn_tensor",
     "sse_event",
+    "model_toml",
 ];
 
 /// The smoke run's time, shared by every target: long enough to get each past its seeds into
