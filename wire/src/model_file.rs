@@ -409,6 +409,165 @@ pub fn parse<L: DeserializeOwned + Default>(text: &str) -> Result<ModelFile<L>, 
     })
 }
 
+// ---- tenants' models ------------------------------------------------------------------------
+
+/// The server's `tenant_*` settings, and the defaults a graph gets where its model does not say:
+/// what a model registered by a tenant (not an operator) may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantCaps {
+    pub allow_warm: bool,
+    pub max_graphs: usize,
+    pub max_threads: usize,
+    pub max_sessions: usize,
+    pub max_batch_size: usize,
+    pub max_memory_mb: u64,
+    /// The server's `ort_intra_threads`.
+    pub default_intra_threads: usize,
+    /// The server's `ort_sessions_per_graph`.
+    pub default_sessions: usize,
+}
+
+/// What the caps look at in one graph of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphResources {
+    pub sessions: Option<usize>,
+    pub intra_threads: Option<usize>,
+    pub lead_threads: Option<usize>,
+    /// `batch.max_size`, when the graph batches.
+    pub batch_max_size: Option<usize>,
+}
+
+/// What the caps look at in a model: `warm`, its graphs by name, `[limits] memory_mb`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelResources {
+    pub warm: bool,
+    pub graphs: Vec<(String, GraphResources)>,
+    pub memory_mb: Option<u64>,
+}
+
+impl TenantCaps {
+    /// Why `model` (a tenant's model.toml) asks for more than the caps allow, naming the field,
+    /// the setting and its value; `None` when it fits.
+    pub fn check(&self, model: &ModelResources) -> Option<String> {
+        let above = |field: &str, asked: String, setting: &str, cap: String| {
+            Some(format!(
+                "model.toml: field `{field}`: {asked} is above this server's {setting} ({cap}) for \
+                 tenants' models"
+            ))
+        };
+        if model.warm && !self.allow_warm {
+            return Some(
+                "model.toml: field `warm`: this server does not let tenants' models load warm \
+                 (tenant_allow_warm = false); leave it out and the model loads on first use"
+                    .into(),
+            );
+        }
+        if model.graphs.len() > self.max_graphs {
+            return above(
+                "graphs",
+                format!("{} graphs", model.graphs.len()),
+                "tenant_max_graphs",
+                self.max_graphs.to_string(),
+            );
+        }
+        for (name, graph) in &model.graphs {
+            let field = |key: &str| format!("graphs.{name}.{key}");
+            for (key, threads) in [
+                ("intra_threads", graph.intra_threads),
+                ("lead_threads", graph.lead_threads),
+            ] {
+                if let Some(threads) = threads.filter(|&t| t > self.max_threads) {
+                    return above(
+                        &field(key),
+                        threads.to_string(),
+                        "tenant_max_threads",
+                        self.max_threads.to_string(),
+                    );
+                }
+            }
+            if let Some(sessions) = graph.sessions {
+                // A lead session is one more session (see the host's `nn::executor`), there when
+                // it has more threads than the others (as `cap` sets them).
+                let intra = graph
+                    .intra_threads
+                    .unwrap_or(self.default_intra_threads)
+                    .clamp(1, self.max_threads.max(1));
+                let lead = graph.lead_threads.is_some_and(|lead| lead > intra);
+                let total = sessions.saturating_add(usize::from(lead));
+                if total > self.max_sessions {
+                    let asked = if lead {
+                        format!("{sessions} (and a lead session: {total})")
+                    } else {
+                        sessions.to_string()
+                    };
+                    return above(
+                        &field("sessions"),
+                        asked,
+                        "tenant_max_sessions",
+                        self.max_sessions.to_string(),
+                    );
+                }
+            }
+            if let Some(max_size) = graph.batch_max_size.filter(|&m| m > self.max_batch_size) {
+                return above(
+                    &field("batch.max_size"),
+                    max_size.to_string(),
+                    "tenant_max_batch_size",
+                    self.max_batch_size.to_string(),
+                );
+            }
+        }
+        if let Some(mb) = model.memory_mb.filter(|&mb| mb > self.max_memory_mb) {
+            return above(
+                "limits.memory_mb",
+                mb.to_string(),
+                "tenant_max_memory_mb",
+                self.max_memory_mb.to_string(),
+            );
+        }
+        None
+    }
+
+    /// Lowers what a tenant's model gets to the caps: the server's defaults (sessions per graph,
+    /// intra-op threads, the lead session, plugin memory) where the model does not say, and
+    /// anything it asked for above them (a model registered before the operator lowered a
+    /// setting). After this every graph's sessions and threads are explicit. A tenant's model
+    /// gets no lead session unless it asks for one: the server's lead takes every core.
+    pub fn cap(&self, model: &mut ModelResources) {
+        let max_threads = self.max_threads.max(1);
+        let max_sessions = self.max_sessions.max(1);
+        for (_, graph) in &mut model.graphs {
+            let intra = graph
+                .intra_threads
+                .unwrap_or(self.default_intra_threads)
+                .clamp(1, max_threads);
+            let mut lead = graph.lead_threads.unwrap_or(0).min(max_threads);
+            if lead <= intra || max_sessions < 2 {
+                // No lead session (one with no more threads than the others would add nothing).
+                lead = 0;
+            }
+            let room = max_sessions - usize::from(lead > 0);
+            let sessions = graph
+                .sessions
+                .unwrap_or(self.default_sessions)
+                .clamp(1, room);
+            graph.intra_threads = Some(intra);
+            graph.lead_threads = Some(lead);
+            graph.sessions = Some(sessions);
+            if let Some(max_size) = &mut graph.batch_max_size {
+                *max_size = (*max_size).min(self.max_batch_size.max(1));
+            }
+        }
+        model.memory_mb = Some(
+            model
+                .memory_mb
+                .unwrap_or(self.max_memory_mb)
+                .min(self.max_memory_mb),
+        );
+        model.warm &= self.allow_warm;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "nn_tensor",
     "sse_event",
     "model_toml",
+    "tenant_caps",
 ];
 
 /// The smoke run's time, shared by every target: long enough to get each past its seeds into
