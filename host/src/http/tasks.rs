@@ -1,6 +1,7 @@
 //! The inference endpoints: each is one [`Endpoint`], its request body (DTO), its validation into
-//! what `infer` takes (parse, don't validate: defaults resolved here, every range named in its
-//! message), and the answer's shape in the public API. The [`routes`] table gives each its path,
+//! what `infer` takes (parse, don't validate: defaults resolved there, every range named in its
+//! message; both are `kiln_wire::request`, fuzzed on their own), and the answer's shape in the
+//! public API. The [`routes`] table gives each its path,
 //! task and body limit; one generic handler does what every endpoint shares. A second wire
 //! format for a task (another API's shape) is another `Endpoint` calling the same
 //! `Inference::run::<Task>`.
