@@ -504,15 +504,7 @@ impl IpPrefixes {
     }
 }
 
-/// The longest lifetime of an API token unless `max_token_lifetime_days` says otherwise.
-pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
-
-/// Days, as the options write long durations, to a `Duration`. A count of days too large for
-/// one (past 584 billion years) is the longest `Duration`: no bound at all, in effect, and
-/// creating a token still refuses an expiry its timestamp cannot hold.
-pub fn days(value: u64) -> Duration {
-    Duration::from_secs(value.saturating_mul(86_400))
-}
+pub use crate::tenancy::{days, DEFAULT_MAX_TOKEN_LIFETIME};
 
 /// A list of ports: `80,443` in a flag or the environment, `[80, 443]` in kiln.toml.
 #[derive(Debug, Clone, serde::Deserialize)]

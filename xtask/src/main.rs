@@ -32,6 +32,8 @@ commands:
   fuzz T [--secs N]  run fuzz target T for N seconds (default 600)
   bench          setup, then the benchmarks: embeddings (criterion) and one line per task
   bench peers    Kiln beside a FastAPI peer (and TEI with TEI_BIN): docs/benchmarks.md
+  soak           setup, then 10 minutes of mixed traffic at twice capacity and the checks after
+                 it (SOAK_SECS to change the length; not part of `test`): README, Soak
   fixtures       Python venv, then the synthetic ONNX fixtures in .kiln/fixtures/
   browser        Chromium (apt-get) and the npm packages of tests/browser/, for the client tests
   reference      demo model + Python venv, then regenerate tests/reference/minilm_embeddings.json";
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         "test" => test(&repo, &mut steps),
         "bench" if bench_peers => peers::bench_peers(&repo, &mut steps),
         "bench" => bench(&repo, &mut steps),
+        "soak" => soak(&repo, &mut steps),
         "fixtures" => fixtures(&repo, &mut steps),
         "layers" => steps.run("host layering", || layers::check(&repo.path(""))),
         "fuzz" => fuzz::command(&repo, &mut steps, &args[1..]),
@@ -87,6 +90,47 @@ fn main() -> ExitCode {
 }
 
 /// `cargo xtask demo`: the server on `.kiln/models`, in the foreground until Ctrl-C.
+/// `cargo xtask soak`: the release server and the soak's load generator (`bench/soak`), run on
+/// the demo models; the load generator starts the server, runs the traffic and checks.
+fn soak(repo: &Repo, steps: &mut Steps) -> Result<()> {
+    setup::all(repo, steps)?;
+    steps.run("build kiln and the soak (release)", || {
+        run(repo.cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "kiln-host",
+            "--bin",
+            "kiln",
+            "-p",
+            "kiln-bench-soak",
+            "--bin",
+            "soak",
+        ]))
+    })?;
+    let secs = env::var("SOAK_SECS").unwrap_or_else(|_| "600".into());
+    let port = env::var("SOAK_PORT").unwrap_or_else(|_| "18181".into());
+    steps.run("soak", || {
+        let mut cmd = Command::new(repo.target_dir().join("release/soak"));
+        cmd.arg("--kiln")
+            .arg(repo.target_dir().join("release/kiln"))
+            .arg("--models")
+            .arg(repo.path(".kiln/models"))
+            .arg("--cache")
+            .arg(repo.path(".kiln/cache"))
+            .arg("--ort")
+            .arg(setup::ort_dylib(repo))
+            .arg("--plugins")
+            .arg(repo.path(".kiln/plugins"))
+            .arg("--inputs")
+            .arg(setup::model_source(repo).join("test-inputs"))
+            .arg("--work")
+            .arg(repo.target_dir().join("soak"))
+            .args(["--secs", &secs, "--port", &port]);
+        run(&mut cmd)
+    })
+}
+
 fn demo(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
     steps.run("build kiln (release)", || {

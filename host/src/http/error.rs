@@ -325,8 +325,9 @@ impl From<AuthError> for ApiError {
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
         match e {
-            AdminError::Invalid(m) => ApiError::invalid(m),
-            AdminError::NotFound(m) => ApiError::new(ErrorCode::NotFound, m),
+            // Tenants see these too (model registration): file names, not server paths.
+            AdminError::Invalid(m) => ApiError::invalid(without_paths(&m)),
+            AdminError::NotFound(m) => ApiError::new(ErrorCode::NotFound, without_paths(&m)),
             AdminError::Store(e) => {
                 ApiError::internal("the database operation failed", format!("{e:#}"))
             }

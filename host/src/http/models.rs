@@ -416,7 +416,7 @@ fn install_upload(
         sources.insert(0, installed.as_path());
     }
     let staging = registry::stage_copy(models_dir, id, &sources)
-        .map_err(|e| AdminError::Invalid(super::error::without_paths(&format!("{e:#}"))))?;
+        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
     if let Some(user) = &owner.tenant {
         let config = s.inference.config();
         if let Err(why) = registry::tenant::admit(config, models_dir, id, user, &staging, dir) {
@@ -425,7 +425,7 @@ fn install_upload(
         }
     }
     let (_, installed) = registry::install(models_dir, id, &staging, replace)
-        .map_err(|e| AdminError::Invalid(super::error::without_paths(&format!("{e:#}"))))?;
+        .map_err(|e| AdminError::Invalid(format!("{e:#}")))?;
     Ok(installed)
 }
 

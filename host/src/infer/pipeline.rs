@@ -199,6 +199,7 @@ pub(super) async fn run_on<T: Send + 'static>(
     let engine = engine.clone();
     let request_id = ctx.request_id.clone();
     let span = ctx.span.clone();
+    let tenant = ctx.tenant.clone();
     let model = Arc::clone(model);
     let timeout = model.limits.request_timeout;
     let task = tokio::task::spawn_blocking(move || {
@@ -206,7 +207,8 @@ pub(super) async fn run_on<T: Send + 'static>(
         let started = std::time::Instant::now();
         let instance = match lease.get() {
             Some(instance) => instance,
-            None => match PluginInstance::new(&engine, &model.pre, &model.setup, deadline) {
+            None => match PluginInstance::new(&engine, &model.pre, &model.setup, &tenant, deadline)
+            {
                 Ok(instance) => {
                     let us = started.elapsed().as_micros() as u64;
                     tracing::debug!(model = %model.spec.id, us, "new plugin instance (instantiated, init ran)");

@@ -21,7 +21,7 @@ pub mod executor;
 pub mod shared;
 pub mod tensor;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -105,14 +105,34 @@ pub use kiln_wire::tensor::TensorBudgetLimits;
 /// server-wide ceiling (`host_tensor_mb`): the per-instance budgets alone would let every slot
 /// hold its whole `tensor_mb` at once (64 x 1 GiB by default). Also an operator's gauge
 /// (`/metrics`), and how tests see that a cancelled generation's KV cache was freed.
+///
+/// The ceiling is shared fairly between tenants (work-conserving): a tenant alone may fill it,
+/// but once another tenant has been refused for want of room (it "waits": for [`STARVED_FOR`]
+/// after its refusal), a tenant holding its share (`limit / competing tenants`) or more may not
+/// grow until the waiter has its share. Tensors cannot be taken back, so the waiter gets room as
+/// the others' requests end, and retries (its 503 says `Retry-After: 1`).
 #[derive(Debug, Clone)]
 pub struct TensorGauge(Arc<GaugeState>);
 
 #[derive(Debug)]
 struct GaugeState {
+    /// The total, readable without the lock.
     bytes: AtomicU64,
     limit: u64,
+    /// Per tenant: bytes held, and since when it has waited for room (if it does).
+    tenants: std::sync::Mutex<HashMap<Arc<str>, TenantTensors>>,
 }
+
+#[derive(Debug, Default)]
+struct TenantTensors {
+    bytes: u64,
+    refused_at: Option<Instant>,
+}
+
+/// How long a tenant refused for the server's tensor memory counts as waiting for it: a client
+/// told `Retry-After: 1` comes back well within it, and a tenant that gave up stops holding the
+/// others back soon after.
+pub const STARVED_FOR: Duration = Duration::from_secs(5);
 
 impl Default for TensorGauge {
     /// A gauge without a ceiling.
@@ -127,6 +147,7 @@ impl TensorGauge {
         Self(Arc::new(GaugeState {
             bytes: AtomicU64::new(0),
             limit,
+            tenants: Default::default(),
         }))
     }
 
@@ -138,22 +159,85 @@ impl TensorGauge {
         self.0.limit
     }
 
-    /// Adds `bytes` unless the total would go over the ceiling; then returns that total.
-    fn try_add(&self, bytes: u64) -> Result<(), u64> {
-        let limit = self.0.limit;
-        let mut total = 0;
-        self.0
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
-                total = current.saturating_add(bytes);
-                (total <= limit).then_some(total)
-            })
-            .map(drop)
-            .map_err(|_| total)
+    /// The gauge as one tenant's instances use it.
+    pub fn for_tenant(&self, tenant: &str) -> TenantGauge {
+        TenantGauge {
+            gauge: self.clone(),
+            tenant: Arc::from(tenant),
+        }
+    }
+}
+
+/// A [`TensorGauge`] seen by one tenant's instance: what it adds counts as that tenant's.
+#[derive(Debug, Clone)]
+pub struct TenantGauge {
+    gauge: TensorGauge,
+    tenant: Arc<str>,
+}
+
+impl TenantGauge {
+    pub fn limit(&self) -> u64 {
+        self.gauge.limit()
+    }
+
+    /// Adds `bytes` unless the total would go over the ceiling, or the tenant holds its fair
+    /// share while another tenant waits; says why not.
+    fn try_add(&self, bytes: u64) -> Result<(), String> {
+        self.try_add_at(bytes, Instant::now())
+    }
+
+    fn try_add_at(&self, bytes: u64, now: Instant) -> Result<(), String> {
+        let state = &self.gauge.0;
+        let mut tenants = state.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let waits = |t: &TenantTensors| {
+            t.refused_at
+                .is_some_and(|at| now.saturating_duration_since(at) < STARVED_FOR)
+        };
+        // Tenants holding nothing that no longer wait are forgotten.
+        tenants.retain(|_, t| t.bytes > 0 || waits(t));
+        let competing = tenants
+            .iter()
+            .filter(|(name, t)| t.bytes > 0 || waits(t) || **name == self.tenant)
+            .count()
+            .max(1) as u64;
+        let share = state.limit / competing;
+        let held = tenants.get(&self.tenant).map_or(0, |t| t.bytes);
+        let total = state.bytes.load(Ordering::Relaxed).saturating_add(bytes);
+        if total > state.limit {
+            let me = tenants.entry(Arc::clone(&self.tenant)).or_default();
+            me.refused_at.get_or_insert(now);
+            return Err(format!(
+                "the server is out of tensor memory: {total} bytes of host tensors would be \
+                 alive across all requests, the server's limit is {}",
+                state.limit
+            ));
+        }
+        let others_wait = tenants
+            .iter()
+            .any(|(name, t)| **name != *self.tenant && waits(t) && t.bytes < share);
+        if held.saturating_add(bytes) > share && others_wait {
+            return Err(format!(
+                "the server's tensor memory is shared between tenants: yours hold {held} bytes \
+                 of a {share}-byte share while another tenant waits for room"
+            ));
+        }
+        let me = tenants.entry(Arc::clone(&self.tenant)).or_default();
+        me.bytes += bytes;
+        me.refused_at = None;
+        state.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
     }
 
     fn sub(&self, bytes: u64) {
-        self.0.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        let state = &self.gauge.0;
+        let mut tenants = state.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(me) = tenants.get_mut(&self.tenant) {
+            me.bytes = me.bytes.saturating_sub(bytes);
+            if me.bytes == 0 && me.refused_at.is_none() {
+                tenants.remove(&self.tenant);
+            }
+        }
+        state.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -189,12 +273,12 @@ impl BudgetExceeded {
 #[derive(Debug)]
 pub struct TensorBudget {
     limits: TensorBudgetLimits,
-    gauge: TensorGauge,
+    gauge: TenantGauge,
     counts: InstanceTensors,
 }
 
 impl TensorBudget {
-    pub fn new(limits: TensorBudgetLimits, gauge: TensorGauge) -> Self {
+    pub fn new(limits: TensorBudgetLimits, gauge: TenantGauge) -> Self {
         Self {
             limits,
             gauge,
@@ -210,14 +294,7 @@ impl TensorBudget {
             .admit(&self.limits, bytes)
             .map_err(BudgetExceeded::Instance)?;
         if bytes > 0 {
-            self.gauge.try_add(bytes).map_err(|server_total| {
-                BudgetExceeded::Server(format!(
-                    "the server is out of tensor memory: {} bytes of host tensors would be alive \
-                     across all requests, the server's limit is {}",
-                    server_total,
-                    self.gauge.limit()
-                ))
-            })?;
+            self.gauge.try_add(bytes).map_err(BudgetExceeded::Server)?;
         }
         self.counts.add(total);
         Ok(())
@@ -283,7 +360,7 @@ impl NnCtx {
     pub fn new(
         graphs: Arc<ModelGraphs>,
         budget: TensorBudgetLimits,
-        gauge: TensorGauge,
+        gauge: TenantGauge,
         run_timeout: Duration,
     ) -> Self {
         Self {
@@ -661,7 +738,7 @@ mod tests {
                 max_bytes: 100,
                 max_live: 3,
             },
-            gauge.clone(),
+            gauge.for_tenant("t"),
         );
         b.reserve(60).unwrap();
         let err = b.reserve(41).unwrap_err().to_string();
@@ -685,7 +762,7 @@ mod tests {
                 max_bytes: 100,
                 max_live: 3,
             },
-            gauge.clone(),
+            gauge.for_tenant("t"),
         );
         drop(b);
         assert_eq!(gauge.bytes(), 0, "a dropped budget gives back what it held");
@@ -699,8 +776,8 @@ mod tests {
             max_bytes: 80,
             max_live: 10,
         };
-        let mut a = TensorBudget::new(limits, gauge.clone());
-        let mut b = TensorBudget::new(limits, gauge.clone());
+        let mut a = TensorBudget::new(limits, gauge.for_tenant("t"));
+        let mut b = TensorBudget::new(limits, gauge.for_tenant("t"));
         a.reserve(60).unwrap();
         // Within b's own 80 bytes, over the server's 100 with a's 60.
         match b.reserve(50).unwrap_err() {
@@ -716,6 +793,45 @@ mod tests {
         assert_eq!(gauge.bytes(), 80);
         // Zero-byte resources (graphs, errors) never hit the server's ceiling.
         let full = TensorGauge::with_limit(0);
-        TensorBudget::new(limits, full).reserve(0).unwrap();
+        TensorBudget::new(limits, full.for_tenant("t"))
+            .reserve(0)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_tenant_holding_its_share_stands_back_while_another_waits() {
+        let gauge = TensorGauge::with_limit(100);
+        let (flood, other) = (gauge.for_tenant("flood"), gauge.for_tenant("other"));
+        let t0 = Instant::now();
+        // Alone, a tenant may take everything.
+        flood.try_add_at(90, t0).unwrap();
+        // Another finds no room: refused, and from then on it waits.
+        let full = other.try_add_at(20, t0).unwrap_err();
+        assert!(full.contains("out of tensor memory"), "{full}");
+        // The flood (90 of a 50-byte share) may not grow while the other waits, even into
+        // room that is free...
+        let shared = flood.try_add_at(5, t0).unwrap_err();
+        assert!(shared.contains("90 bytes of a 50-byte share"), "{shared}");
+        // ...so as its requests end, the room goes to the waiter.
+        flood.sub(40);
+        other.try_add_at(20, t0).unwrap();
+        assert_eq!(gauge.bytes(), 70);
+        // Served, the other no longer waits: the flood takes the rest again.
+        flood.try_add_at(30, t0).unwrap();
+        // A waiter that gives up holds nobody back for longer than STARVED_FOR.
+        let third = gauge.for_tenant("third");
+        third.try_add_at(10, t0).unwrap_err();
+        assert!(flood.try_add_at(1, t0).is_err(), "full anyway");
+        flood.sub(31);
+        assert!(flood.try_add_at(1, t0).is_err(), "the third waits");
+        assert!(flood.try_add_at(1, t0 + STARVED_FOR).is_ok(), "it gave up");
+        other.sub(20);
+        flood.sub(flood_bytes(&gauge, "flood"));
+        assert_eq!(gauge.bytes(), 0);
+    }
+
+    fn flood_bytes(gauge: &TensorGauge, tenant: &str) -> u64 {
+        let tenants = gauge.0.tenants.lock().unwrap();
+        tenants.get(tenant).map_or(0, |t| t.bytes)
     }
 }

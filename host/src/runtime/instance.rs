@@ -350,11 +350,13 @@ fn ticks(d: Duration) -> u64 {
 }
 
 impl PluginInstance {
-    /// Instantiates the plugin and runs its `init` (under the model's limits and `deadline`).
+    /// Instantiates the plugin for `tenant` (whose share of the server's tensor memory it
+    /// uses) and runs its `init` (under the model's limits and `deadline`).
     pub fn new(
         engine: &wasmtime::Engine,
         pre: &TaskPre,
         setup: &InstanceSetup,
+        tenant: &str,
         deadline: Instant,
     ) -> Result<PluginInstance, CallFailure> {
         let trap = |message: String| CallFailure::Trap {
@@ -385,7 +387,7 @@ impl PluginInstance {
                     max_bytes: limits.tensor_bytes,
                     max_live: limits.max_tensors,
                 },
-                setup.tensor_gauge.clone(),
+                setup.tensor_gauge.for_tenant(tenant),
                 limits.run_timeout,
             ),
             host: PluginHost {

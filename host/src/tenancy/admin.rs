@@ -362,7 +362,7 @@ mod tests {
             &store,
             "alice",
             Scope::Inference,
-            Some(crate::config::DEFAULT_MAX_TOKEN_LIFETIME),
+            Some(crate::tenancy::DEFAULT_MAX_TOKEN_LIFETIME),
         )
         .unwrap();
         let year = |date: &str| date[..4].parse::<i64>().unwrap();

@@ -531,6 +531,16 @@ pub fn month(ms: i64) -> String {
     date(ms)[..7].to_owned()
 }
 
+/// The longest lifetime of an API token unless `max_token_lifetime_days` says otherwise.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Days, as the options write long durations, to a `Duration`. A count of days too large for
+/// one (past 584 billion years) is the longest `Duration`: no bound at all, in effect, and
+/// creating a token still refuses an expiry its timestamp cannot hold.
+pub fn days(value: u64) -> Duration {
+    Duration::from_secs(value.saturating_mul(86_400))
+}
+
 /// Parses a token lifetime, `30d`, `12h`, `90m` or `3600s`, of at most `max` (the server's
 /// `max_token_lifetime_days`). Any other text, zero, and anything longer are refused with a
 /// message that says why; nothing overflows.
@@ -588,7 +598,7 @@ mod tests {
 
     #[test]
     fn durations() {
-        let max = crate::config::DEFAULT_MAX_TOKEN_LIFETIME;
+        let max = DEFAULT_MAX_TOKEN_LIFETIME;
         let parse = |s: &str| parse_duration(s, max);
         assert_eq!(parse("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse("90m"), Ok(Duration::from_secs(5_400)));
@@ -610,7 +620,7 @@ mod tests {
 
     #[test]
     fn lifetimes_are_bounded_and_never_overflow() {
-        let max = crate::config::DEFAULT_MAX_TOKEN_LIFETIME;
+        let max = DEFAULT_MAX_TOKEN_LIFETIME;
         let parse = |s: &str| parse_duration(s, max);
         let too_long = "longer than the longest token lifetime, 3650d";
         // The longest, in every unit, and one more second, minute, hour or day.
@@ -639,7 +649,7 @@ mod tests {
             .unwrap_err()
             .contains("longest token lifetime, 30d"));
         // With no practical bound, the largest count of seconds still parses without a panic.
-        let unbounded = crate::config::days(u64::MAX);
+        let unbounded = days(u64::MAX);
         assert_eq!(
             parse_duration("18446744073709551615s", unbounded),
             Ok(Duration::from_secs(u64::MAX))

@@ -82,7 +82,7 @@ impl Harness {
                     max_bytes,
                     max_live,
                 },
-                TensorGauge::default(),
+                TensorGauge::default().for_tenant("test"),
                 run_timeout,
             ),
             table: ResourceTable::new(),
