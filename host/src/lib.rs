@@ -15,12 +15,18 @@
 //! config        server configuration: kiln.toml, flags, environment
 //! tenancy       tokens, plans, rate limits, quotas, usage, the allowlist, the store
 //! fetch         the host's URL fetcher (image_url, audio_url) and its SSRF rules
-//! media         image and WAV header checks
 //! scaffold      `kiln plugin new` templates
 //! signing       plugin signatures and publisher keys
 //! plugin_tools  a component's digest and imports
 //! os            thread CPU time, the C allocator
 //! ```
+//!
+//! Below them all, the `kiln-wire` crate holds what Kiln parses from untrusted bytes, free of
+//! wasmtime and ONNX Runtime so that `fuzz/` can build it alone: request bodies and their
+//! validation (`http` and `infer` call it), model ids and tasks (`registry::ModelId`, `Task`),
+//! `model.toml` less its file checks (`registry`, `nn::BatchSpec`), image and WAV headers and
+//! base64 ([`media`], re-exported here), a token event's data line (`http`), a
+//! guest tensor's length and budget checks (`nn`).
 //!
 //! See `docs/` and the README for the architecture.
 
@@ -29,7 +35,6 @@ pub mod config;
 pub mod fetch;
 pub mod http;
 pub mod infer;
-pub mod media;
 pub mod nn;
 pub mod os;
 pub mod plugin_tools;
@@ -38,6 +43,10 @@ pub mod runtime;
 pub mod scaffold;
 pub mod signing;
 pub mod tenancy;
+
+/// What Kiln parses from untrusted bytes lives in the light `kiln-wire` crate (fuzzed on its
+/// own, `fuzz/`); `media` keeps its path here.
+pub use kiln_wire::media;
 
 use std::sync::Arc;
 

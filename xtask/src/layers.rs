@@ -23,7 +23,6 @@ const LAYERS: &[&str] = &[
     "config",
     "tenancy",
     "fetch",
-    "media",
     "scaffold",
     "signing",
     "plugin_tools",

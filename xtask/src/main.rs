@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod fuzz;
 mod layers;
 mod peers;
 mod python;
@@ -24,8 +25,11 @@ commands:
   setup          wasm32-wasip2 target, ONNX Runtime library, demo model, guest plugins
   build-plugins  build the guest plugins for wasm32-wasip2 into .kiln/plugins/
   demo           setup, then run the server on the demo models (KILN_ADDR, default 127.0.0.1:8080)
-  test           layers, setup + Python venv + ONNX fixtures + browser, then fmt, clippy, cargo test
+  test           layers, setup + Python venv + ONNX fixtures + browser, then fmt, clippy, cargo test,
+                 fuzz --smoke
   layers         check that host modules import only from the layers below them (host/src/lib.rs)
+  fuzz --smoke   install cargo-fuzz, build fuzz/, run every target for 3 minutes in all
+  fuzz T [--secs N]  run fuzz target T for N seconds (default 600)
   bench          setup, then the benchmarks: embeddings (criterion) and one line per task
   bench peers    Kiln beside a FastAPI peer (and TEI with TEI_BIN): docs/benchmarks.md
   soak           setup, then 10 minutes of mixed traffic at twice capacity and the checks after
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let bench_peers = args.len() == 2 && command == "bench" && args[1] == "peers";
-    if args.len() > 1 && !bench_peers {
+    if args.len() > 1 && !bench_peers && command != "fuzz" {
         eprintln!(
             "xtask: `{command}` takes no arguments, got {:?}\n\n{USAGE}",
             &args[1..]
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         "soak" => soak(&repo, &mut steps),
         "fixtures" => fixtures(&repo, &mut steps),
         "layers" => steps.run("host layering", || layers::check(&repo.path(""))),
+        "fuzz" => fuzz::command(&repo, &mut steps, &args[1..]),
         "browser" => setup::browser(&repo, &mut steps),
         "reference" => reference(&repo, &mut steps),
         "help" | "-h" | "--help" => {
@@ -279,7 +284,9 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
     let mut cmd = repo.cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]);
     repo.with_runtime_env(&mut cmd);
-    steps.run("cargo test", || run_listing_failed_tests(&mut cmd))
+    steps.run("cargo test", || run_listing_failed_tests(&mut cmd))?;
+    // The parsers of untrusted bytes (kiln-wire), fuzzed: about 5 minutes with the fuzz build.
+    fuzz::smoke(repo, steps)
 }
 
 /// Runs `cargo test` (echoing its output as it comes) and, if it fails, names every test that

@@ -14,6 +14,7 @@ use crate::infer::InferError;
 use crate::media::MediaError;
 use crate::tenancy::admin::AdminError;
 use crate::tenancy::{AuthError, Decision, Refused};
+use kiln_wire::request::RequestError;
 
 /// Declares [`ErrorCode`] once: the variant, its wire name and its status.
 macro_rules! error_codes {
@@ -291,6 +292,15 @@ impl From<InferError> for ApiError {
 impl From<MediaError> for ApiError {
     fn from(e: MediaError) -> Self {
         InferError::from(e).into()
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Malformed(message) => ApiError::bad_request(message),
+            RequestError::Invalid(message) => ApiError::invalid(message),
+        }
     }
 }
 

@@ -11,13 +11,14 @@ use std::sync::Arc;
 use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::gate::{Admitted, UsageDeferred};
 use super::tasks::{finish_reason, ValidGenerateRequest};
 use super::{request_id, ApiError, AppState};
 use crate::infer::{InferError, StreamEvent, StreamHook, TokenStream};
 use crate::tenancy::{self, UsageRecord};
+use kiln_wire::sse::{self, TokenFinish};
 
 /// Streams a validated generation request.
 pub async fn respond(
@@ -79,7 +80,7 @@ pub async fn respond(
                 None => tokens.next().await?,
             };
             let last = event.is_last();
-            let data = event_json(event, &id).to_string();
+            let data = event_data(event, &id);
             let next = (!last).then_some((None, tokens, id));
             Some((Ok::<_, Infallible>(Event::default().data(data)), next))
         },
@@ -95,29 +96,24 @@ pub async fn respond(
     Ok(response)
 }
 
-/// The JSON of one event (one line: serde_json escapes newlines inside strings).
-fn event_json(event: StreamEvent, request_id: &str) -> Value {
+/// The data of one event: one line of JSON (`kiln_wire::sse`, fuzzed with arbitrary token text:
+/// serde_json escapes newlines and '\r' inside strings, which `Event::data` needs).
+fn event_data(event: StreamEvent, request_id: &str) -> String {
     match event {
-        StreamEvent::Token { text, finish: None } => json!({"token": text, "finished": false}),
-        StreamEvent::Token {
-            text,
-            finish: Some(finish),
-        } => json!({
-            "token": text,
-            "finished": true,
-            "finish_reason": finish_reason(finish.reason),
-            "tokens_used": finish.input_tokens + finish.output_tokens,
-            "usage": {
-                "input_tokens": finish.input_tokens,
-                "output_tokens": finish.output_tokens,
-            },
-        }),
+        StreamEvent::Token { text, finish } => sse::token_event(
+            &text,
+            finish.map(|finish| TokenFinish {
+                reason: finish_reason(finish.reason),
+                input_tokens: finish.input_tokens,
+                output_tokens: finish.output_tokens,
+            }),
+        ),
         StreamEvent::Failed(error) => {
             // Mapped inside the request's scope so its log lines carry the request id.
             let error = request_id::scope(request_id.to_owned(), || ApiError::from(error));
             let mut body = error.body(request_id);
             body["finished"] = json!(true);
-            body
+            body.to_string()
         }
     }
 }

@@ -42,7 +42,8 @@ pub use task::{
 };
 
 /// The generation types of the plugin interface, as the wire formats fill them.
-pub use crate::runtime::instance::{FinishReason, GenerationInput, GenerationParams, Message};
+pub use crate::runtime::instance::FinishReason;
+pub use kiln_wire::request::{GenerationInput, GenerationParams, Message};
 
 use crate::config::Config;
 use crate::nn::TensorGauge;

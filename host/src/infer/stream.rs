@@ -29,9 +29,10 @@ use super::pipeline::run_on;
 use super::task::check_generation;
 use super::{InferError, Inference, LoadedModel, RequestContext};
 use crate::registry::Task;
-use crate::runtime::instance::{CallReport, FinishReason, GenerationInput, GenerationParams, Step};
+use crate::runtime::instance::{CallReport, FinishReason, Step};
 use crate::runtime::types::Usage;
 use crate::runtime::{PluginInstance, PooledInstance};
+use kiln_wire::request::{GenerationInput, GenerationParams};
 
 /// How a stream ended, on its last token.
 #[derive(Debug, Clone)]

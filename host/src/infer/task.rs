@@ -13,10 +13,11 @@ use crate::config::Limits;
 use crate::media;
 use crate::registry::Task;
 use crate::runtime::instance::{
-    CallReport, Detection, EmbedOutput, FinishReason, GenerationInput, GenerationParams,
-    TextClassOutput, Transcript as PluginTranscript,
+    CallReport, Detection, EmbedOutput, FinishReason, TextClassOutput,
+    Transcript as PluginTranscript,
 };
 use crate::runtime::{types, PluginInstance};
+use kiln_wire::request::{self, GenerationInput, GenerationLimits, GenerationParams, TextLimits};
 
 /// One task, as the pipeline runs it.
 pub trait InferTask: Send + Sync + 'static {
@@ -87,48 +88,15 @@ fn ranked(scores: Vec<types::ClassScore>) -> Ranked {
     ranked
 }
 
-/// Characters each text input counts for beyond its own in `max_total_input_chars`: the
-/// tokenizer adds its special tokens to every input, so a list of empty strings is not free.
-const INPUT_OVERHEAD_CHARS: usize = 8;
-
-/// Characters each chat message counts for beyond its role and content in `max_input_chars`:
-/// a chat template wraps every message in markers (`<|im_start|>role\n ... <|im_end|>\n`),
-/// several tokens whatever its content, so empty messages still weigh.
-const MESSAGE_OVERHEAD_CHARS: usize = 16;
-
-/// Inputs against the model's limits; messages name the limit and the value.
+/// Inputs against the model's limits; messages name the limit and the value
+/// (`kiln_wire::request::check_texts`).
 fn check_texts(inputs: &[String], limits: &Limits) -> Result<(), InferError> {
-    if inputs.is_empty() {
-        return Err(InferError::InvalidInput(
-            "`inputs` must not be empty".into(),
-        ));
-    }
-    if inputs.len() > limits.max_inputs {
-        return Err(InferError::InvalidInput(format!(
-            "`inputs` has {} items; this model accepts at most {} per request",
-            inputs.len(),
-            limits.max_inputs
-        )));
-    }
-    let mut total = 0usize;
-    for (i, text) in inputs.iter().enumerate() {
-        let chars = text.chars().count();
-        if chars > limits.max_input_chars {
-            return Err(InferError::InvalidInput(format!(
-                "`inputs[{i}]` is {chars} characters long; the limit is {}",
-                limits.max_input_chars
-            )));
-        }
-        total = total.saturating_add(chars + INPUT_OVERHEAD_CHARS);
-    }
-    if total > limits.max_total_input_chars {
-        return Err(InferError::InvalidInput(format!(
-            "`inputs` are {total} characters long together (each input counts \
-             {INPUT_OVERHEAD_CHARS} more); the limit is {}",
-            limits.max_total_input_chars
-        )));
-    }
-    Ok(())
+    let text_limits = TextLimits {
+        max_inputs: limits.max_inputs,
+        max_input_chars: limits.max_input_chars,
+        max_total_input_chars: limits.max_total_input_chars,
+    };
+    request::check_texts(inputs, &text_limits).map_err(InferError::InvalidInput)
 }
 
 /// An answer with one item per input, or the plugin's failure.
@@ -505,47 +473,18 @@ impl Cacheable for Generated {
     }
 }
 
-/// A generation request against the model's limits.
+/// A generation request against the model's limits (`kiln_wire::request::check_generation`).
 pub(super) fn check_generation(
     limits: &Limits,
     input: &GenerationInput,
     params: &GenerationParams,
 ) -> Result<(), InferError> {
-    if params.max_tokens > limits.max_new_tokens {
-        return Err(InferError::InvalidInput(format!(
-            "`max_tokens` must be between 1 and {} for this model, got {}",
-            limits.max_new_tokens, params.max_tokens
-        )));
-    }
-    let (what, total) = match input {
-        GenerationInput::Prompt(p) => ("the prompt is", p.chars().count()),
-        GenerationInput::Chat(messages) => {
-            // The count first: it bounds the sum below without reading every message.
-            if messages.len() > limits.max_messages {
-                return Err(InferError::InvalidInput(format!(
-                    "`messages` has {} items; this model accepts at most {} per conversation",
-                    messages.len(),
-                    limits.max_messages
-                )));
-            }
-            let total = messages.iter().fold(0usize, |sum, m| {
-                sum.saturating_add(
-                    m.role.chars().count() + m.content.chars().count() + MESSAGE_OVERHEAD_CHARS,
-                )
-            });
-            (
-                "the conversation is (roles, contents and 16 per message)",
-                total,
-            )
-        }
+    let generation_limits = GenerationLimits {
+        max_new_tokens: limits.max_new_tokens,
+        max_messages: limits.max_messages,
+        max_input_chars: limits.max_input_chars,
     };
-    if total > limits.max_input_chars {
-        return Err(InferError::InvalidInput(format!(
-            "{what} {total} characters long; the limit is {}",
-            limits.max_input_chars
-        )));
-    }
-    Ok(())
+    request::check_generation(&generation_limits, input, params).map_err(InferError::InvalidInput)
 }
 
 impl InferTask for Generate {
@@ -668,7 +607,7 @@ mod tests {
     fn chat(n: usize, content: &str) -> GenerationInput {
         GenerationInput::Chat(
             (0..n)
-                .map(|_| crate::runtime::instance::Message {
+                .map(|_| kiln_wire::request::Message {
                     role: "user".into(),
                     content: content.into(),
                 })

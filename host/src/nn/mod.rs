@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_wire::tensor::InstanceTensors;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use batch::BatchSpec;
@@ -97,17 +98,8 @@ pub enum Refusal {
     QueueFull,
 }
 
-/// Limits on what one instance may keep on the host (wasmtime's `StoreLimits` sees only guest
-/// memory; these tensors live outside it).
-#[derive(Debug, Clone, Copy)]
-pub struct TensorBudgetLimits {
-    /// Bytes of tensor data alive at once: a model's largest step (inputs + outputs + KV cache)
-    /// with room to spare; past it a plugin is leaking or flooding.
-    pub max_bytes: u64,
-    /// Tensor, graph, context and error resources alive at once: each costs a table slot and
-    /// some host memory even when empty.
-    pub max_live: u32,
-}
+/// Limits on what one instance may keep on the host (`kiln_wire::tensor`).
+pub use kiln_wire::tensor::TensorBudgetLimits;
 
 /// Bytes of host tensors alive in all the instances that share it (one per server), and their
 /// server-wide ceiling (`host_tensor_mb`): the per-instance budgets alone would let every slot
@@ -276,13 +268,13 @@ impl BudgetExceeded {
     }
 }
 
-/// Running totals against [`TensorBudgetLimits`].
+/// Running totals against [`TensorBudgetLimits`] (counted by `kiln_wire::tensor`), and this
+/// instance's share of the server's gauge.
 #[derive(Debug)]
 pub struct TensorBudget {
     limits: TensorBudgetLimits,
     gauge: TenantGauge,
-    bytes: u64,
-    live: u32,
+    counts: InstanceTensors,
 }
 
 impl TensorBudget {
@@ -290,55 +282,42 @@ impl TensorBudget {
         Self {
             limits,
             gauge,
-            bytes: 0,
-            live: 0,
+            counts: InstanceTensors::default(),
         }
     }
 
     /// Reserves a new resource holding `bytes` of fresh data: within the instance's limits,
     /// then within the server's ceiling.
     fn reserve(&mut self, bytes: u64) -> Result<(), BudgetExceeded> {
-        if self.live >= self.limits.max_live {
-            return Err(BudgetExceeded::Instance(format!(
-                "tensor budget exceeded: more than {} live wasi:nn resources in one instance",
-                self.limits.max_live
-            )));
-        }
-        let total = self.bytes.saturating_add(bytes);
-        if total > self.limits.max_bytes {
-            return Err(BudgetExceeded::Instance(format!(
-                "tensor budget exceeded: {} bytes of host tensors would be alive, the limit is {}",
-                total, self.limits.max_bytes
-            )));
-        }
+        let total = self
+            .counts
+            .admit(&self.limits, bytes)
+            .map_err(BudgetExceeded::Instance)?;
         if bytes > 0 {
             self.gauge.try_add(bytes).map_err(BudgetExceeded::Server)?;
         }
-        self.live += 1;
-        self.bytes = total;
+        self.counts.add(total);
         Ok(())
     }
 
     fn release(&mut self, bytes: u64) {
-        let bytes = bytes.min(self.bytes);
-        self.live = self.live.saturating_sub(1);
-        self.bytes -= bytes;
-        self.gauge.sub(bytes);
+        let released = self.counts.release(bytes);
+        self.gauge.sub(released);
     }
 
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.counts.bytes
     }
 
     pub fn live(&self) -> u32 {
-        self.live
+        self.counts.live
     }
 }
 
 impl Drop for TensorBudget {
     /// A discarded instance frees its tensors with its resource table, without `release`.
     fn drop(&mut self) {
-        self.gauge.sub(self.bytes);
+        self.gauge.sub(self.counts.bytes);
     }
 }
 
@@ -514,13 +493,7 @@ fn check_inputs(graph: &GraphExecutor, inputs: &[(String, Tensor)]) -> Result<()
                 tensor.dtype
             )));
         }
-        let fits = tensor.dims.len() == spec.shape.len()
-            && tensor
-                .dims
-                .iter()
-                .zip(&spec.shape)
-                .all(|(&d, &s)| s < 0 || i64::from(d) == s);
-        if !fits {
+        if !kiln_wire::tensor::shape_fits(&tensor.dims, &spec.shape) {
             return Err(invalid(format!(
                 "input '{name}' must have shape {}, got {:?}",
                 spec.describe_shape(),

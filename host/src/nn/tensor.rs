@@ -3,7 +3,8 @@
 //! A tensor's bytes live in an `Arc` so that `tensor-ext.clone` shares them without a copy and a
 //! KV-cache output can be handed back as the next step's input without ever entering the guest.
 //! Nothing here trusts the guest: dimensions and byte length are checked only when the tensor is
-//! used ([`Tensor::check_len`]), and every failure is a message for the plugin author.
+//! used ([`Tensor::check_len`], `kiln_wire::tensor`, fuzzed on its own), and every failure is a
+//! message for the plugin author.
 
 use std::sync::Arc;
 
@@ -109,25 +110,17 @@ impl Tensor {
 
     /// Number of elements the dimensions describe; None if it overflows.
     pub fn element_count(dims: &[u32]) -> Option<usize> {
-        dims.iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
+        kiln_wire::tensor::element_count(dims)
     }
 
     /// Checks that the byte length matches the dimensions and element type.
     pub fn check_len(&self) -> Result<(), String> {
-        let expected = Self::element_count(&self.dims)
-            .and_then(|n| n.checked_mul(self.dtype.size()))
-            .ok_or_else(|| format!("tensor dimensions {:?} are too large", self.dims))?;
-        if expected != self.data.len() {
-            return Err(format!(
-                "tensor data is {} bytes but dimensions {:?} of {} need {} bytes",
-                self.data.len(),
-                self.dims,
-                self.dtype,
-                expected
-            ));
-        }
-        Ok(())
+        kiln_wire::tensor::check_len(
+            &self.dims,
+            self.dtype.size(),
+            self.dtype.name(),
+            self.data.len(),
+        )
     }
 
     /// Copies the data into an ONNX Runtime value. The caller has run [`Self::check_len`].

@@ -21,117 +21,22 @@
 //! Everything is parsed and checked at startup; an error names the file and the field.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
+use kiln_wire::model_file::{self, ModelFile};
 
 use crate::config::LimitsArgs;
 use crate::nn::BatchSpec;
 
 pub mod tenant;
 
-/// The inference tasks of the API; each has its own plugin world.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Task {
-    Embeddings,
-    TextClassification,
-    ImageClassification,
-    ObjectDetection,
-    Asr,
-    TextGeneration,
-}
+/// The inference tasks of the API (`kiln_wire::model_file`).
+pub use kiln_wire::model_file::Task;
 
-impl Task {
-    /// The path segment of `POST /v1/inference/<task>`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Embeddings => "embeddings",
-            Task::TextClassification => "text-classification",
-            Task::ImageClassification => "image-classification",
-            Task::ObjectDetection => "object-detection",
-            Task::Asr => "asr",
-            Task::TextGeneration => "text-generation",
-        }
-    }
-}
-
-impl fmt::Display for Task {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `namespace/name`, both restricted to `[A-Za-z0-9._-]` (never `.` or `..`), so a model id
-/// can never name a path outside the models folder.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelId {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ModelId {
-    pub fn parse(id: &str) -> Option<ModelId> {
-        let (namespace, name) = id.split_once('/')?;
-        (valid_segment(namespace) && valid_segment(name)).then(|| ModelId {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-}
-
-fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 96
-        && s != "."
-        && s != ".."
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-impl fmt::Display for ModelId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModelFile {
-    task: Task,
-    /// Load at startup (and on reload) instead of on first use.
-    #[serde(default)]
-    warm: bool,
-    /// Answers may come from the response cache (default true).
-    #[serde(default = "yes")]
-    cache: bool,
-    plugin: PluginFile,
-    /// A file name, or a [`GraphTable`]; parsed per graph so that an error names the graph.
-    graphs: BTreeMap<String, toml::Value>,
-    #[serde(default)]
-    limits: LimitsArgs,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PluginFile {
-    path: PathBuf,
-    #[serde(default)]
-    config: toml::Table,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GraphTable {
-    file: PathBuf,
-    sessions: Option<usize>,
-    intra_threads: Option<usize>,
-    lead_threads: Option<usize>,
-    arena: Option<bool>,
-    batch: Option<BatchSpec>,
-}
+/// `namespace/name`, checked so that it can never name a path outside the models folder (it is
+/// also what a request body names: `kiln_wire::request`).
+pub use kiln_wire::ModelId;
 
 /// One graph of a model.
 #[derive(Debug, Clone)]
@@ -173,99 +78,56 @@ pub struct ModelSpec {
     pub tenant: Option<String>,
 }
 
-fn yes() -> bool {
-    true
-}
-
 impl ModelSpec {
     /// Reads and checks `<dir>/model.toml`.
     pub fn load(id: ModelId, dir: &Path) -> anyhow::Result<ModelSpec> {
         let file = dir.join("model.toml");
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading {}", file.display()))?;
-        let parsed: ModelFile =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        // What can be checked without the file system: kiln-wire (fuzzed on its own).
+        let parsed: ModelFile<LimitsArgs> =
+            model_file::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let in_file = |field: &str, message: String| {
             anyhow::anyhow!("{}: field `{field}`: {message}", file.display())
         };
 
-        let plugin_path = dir.join(&parsed.plugin.path);
+        let plugin_path = dir.join(&parsed.plugin_path);
         if !plugin_path.is_file() {
             return Err(in_file(
                 "plugin.path",
                 format!("no plugin file at {}", plugin_path.display()),
             ));
         }
-        if parsed.graphs.is_empty() {
-            return Err(in_file("graphs", "a model needs at least one graph".into()));
-        }
         let mut graphs = BTreeMap::new();
-        for (name, entry) in parsed.graphs {
+        for (name, graph) in parsed.graphs {
             let field = format!("graphs.{name}");
-            let (rel, sessions, intra_threads, lead_threads, arena, mut batch) = match entry {
-                toml::Value::String(p) => (PathBuf::from(p), None, None, None, None, None),
-                table => {
-                    let t: GraphTable = table
-                        .try_into()
-                        .map_err(|e| in_file(&field, e.to_string().trim().to_owned()))?;
-                    (
-                        t.file,
-                        t.sessions,
-                        t.intra_threads,
-                        t.lead_threads,
-                        t.arena,
-                        t.batch,
-                    )
-                }
-            };
-            if let Some(batch) = &mut batch {
-                batch
-                    .check()
-                    .map_err(|(f, m)| in_file(&format!("{field}.batch.{f}"), m))?;
-                // Checked against the graph's inputs and outputs when the model loads.
-                batch.origin = format!("{}: field `{field}.batch", file.display());
-            }
-            // Graph files live inside the model folder: the folder is the unit an operator
-            // deploys, and a model must not reach another model's files.
-            if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-                return Err(in_file(
-                    &field,
-                    format!("{} must be a path inside the model folder", rel.display()),
-                ));
-            }
-            let path = dir.join(&rel);
+            let path = dir.join(&graph.file);
             if !path.is_file() {
                 return Err(in_file(&field, format!("no file at {}", path.display())));
             }
-            if sessions == Some(0) || intra_threads == Some(0) {
-                return Err(in_file(
-                    &field,
-                    "sessions and intra_threads must be at least 1".into(),
-                ));
+            let mut batch = graph.batch;
+            if let Some(batch) = &mut batch {
+                // Checked against the graph's inputs and outputs when the model loads.
+                batch.origin = format!("{}: field `{field}.batch", file.display());
             }
             graphs.insert(
                 name,
                 GraphSpec {
                     path,
-                    sessions,
-                    intra_threads,
-                    lead_threads,
-                    arena: arena.unwrap_or(true),
+                    sessions: graph.sessions,
+                    intra_threads: graph.intra_threads,
+                    lead_threads: graph.lead_threads,
+                    arena: graph.arena,
                     batch,
                 },
             );
         }
-        let plugin_config = serde_json::to_value(&parsed.plugin.config)
-            .context("converting [plugin.config] to JSON")?;
-        let serde_json::Value::Object(plugin_config) = plugin_config else {
-            bail!("{}: [plugin.config] must be a table", file.display());
-        };
         Ok(ModelSpec {
             id,
             dir: dir.to_owned(),
             task: parsed.task,
             plugin_path,
-            plugin_config,
+            plugin_config: parsed.plugin_config,
             graphs,
             limits: parsed.limits,
             warm: parsed.warm,

@@ -19,6 +19,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use kiln_wire::model_file::{GraphResources, ModelResources, TenantCaps};
+
 use crate::config::Config;
 
 use super::ModelSpec;
@@ -50,130 +52,63 @@ pub fn upload_dir_name(name: &str) -> String {
     format!(".{name}.upload")
 }
 
+/// The server's `tenant_*` settings as [`TenantCaps`] (`kiln_wire::model_file`, fuzzed there).
+pub fn caps(config: &Config) -> TenantCaps {
+    TenantCaps {
+        allow_warm: config.tenant_allow_warm,
+        max_graphs: config.tenant_max_graphs,
+        max_threads: config.tenant_max_threads,
+        max_sessions: config.tenant_max_sessions,
+        max_batch_size: config.tenant_max_batch_size,
+        max_memory_mb: config.tenant_max_memory_bytes >> 20,
+        default_intra_threads: config.ort_intra_threads,
+        default_sessions: config.ort_sessions_per_graph,
+    }
+}
+
+/// What of `spec` the caps look at.
+fn resources(spec: &ModelSpec) -> ModelResources {
+    ModelResources {
+        warm: spec.warm,
+        graphs: spec
+            .graphs
+            .iter()
+            .map(|(name, graph)| {
+                let resources = GraphResources {
+                    sessions: graph.sessions,
+                    intra_threads: graph.intra_threads,
+                    lead_threads: graph.lead_threads,
+                    batch_max_size: graph.batch.as_ref().map(|b| b.max_size),
+                };
+                (name.clone(), resources)
+            })
+            .collect(),
+        memory_mb: spec.limits.memory_mb,
+    }
+}
+
 /// Why `spec` (a tenant's model.toml) asks for more than the server's `tenant_*` settings allow,
 /// naming the field, the setting and its value; `None` when it fits.
 pub fn check(spec: &ModelSpec, config: &Config) -> Option<String> {
-    let above = |field: &str, asked: String, setting: &str, cap: String| {
-        Some(format!(
-            "model.toml: field `{field}`: {asked} is above this server's {setting} ({cap}) for \
-             tenants' models"
-        ))
-    };
-    if spec.warm && !config.tenant_allow_warm {
-        return Some(
-            "model.toml: field `warm`: this server does not let tenants' models load warm \
-             (tenant_allow_warm = false); leave it out and the model loads on first use"
-                .into(),
-        );
-    }
-    if spec.graphs.len() > config.tenant_max_graphs {
-        return above(
-            "graphs",
-            format!("{} graphs", spec.graphs.len()),
-            "tenant_max_graphs",
-            config.tenant_max_graphs.to_string(),
-        );
-    }
-    for (name, graph) in &spec.graphs {
-        let field = |key: &str| format!("graphs.{name}.{key}");
-        for (key, threads) in [
-            ("intra_threads", graph.intra_threads),
-            ("lead_threads", graph.lead_threads),
-        ] {
-            if let Some(threads) = threads.filter(|&t| t > config.tenant_max_threads) {
-                return above(
-                    &field(key),
-                    threads.to_string(),
-                    "tenant_max_threads",
-                    config.tenant_max_threads.to_string(),
-                );
-            }
-        }
-        if let Some(sessions) = graph.sessions {
-            // A lead session is one more session (see `nn::executor`), there when it has more
-            // threads than the others (as `apply_caps` sets them).
-            let intra = graph
-                .intra_threads
-                .unwrap_or(config.ort_intra_threads)
-                .clamp(1, config.tenant_max_threads.max(1));
-            let lead = graph.lead_threads.is_some_and(|lead| lead > intra);
-            let total = sessions + usize::from(lead);
-            if total > config.tenant_max_sessions {
-                let asked = if lead {
-                    format!("{sessions} (and a lead session: {total})")
-                } else {
-                    sessions.to_string()
-                };
-                return above(
-                    &field("sessions"),
-                    asked,
-                    "tenant_max_sessions",
-                    config.tenant_max_sessions.to_string(),
-                );
-            }
-        }
-        if let Some(batch) = graph
-            .batch
-            .as_ref()
-            .filter(|b| b.max_size > config.tenant_max_batch_size)
-        {
-            return above(
-                &field("batch.max_size"),
-                batch.max_size.to_string(),
-                "tenant_max_batch_size",
-                config.tenant_max_batch_size.to_string(),
-            );
-        }
-    }
-    if let Some(mb) = spec
-        .limits
-        .memory_mb
-        .filter(|&mb| mb > config.tenant_max_memory_bytes >> 20)
-    {
-        return above(
-            "limits.memory_mb",
-            mb.to_string(),
-            "tenant_max_memory_mb",
-            (config.tenant_max_memory_bytes >> 20).to_string(),
-        );
-    }
-    None
+    caps(config).check(&resources(spec))
 }
 
-/// Lowers what a tenant's model gets to the `tenant_*` settings: the server's defaults (sessions
-/// per graph, intra-op threads, the lead session, plugin memory) where the model does not say,
-/// and anything it asked for above them (a model registered before the operator lowered a
-/// setting). After this every graph's sessions and threads are explicit, so the memory estimate
-/// and the load see the same numbers. A tenant's model gets no lead session unless it asks for
-/// one: the server's lead takes every core.
+/// Lowers what a tenant's model gets to the `tenant_*` settings ([`TenantCaps::cap`]): after
+/// this every graph's sessions and threads are explicit, so the memory estimate and the load see
+/// the same numbers.
 pub fn apply_caps(spec: &mut ModelSpec, config: &Config) {
-    let max_threads = config.tenant_max_threads.max(1);
-    let max_sessions = config.tenant_max_sessions.max(1);
-    for graph in spec.graphs.values_mut() {
-        let intra = graph
-            .intra_threads
-            .unwrap_or(config.ort_intra_threads)
-            .clamp(1, max_threads);
-        let mut lead = graph.lead_threads.unwrap_or(0).min(max_threads);
-        if lead <= intra || max_sessions < 2 {
-            // No lead session (one with no more threads than the others would add nothing).
-            lead = 0;
-        }
-        let room = max_sessions - usize::from(lead > 0);
-        let sessions = graph
-            .sessions
-            .unwrap_or(config.ort_sessions_per_graph)
-            .clamp(1, room);
-        graph.intra_threads = Some(intra);
-        graph.lead_threads = Some(lead);
-        graph.sessions = Some(sessions);
-        if let Some(batch) = &mut graph.batch {
-            batch.max_size = batch.max_size.min(config.tenant_max_batch_size.max(1));
+    let mut capped = resources(spec);
+    caps(config).cap(&mut capped);
+    for (graph, (_, resources)) in spec.graphs.values_mut().zip(capped.graphs) {
+        graph.sessions = resources.sessions;
+        graph.intra_threads = resources.intra_threads;
+        graph.lead_threads = resources.lead_threads;
+        if let (Some(batch), Some(max_size)) = (&mut graph.batch, resources.batch_max_size) {
+            batch.max_size = max_size;
         }
     }
-    let cap_mb = config.tenant_max_memory_bytes >> 20;
-    spec.limits.memory_mb = Some(spec.limits.memory_mb.unwrap_or(cap_mb).min(cap_mb));
-    spec.warm &= config.tenant_allow_warm;
+    spec.limits.memory_mb = capped.memory_mb;
+    spec.warm = capped.warm;
 }
 
 /// Checks a tenant's registration before it is installed, and marks it as `user`'s: `staging`

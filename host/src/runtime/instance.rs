@@ -32,6 +32,7 @@ use super::{host, types};
 use crate::config::Limits;
 use crate::nn::{ModelGraphs, NnCtx, Refusal, TensorBudgetLimits, TensorGauge};
 use crate::registry::Task;
+use kiln_wire::request::{GenerationInput, GenerationParams};
 use wasmtime::component::ResourceAny;
 
 /// What an instance needs to know about its model.
@@ -303,9 +304,40 @@ pub type TextClassOutput =
     worlds::text_classification::exports::kiln::plugin::text_classification::Output;
 pub type Detection = worlds::object_detection::exports::kiln::plugin::object_detection::Detection;
 pub type Transcript = worlds::asr::exports::kiln::plugin::asr::Transcript;
-pub use worlds::text_generation::exports::kiln::plugin::text_generation::{
-    FinishReason, Input as GenerationInput, Message, Params as GenerationParams, Step,
+pub use worlds::text_generation::exports::kiln::plugin::text_generation::{FinishReason, Step};
+use worlds::text_generation::exports::kiln::plugin::text_generation::{
+    Input as WitInput, Message as WitMessage, Params as WitParams,
 };
+
+/// A validated generation request (`kiln_wire::request`) as the plugin world's `input`.
+fn wit_input(input: &GenerationInput) -> WitInput {
+    match input {
+        GenerationInput::Prompt(prompt) => WitInput::Prompt(prompt.clone()),
+        GenerationInput::Chat(messages) => WitInput::Chat(
+            messages
+                .iter()
+                .map(|m| WitMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Sampling parameters as the plugin world's `params`.
+fn wit_params(params: &GenerationParams) -> WitParams {
+    WitParams {
+        max_tokens: params.max_tokens,
+        temperature: params.temperature,
+        top_p: params.top_p,
+        top_k: params.top_k,
+        frequency_penalty: params.frequency_penalty,
+        presence_penalty: params.presence_penalty,
+        stop_sequences: params.stop_sequences.clone(),
+        seed: params.seed,
+    }
+}
 
 /// A call to an export of another task's world: the model's task and plugin were checked to
 /// match at load, so this is a host bug, reported as the plugin's internal error.
@@ -494,10 +526,11 @@ impl PluginInstance {
         params: &GenerationParams,
         deadline: Instant,
     ) -> CallReport<ResourceAny> {
+        let (input, params) = (wit_input(input), wit_params(params));
         let report = self.call(deadline, |store, exports| match exports {
             TaskExports::TextGeneration(e) => e
                 .kiln_plugin_text_generation()
-                .call_start(store, input, params),
+                .call_start(store, &input, &params),
             _ => Ok(Err(wrong_world("text-generation"))),
         });
         if report.result.is_ok() {
