@@ -322,9 +322,11 @@ async fn one_request(
                         finished_tokens = data["usage"]["output_tokens"].as_u64();
                         break 'read;
                     }
-                    if cancel_after.is_some_and(|n| read > n) {
-                        break 'read;
-                    }
+                }
+                // Cancelled between chunks: every event of the chunks received counts as
+                // received (the client has them), even past the cancel point.
+                if cancel_after.is_some_and(|n| read > n) {
+                    break 'read;
                 }
             }
             drop(events);
