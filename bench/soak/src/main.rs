@@ -94,6 +94,24 @@ struct Tally {
     by_status: BTreeMap<u16, u64>,
 }
 
+impl Tally {
+    /// A request whose connection broke (kept: the first few, for the report).
+    fn broken(&mut self, what: String) {
+        self.transport_errors += 1;
+        if self.transport_examples.len() < 5 {
+            self.transport_examples.push(what);
+        }
+    }
+
+    /// An answer other than 2xx, 429 and 503 (kept: the first few).
+    fn unexpected(&mut self, status: u16, what: String) {
+        self.unexpected_count += 1;
+        if self.unexpected.len() < 8 {
+            self.unexpected.push((status, what));
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tallies {
     tenants: Mutex<BTreeMap<String, Tally>>,
@@ -239,12 +257,7 @@ async fn one_request(
     let response = match sent {
         Ok(response) => response,
         Err(e) => {
-            tallies.with(tenant, |t| {
-                t.transport_errors += 1;
-                if t.transport_examples.len() < 5 {
-                    t.transport_examples.push(format!("{path}: {e:#}"));
-                }
-            });
+            tallies.with(tenant, |t| t.broken(format!("{path}: {e:#}")));
             return;
         }
     };
@@ -262,11 +275,7 @@ async fn one_request(
         tallies.with(tenant, |t| {
             record_status(t);
             if status != 429 && status != 503 {
-                t.unexpected_count += 1;
-                if t.unexpected.len() < 8 {
-                    t.unexpected
-                        .push((status, text.chars().take(300).collect::<String>()));
-                }
+                t.unexpected(status, text.chars().take(300).collect());
             }
         });
         return;
@@ -276,12 +285,7 @@ async fn one_request(
             let body: Value = match response.json().await {
                 Ok(body) => body,
                 Err(e) => {
-                    tallies.with(tenant, |t| {
-                        t.transport_errors += 1;
-                        if t.transport_examples.len() < 5 {
-                            t.transport_examples.push(format!("{path}: body: {e:#}"));
-                        }
-                    });
+                    tallies.with(tenant, |t| t.broken(format!("{path}: body: {e:#}")));
                     return;
                 }
             };
@@ -335,10 +339,7 @@ async fn one_request(
                 match (finished_tokens, broken) {
                     (Some(tokens), _) => t.output_tokens += tokens,
                     (None, Some(why)) => {
-                        t.unexpected_count += 1;
-                        if t.unexpected.len() < 8 {
-                            t.unexpected.push((status, format!("stream: {why}")));
-                        }
+                        t.unexpected(status, format!("stream: {why}"));
                         t.output_tokens += read;
                     }
                     (None, None) => {
