@@ -17,6 +17,11 @@
 //!   average after a grace period (`body_grace_ms`); a slower one fails with `408` and the
 //!   connection closes. Bodies declared larger than the route allows get their `413` from the
 //!   `Content-Length` header before a byte of them is read (see `ApiJson`).
+//! - **Lingering close**: an answer given before the request body was read (`401`, `413`,
+//!   `429`, `408`) closes the connection; closing a socket with unread bytes makes the kernel
+//!   send a reset, which can reach the client before it has read its answer (it sees "connection
+//!   reset", not the `401`). So the server first closes its sending side, then reads and drops
+//!   what still arrives until the client closes, for at most [`LINGER`] and [`LINGER_BYTES`].
 //!
 //! Each has a test that crosses it (`tests/tests/all/connections.rs`).
 
@@ -25,7 +30,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,6 +49,22 @@ use tower::ServiceExt;
 
 use super::{ApiError, ErrorCode};
 use crate::config::{Config, IpPrefix};
+
+/// How long a closing connection keeps reading (and dropping) what its client still sends, so
+/// that the client reads its answer instead of a reset: long enough for a client that is
+/// mid-upload to see the answer and stop, short enough that a client that never stops holds
+/// its connection only briefly (nginx's `lingering_time` is 30 s with a 5 s gap; 5 s in all is
+/// plenty on the networks Kiln serves).
+pub const LINGER: Duration = Duration::from_secs(5);
+
+/// The most a closing connection reads and drops: the largest body any route takes (an admin
+/// plugin upload, 64 MiB). Past it the client is not reading its answer anyway.
+pub const LINGER_BYTES: u64 = 64 << 20;
+
+/// What a refused connection (past a connection cap) reads and drops before it closes: the
+/// head of one request and a little of its body. It holds a descriptor past the cap, so it
+/// lingers less than a served one.
+const REFUSE_LINGER_BYTES: u64 = 64 << 10;
 
 /// What the accept loop and each connection are held to (from [`Config`]).
 #[derive(Debug, Clone)]
@@ -218,8 +239,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers a connection the server will not take with a 503 and closes it, without reading
-/// from it; a client that does not read the answer within a second is just closed.
+/// Answers a connection the server will not take with a 503 and closes it, reading nothing of
+/// its request but what it drops while lingering (see the module docs); a client that does not
+/// read the answer within a second is just closed.
 async fn refuse(mut stream: TcpStream, message: String) {
     let error = ApiError {
         retry_after: Some(1),
@@ -234,9 +256,39 @@ async fn refuse(mut stream: TcpStream, message: String) {
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut drain = Drain::default();
+        std::future::poll_fn(|cx| drain.poll(&mut stream, REFUSE_LINGER_BYTES, cx)).await;
+        io::Result::Ok(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
+/// Reading and dropping what a client still sends after its connection's sending side closed,
+/// until it closes too (see the module docs).
+#[derive(Debug, Default)]
+struct Drain {
+    dropped: u64,
+}
+
+impl Drain {
+    /// Ready when the client has closed, the connection failed, or `limit` bytes were dropped.
+    fn poll(&mut self, io: &mut TcpStream, limit: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    self.dropped += buf.filled().len() as u64;
+                    if self.dropped >= limit {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 /// One accepted connection and what it holds while open.
@@ -326,14 +378,27 @@ async fn serve_request(
         None
     };
     request.extensions_mut().insert(ClientAddr(client));
+    let body_read = Arc::new(AtomicBool::new(http_body::Body::is_end_stream(
+        request.body(),
+    )));
+    let seen = Arc::clone(&body_read);
+    request = request.map(|body| Body::new(ReadToEnd { body, seen }));
     if limits.min_body_rate > 0 {
         let (rate, grace) = (limits.min_body_rate, limits.body_grace);
         request = request.map(|body| Body::new(MinRateBody::new(body, rate, grace)));
     }
-    let response = match app.oneshot(request).await {
+    let mut response = match app.oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
+    if !body_read.load(Ordering::Relaxed) {
+        // Answered before the body was read (hyper then closes the connection): say so, as
+        // RFC 9112 section 9.6 asks, so that the client does not try to reuse it.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
     response.map(|body| {
         Body::new(Held {
             body,
@@ -432,6 +497,8 @@ struct Watched {
     write_blocked_since: Option<Instant>,
     read_timer: Pin<Box<Sleep>>,
     write_timer: Pin<Box<Sleep>>,
+    /// Once the sending side is shut: until when to linger, and what was dropped.
+    closing: Option<(Instant, Drain)>,
 }
 
 impl Watched {
@@ -445,6 +512,7 @@ impl Watched {
             write_blocked_since: None,
             read_timer: Box::pin(tokio::time::sleep_until(now)),
             write_timer: Box::pin(tokio::time::sleep_until(now)),
+            closing: None,
         }
     }
 
@@ -568,8 +636,52 @@ impl AsyncWrite for Watched {
         self.watch_write(cx, result)
     }
 
+    /// Closes the sending side, then lingers (see the module docs): hyper awaits this before
+    /// it drops the socket.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.closing.is_none() {
+            std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+        }
+        let (until, drain) = this
+            .closing
+            .get_or_insert_with(|| (Instant::now() + LINGER, Drain::default()));
+        if drain.poll(&mut this.io, LINGER_BYTES, cx).is_ready()
+            || expired(&mut this.read_timer, *until, cx)
+        {
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    body: Body,
+    seen: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

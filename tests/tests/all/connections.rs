@@ -6,6 +6,8 @@
 //!   `header_read_timeout_ms`, the idle ones after `idle_timeout_ms`, the slow bodies get 408;
 //! - a body declared larger than the route allows, with nothing sent: 413 at once (401 at once
 //!   without a token, on an admin upload too);
+//! - an answer given before the body is read (401 to an upload) still reaches a client that
+//!   goes on sending its body (the server lingers instead of resetting the connection);
 //! - `max_connections`: the next connection gets 503 `overloaded` and is closed; one closed
 //!   makes room again;
 //! - `max_connections_per_client`: the next connection from that address gets 503; behind a
@@ -184,6 +186,32 @@ async fn a_body_declared_too_large_is_refused_before_it_is_read() {
         .expect("answered at once");
         assert_eq!(status(&answer), 401, "{path}: {answer}");
     }
+}
+
+#[tokio::test]
+async fn an_answer_given_before_the_body_is_read_reaches_a_client_still_sending() {
+    let (server, _models) = server(|_| {}).await;
+    let mut s = TcpStream::connect(addr(&server)).await.unwrap();
+    // An upload without a token: the 401 comes from the headers, the body is never read.
+    s.write_all(b"POST /admin/plugins HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    s.write_all(&chunk).await.unwrap();
+    // By now the server has answered and closed its sending side; a client that has not looked
+    // goes on sending. Had the server closed its socket over unread bytes, the kernel would
+    // have reset the connection: these writes would fail and the answer would be lost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..32 {
+        s.write_all(&chunk)
+            .await
+            .expect("the closing server still reads what comes (no reset)");
+    }
+    let answer = read_to_close(&mut s, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
+    assert_eq!(status(&answer), 401, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
 }
 
 #[tokio::test]
