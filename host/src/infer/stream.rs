@@ -13,10 +13,17 @@
 //! calls `resource_drop` on it (a Rust drop of the handle would not run the guest's destructor,
 //! which frees the KV cache), logs the cancellation and counts it in [`StreamStats`]. A client
 //! that stops reading for the model's request timeout is treated the same way.
+//!
+//! Billing a stream that ends early (cancelled, or failed after its first token): its output
+//! tokens are those of the events the HTTP layer took for writing, plus the one step computed
+//! ahead (the allowance), never more than the generation's own `usage()`. The host's lead
+//! over the reader is two steps (an event waiting in the channel, and the piece held back), so
+//! billing what the generation computed would charge a client for a token it was never sent;
+//! the compute time of every step is billed in full either way.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,16 +79,28 @@ impl StreamEvent {
     }
 }
 
+/// An event in the channel, with the output tokens generated through it.
+#[derive(Debug)]
+struct Sent {
+    event: StreamEvent,
+    tokens: u32,
+}
+
 /// The receiving end of a streamed generation. Dropping it cancels the generation.
 #[derive(Debug)]
 pub struct TokenStream {
-    rx: mpsc::Receiver<StreamEvent>,
+    rx: mpsc::Receiver<Sent>,
+    /// Output tokens through the last event taken (shared with the driver, which bills them).
+    taken: Arc<AtomicU32>,
 }
 
 impl TokenStream {
-    /// The next event; None once the driver has ended.
+    /// The next event; None once the driver has ended. Taking an event counts its tokens as
+    /// sent to the client.
     pub async fn next(&mut self) -> Option<StreamEvent> {
-        self.rx.recv().await
+        let sent = self.rx.recv().await?;
+        self.taken.fetch_max(sent.tokens, Ordering::Relaxed);
+        Some(sent.event)
     }
 }
 
@@ -109,7 +128,8 @@ pub struct StreamStats {
     pub finished: AtomicU64,
     pub failed: AtomicU64,
     pub cancelled: AtomicU64,
-    /// Output tokens of cancelled streams, from their generation's `usage()`.
+    /// Output tokens cancelled streams computed (their generation's `usage()`), billed or not:
+    /// what cancellation costs the server.
     pub cancelled_output_tokens: AtomicU64,
 }
 
@@ -129,6 +149,7 @@ impl Inference {
         let lease = self.lease(ctx, &model).await?;
         // Capacity one: see the module comment for why that bounds the host's lead.
         let (tx, rx) = mpsc::channel(1);
+        let taken = Arc::new(AtomicU32::new(0));
         self.stream_stats.started.fetch_add(1, Ordering::Relaxed);
         let driver = Driver {
             engine: self.runtime.engine().clone(),
@@ -138,17 +159,19 @@ impl Inference {
             stats: Arc::clone(&self.stream_stats),
             compute: Duration::ZERO,
             steps: 0,
+            taken: Arc::clone(&taken),
             sent_any: false,
             on_end,
         };
         tokio::spawn(driver.run(tx, input, params).instrument(ctx.span.clone()));
-        Ok(TokenStream { rx })
+        Ok(TokenStream { rx, taken })
     }
 }
 
 /// What pulling `next` until there is something to send gave.
 enum Pulled {
-    Piece(String),
+    /// A piece of text, and the output tokens generated through it.
+    Piece(String, u32),
     Done(FinishReason, Usage),
 }
 
@@ -172,6 +195,8 @@ struct Driver {
     compute: Duration,
     /// `next` calls that returned text: the output tokens of an instance that trapped.
     steps: u32,
+    /// Output tokens through the last event the HTTP layer took (see the module docs).
+    taken: Arc<AtomicU32>,
     /// Whether a token event was sent (the response has started).
     sent_any: bool,
     on_end: Option<StreamHook>,
@@ -180,7 +205,7 @@ struct Driver {
 impl Driver {
     async fn run(
         mut self,
-        tx: mpsc::Sender<StreamEvent>,
+        tx: mpsc::Sender<Sent>,
         input: GenerationInput,
         params: GenerationParams,
     ) {
@@ -191,7 +216,8 @@ impl Driver {
             Ok(generation) => generation,
             Err(error) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(StreamEvent::Failed(error)).await;
+                let event = StreamEvent::Failed(error);
+                let _ = tx.send(Sent { event, tokens: 0 }).await;
                 return;
             }
         };
@@ -200,9 +226,10 @@ impl Driver {
     }
 
     /// Pulls steps and sends pieces until the generation ends, fails, or the client leaves.
-    async fn pump(&mut self, tx: &mpsc::Sender<StreamEvent>, generation: ResourceAny) -> End {
-        // The latest non-empty piece, not sent until the next step says whether it is the last.
-        let mut held: Option<String> = None;
+    async fn pump(&mut self, tx: &mpsc::Sender<Sent>, generation: ResourceAny) -> End {
+        // The latest non-empty piece (and the tokens through it), not sent until the next step
+        // says whether it is the last.
+        let mut held: Option<(String, u32)> = None;
         let mut sent = 0usize;
         loop {
             // Before computing a step, wait until the event before `held` has been taken.
@@ -226,7 +253,7 @@ impl Driver {
                         // "" means the plugin holds text back (a partial character, the
                         // possible start of a stop sequence): nothing to send, pull again.
                         if !piece.is_empty() {
-                            break Ok(Pulled::Piece(piece));
+                            break Ok(Pulled::Piece(piece, self.steps));
                         }
                     }
                     Ok(Step::Done((reason, usage))) => break Ok(Pulled::Done(reason, usage)),
@@ -234,12 +261,12 @@ impl Driver {
                 }
             };
             match step {
-                Ok(Pulled::Piece(piece)) => {
-                    if let (Some(previous), Some(permit)) = (held.replace(piece), permit) {
-                        permit.send(StreamEvent::Token {
-                            text: previous,
-                            finish: None,
-                        });
+                Ok(Pulled::Piece(piece, tokens)) => {
+                    if let (Some((text, tokens)), Some(permit)) =
+                        (held.replace((piece, tokens)), permit)
+                    {
+                        let event = StreamEvent::Token { text, finish: None };
+                        permit.send(Sent { event, tokens });
                         sent += 1;
                         self.sent_any = true;
                     }
@@ -260,23 +287,28 @@ impl Driver {
                     self.ended(used, None).await;
                     // Counted before the client can see the end (and read the counter).
                     self.stats.finished.fetch_add(1, Ordering::Relaxed);
-                    permit.send(StreamEvent::Token {
+                    let event = StreamEvent::Token {
                         // Nothing generated at all: one empty final token.
-                        text: held.take().unwrap_or_default(),
+                        text: held.take().map(|(text, _)| text).unwrap_or_default(),
                         finish: Some(Finish {
                             reason,
                             input_tokens: usage.input_tokens,
                             output_tokens: usage.output_tokens,
                             compute: self.compute,
                         }),
-                    });
+                    };
+                    let tokens = usage.output_tokens;
+                    permit.send(Sent { event, tokens });
                     return End::Done;
                 }
                 Err(error) => {
                     // Text already produced reaches the client before the error, unless
                     // nothing was sent yet: then the error is the whole (JSON) answer.
-                    if let (true, Some(text), Some(permit)) = (sent > 0, held.take(), permit) {
-                        permit.send(StreamEvent::Token { text, finish: None });
+                    if let (true, Some((text, tokens)), Some(permit)) =
+                        (sent > 0, held.take(), permit)
+                    {
+                        let event = StreamEvent::Token { text, finish: None };
+                        permit.send(Sent { event, tokens });
                     }
                     return End::Failed(error);
                 }
@@ -286,7 +318,7 @@ impl Driver {
 
     /// Ends the generation: the guest's resource is dropped (freeing its KV cache) unless the
     /// instance trapped (then it is discarded whole); a failure is sent as the last event.
-    async fn end(mut self, tx: &mpsc::Sender<StreamEvent>, generation: ResourceAny, end: End) {
+    async fn end(mut self, tx: &mpsc::Sender<Sent>, generation: ResourceAny, end: End) {
         match end {
             End::Done => {
                 self.drop_generation(generation).await;
@@ -294,16 +326,20 @@ impl Driver {
             End::Failed(error) => {
                 if self.sent_any {
                     let usage = self.usage_so_far(generation).await;
-                    self.ended(usage, Some(&error)).await;
+                    self.ended(self.billed(usage), Some(&error)).await;
                 }
                 self.drop_generation(generation).await;
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 let timeout = self.model.limits.request_timeout;
-                let _ = tokio::time::timeout(timeout, tx.send(StreamEvent::Failed(error))).await;
+                let last = Sent {
+                    event: StreamEvent::Failed(error),
+                    tokens: 0,
+                };
+                let _ = tokio::time::timeout(timeout, tx.send(last)).await;
             }
             End::Cancelled(why) => {
                 let usage = self.usage_so_far(generation).await;
-                self.ended(usage, None).await;
+                self.ended(self.billed(usage), None).await;
                 let held_after = self.drop_generation(generation).await;
                 // Tokens first: a reader that sees the cancellation sees its tokens.
                 self.stats
@@ -345,6 +381,16 @@ impl Driver {
             input_tokens: usage.input_tokens,
             output_tokens: usage.output_tokens,
             compute: self.compute,
+        }
+    }
+
+    /// What a stream that ended early is billed: the tokens of the events taken for its client
+    /// and the one step computed ahead, at most what the generation computed (module docs).
+    fn billed(&self, computed: StreamUsage) -> StreamUsage {
+        let sent = self.taken.load(Ordering::Relaxed);
+        StreamUsage {
+            output_tokens: computed.output_tokens.min(sent.saturating_add(1)),
+            ..computed
         }
     }
 
@@ -414,9 +460,9 @@ impl Driver {
 /// taken it within `timeout` is treated as gone. (A free function: the driver is Send but not
 /// Sync, so its methods cannot hold `&self` across an await.)
 async fn reserve(
-    tx: &mpsc::Sender<StreamEvent>,
+    tx: &mpsc::Sender<Sent>,
     timeout: Duration,
-) -> Result<mpsc::Permit<'_, StreamEvent>, &'static str> {
+) -> Result<mpsc::Permit<'_, Sent>, &'static str> {
     match tokio::time::timeout(timeout, tx.reserve()).await {
         Ok(Ok(permit)) => Ok(permit),
         Ok(Err(_)) => Err("client disconnected"),

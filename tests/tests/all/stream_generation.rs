@@ -227,8 +227,9 @@ async fn wait_for_cancelled(server: &TestServer, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_stops_the_probe_and_frees_its_tensors() {
     let (_models, server) = probe_server(Duration::from_secs(15)).await;
-    // 30 ms steps: the client reads faster than the plugin produces.
-    let received = read_then_disconnect(&server, &probe_request("sleep:30:1000", 1000), 3).await;
+    // 100 ms steps: the client reads (and closes) far faster than the plugin produces, so no
+    // event is written between its last read and its close.
+    let received = read_then_disconnect(&server, &probe_request("sleep:100:1000", 1000), 3).await;
     wait_for_cancelled(&server, 1).await;
     let produced = server
         .metric("kiln_streams_cancelled_output_tokens_total")
@@ -236,6 +237,21 @@ async fn a_client_that_disconnects_stops_the_probe_and_frees_its_tensors() {
     assert!(
         produced <= received as u64 + 2,
         "the client got {received} events; the plugin produced {produced} tokens"
+    );
+    // Billed: what the client was sent and the one step computed ahead, not the step beyond.
+    let usage = server
+        .client
+        .get(server.url("/v1/usage"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let billed = usage["total"]["output_tokens"].as_u64().unwrap();
+    assert!(
+        (received as u64..=received as u64 + 1).contains(&billed),
+        "the client got {received} events; {billed} output tokens were billed: {usage}"
     );
     assert_eq!(
         server.metric("kiln_host_tensor_bytes").await,
@@ -259,6 +275,11 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
         stop_sequences: Vec::new(),
         seed: None,
     };
+    let (billed_tx, billed_rx) = tokio::sync::oneshot::channel();
+    let on_end: kiln_host::infer::StreamHook = Box::new(move |usage, _| {
+        let _ = billed_tx.send(usage.output_tokens);
+        Box::pin(async {})
+    });
     let mut stream = server
         .state
         .inference
@@ -267,7 +288,7 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
             PROBE,
             GenerationInput::Prompt("words:1000".into()),
             params,
-            None,
+            Some(on_end),
         )
         .await
         .expect("stream");
@@ -288,6 +309,8 @@ async fn the_host_is_never_more_than_one_step_ahead_of_its_reader() {
             .await,
         3
     );
+    // Billed: w1, which the reader took, and the one step ahead; not w3.
+    assert_eq!(billed_rx.await.expect("the stream's end hook ran"), 2);
 }
 
 // ---- the real model ----
