@@ -27,10 +27,9 @@ use reqwest::redirect;
 /// Redirects followed before giving up: enough for a CDN hop or two.
 pub const MAX_REDIRECTS: usize = 5;
 
-/// The ports URLs are fetched from unless `fetch_allowed_ports` says otherwise: the web's.
-// Other ports are where internal services listen (databases, admin consoles, 8080s), often on
-// hosts that also serve the public web; a caller's URL has no business there.
-pub const DEFAULT_ALLOWED_PORTS: [u16; 2] = [80, 443];
+/// The ports URLs are fetched from unless `fetch_allowed_ports` says otherwise (declared with
+/// the option, in `kiln-config`).
+pub use kiln_config::DEFAULT_ALLOWED_PORTS;
 
 /// Which destinations are allowed, and how much is fetched.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@
 //! runtime       wasmtime: the engine, the plugin worlds' bindings, instances and their pool
 //! registry      model folders on disk: model.toml, ids, install and uninstall
 //! nn            the wasi:nn host on ONNX Runtime: graphs, tensors, executors, batching
-//! config        server configuration: kiln.toml, flags, environment
+//! config        server configuration (the `kiln-config` crate): kiln.toml, flags, environment
 //! tenancy       tokens, plans, rate limits, quotas, usage, the allowlist, the store
 //! fetch         the host's URL fetcher (image_url, audio_url) and its SSRF rules
 //! scaffold      `kiln plugin new` templates
@@ -88,7 +88,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     spawn_upload_sweeper(Arc::downgrade(&inference));
     Ok(Arc::new(AppState {
         inference,
-        fetcher: fetch::Fetcher::new(config.fetch_policy())?,
+        fetcher: fetch::Fetcher::new(fetch_policy(config))?,
         max_body_bytes: config.max_body_bytes,
         max_media_body_bytes: config.max_media_body_bytes,
         max_model_file_bytes: config.max_model_file_bytes,
@@ -202,6 +202,18 @@ pub async fn serve(
     http::server::serve(listener, app(state), limits, shutdown)
         .await
         .context("HTTP server failed")
+}
+
+/// The URL-fetching rules of `config`.
+pub fn fetch_policy(config: &Config) -> fetch::FetchPolicy {
+    fetch::FetchPolicy {
+        allow_loopback: config.fetch_allow_loopback,
+        allow_private: config.fetch_allow_private,
+        allowed_ports: config.fetch_allowed_ports.clone(),
+        max_bytes: config.fetch_max_bytes,
+        timeout: config.fetch_timeout,
+        static_hosts: config.fetch_static_hosts.clone(),
+    }
 }
 
 /// Loads the models, binds `config.addr` (and `config.metrics_addr`) and serves until Ctrl-C.

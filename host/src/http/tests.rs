@@ -85,7 +85,7 @@ impl Fixture {
         let tenancy = tenancy::Tenancy::start(store, plans).unwrap();
         let state = Arc::new(AppState {
             inference,
-            fetcher: crate::fetch::Fetcher::new(config.fetch_policy()).unwrap(),
+            fetcher: crate::fetch::Fetcher::new(crate::fetch_policy(&config)).unwrap(),
             max_body_bytes: config.max_body_bytes,
             max_media_body_bytes: config.max_media_body_bytes,
             max_model_file_bytes: config.max_model_file_bytes,

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -67,26 +66,7 @@ impl Visibility {
     }
 }
 
-/// A plan's limits (config `[plans.<name>]`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    pub requests_per_minute: u32,
-    /// Requests admitted at once by a rested tenant; default a tenth of the per-minute rate.
-    pub burst: Option<u32>,
-    /// Compute (ONNX Runtime time) per calendar month (UTC), hours.
-    pub compute_hours: f64,
-    /// Per-task rates that replace the plan's for that task (heavy tasks get less).
-    #[serde(default)]
-    pub tasks: BTreeMap<String, TaskRate>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskRate {
-    pub requests_per_minute: u32,
-    pub burst: Option<u32>,
-}
+pub use kiln_config::{days, default_plans, Plan, TaskRate, DEFAULT_MAX_TOKEN_LIFETIME};
 
 fn rate(per_minute: u32, burst: Option<u32>) -> Rate {
     Rate {
@@ -95,34 +75,12 @@ fn rate(per_minute: u32, burst: Option<u32>) -> Rate {
     }
 }
 
-impl Plan {
-    fn new(requests_per_minute: u32, compute_hours: f64) -> Plan {
-        Plan {
-            requests_per_minute,
-            burst: None,
-            compute_hours,
-            tasks: BTreeMap::new(),
-        }
+/// The rate of `plan` for `task`, and the limiter key suffix that separates a task override.
+fn rate_for(plan: &Plan, task: &str) -> (Rate, &'static str) {
+    match plan.tasks.get(task) {
+        Some(t) => (rate(t.requests_per_minute, t.burst), "task"),
+        None => (rate(plan.requests_per_minute, plan.burst), ""),
     }
-
-    /// The rate for `task`, and the limiter key suffix that separates a task override.
-    fn rate_for(&self, task: &str) -> (Rate, &'static str) {
-        match self.tasks.get(task) {
-            Some(t) => (rate(t.requests_per_minute, t.burst), "task"),
-            None => (rate(self.requests_per_minute, self.burst), ""),
-        }
-    }
-}
-
-/// The published plans (API.md): free 100/min and 10 h a month, pro 1,000/min and 100 h, team
-/// 5,000/min and 500 h; enterprise is custom (these are placeholders to override in config).
-pub fn default_plans() -> BTreeMap<String, Plan> {
-    BTreeMap::from([
-        ("free".to_owned(), Plan::new(100, 10.0)),
-        ("pro".to_owned(), Plan::new(1_000, 100.0)),
-        ("team".to_owned(), Plan::new(5_000, 500.0)),
-        ("enterprise".to_owned(), Plan::new(20_000, 5_000.0)),
-    ])
 }
 
 /// A new token: `kiln_` and 32 random bytes in hex (256 bits), its SHA-256, and a public id.
@@ -335,7 +293,7 @@ impl Tenancy {
     /// monthly compute quota.
     pub fn admit(&self, caller: &Caller, task: &str) -> Result<Decision, Refused> {
         let plan = self.effective_plan(&caller.user.plan);
-        let (rate, scope) = plan.rate_for(task);
+        let (rate, scope) = rate_for(&plan, task);
         let key = if scope.is_empty() {
             caller.user.id.to_string()
         } else {
@@ -531,16 +489,6 @@ pub fn month(ms: i64) -> String {
     date(ms)[..7].to_owned()
 }
 
-/// The longest lifetime of an API token unless `max_token_lifetime_days` says otherwise.
-pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3650 * 86_400);
-
-/// Days, as the options write long durations, to a `Duration`. A count of days too large for
-/// one (past 584 billion years) is the longest `Duration`: no bound at all, in effect, and
-/// creating a token still refuses an expiry its timestamp cannot hold.
-pub fn days(value: u64) -> Duration {
-    Duration::from_secs(value.saturating_mul(86_400))
-}
-
 /// Parses a token lifetime, `30d`, `12h`, `90m` or `3600s`, of at most `max` (the server's
 /// `max_token_lifetime_days`). Any other text, zero, and anything longer are refused with a
 /// message that says why; nothing overflows.
@@ -670,7 +618,7 @@ mod tests {
     #[test]
     fn default_burst_is_a_tenth_of_the_rate() {
         let plans = default_plans();
-        let (free, _) = plans["free"].rate_for("embeddings");
+        let (free, _) = rate_for(&plans["free"], "embeddings");
         assert_eq!(
             free,
             Rate {
