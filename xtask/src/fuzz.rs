@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets of `fuzz/`, over the `kiln-wire` crate (what Kiln
-//! parses from untrusted bytes). `--smoke` runs every target for a share of three minutes, as
+//! parses from untrusted bytes) and `kiln-config` (kiln.toml). `--smoke` runs every target for a share of three minutes, as
 //! `cargo xtask test` does; `<target> [--secs N]` runs one for longer. A crash fails the run
 //! and names its reproducer.
 //!
@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "sse_event",
     "model_toml",
     "tenant_caps",
+    "kiln_toml",
 ];
 
 /// The smoke run's time, shared by every target: long enough to get each past its seeds into

@@ -285,7 +285,8 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
     cmd.args(["test", "--workspace", "--no-fail-fast"]);
     repo.with_runtime_env(&mut cmd);
     steps.run("cargo test", || run_listing_failed_tests(&mut cmd))?;
-    // The parsers of untrusted bytes (kiln-wire), fuzzed: about 5 minutes with the fuzz build.
+    // The parsers of untrusted bytes (kiln-wire) and of kiln.toml (kiln-config), fuzzed: about
+    // 5 minutes with the fuzz build.
     fuzz::smoke(repo, steps)
 }
 
