@@ -580,6 +580,25 @@ impl Reply {
     }
 }
 
+/// PUTs `body` with `token`: the status and the JSON body (null when there is none).
+pub async fn put(
+    server: &TestServer,
+    token: &str,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let r = server
+        .client
+        .put(server.url(path))
+        .bearer_auth(token)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// Cosine similarity.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use kiln_host::tenancy::{admin, Scope};
-use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer, SLOW_ITERATIONS};
+use kiln_tests::{fixture_onnx, plugin, put, ModelsDir, TestServer, SLOW_ITERATIONS};
 use serde_json::{json, Value};
 
 const EMBED: &str = "/v1/inference/embeddings";
@@ -268,25 +268,6 @@ async fn kiln_admin_reload_reaches_a_running_server_through_the_database() {
         stdout.contains("\"removed\": [\n    \"tester/mine\""),
         "{stdout}"
     );
-}
-
-/// A request with `token`.
-async fn put(
-    server: &TestServer,
-    token: &str,
-    path: &str,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let r = server
-        .client
-        .put(server.url(path))
-        .bearer_auth(token)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use kiln_host::tenancy::admin;
 use kiln_host::Config;
-use kiln_tests::{fixture_onnx, plugin, ModelsDir, TestServer};
+use kiln_tests::{fixture_onnx, plugin, put, ModelsDir, TestServer};
 use serde_json::{json, Value};
 
 const GRAPHS: [&str; 2] = ["main.onnx", "slow.onnx"];
@@ -56,24 +56,6 @@ async fn start(
     let server = TestServer::start_with(config, allow).await;
     let alice = kiln_tests::add_user(&server.state, "alice", kiln_tests::TEST_PLAN);
     (server, alice)
-}
-
-async fn put(
-    server: &TestServer,
-    token: &str,
-    path: &str,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let r = server
-        .client
-        .put(server.url(path))
-        .bearer_auth(token)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// Uploads the probe's files (graphs, plugin) for `ns/name`.
