@@ -236,6 +236,18 @@ options! {
         // A phone on a poor link may stall a few seconds before its body flows.
         body_grace_ms: u64, "KILN_BODY_GRACE_MS" =>
             body_grace: Duration, Duration::from_millis = Duration::from_secs(10);
+        /// After SIGTERM (or Ctrl-C): how long `/ready` answers 503 while new connections are
+        /// still accepted and served, ms; then the listener closes.
+        // A load balancer (or Kubernetes' endpoints) needs a few readiness probes to stop
+        // sending: closing at once would refuse requests already on their way.
+        drain_grace_ms: u64, "KILN_DRAIN_GRACE_MS" =>
+            drain_grace: Duration, Duration::from_millis = Duration::from_secs(5);
+        /// After the listener closes: how long requests and streams in flight may take to
+        /// finish, ms; then streams end with a `shutting_down` error event and the process exits.
+        // With the 5 s grace, within Kubernetes' default 30 s termination grace period (set
+        // `terminationGracePeriodSeconds` above both together).
+        drain_timeout_ms: u64, "KILN_DRAIN_TIMEOUT_MS" =>
+            drain_timeout: Duration, Duration::from_millis = Duration::from_secs(20);
         /// A second address serving only `GET /metrics`, without a token (for a scraper on a
         /// private network). Unset: `/metrics` is on the main address, for admin tokens only.
         // Metrics count every tenant's activity: not everyone's to see.

@@ -49,6 +49,7 @@ pub mod tenancy;
 pub use kiln_wire::media;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -96,6 +97,7 @@ pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
         connection_limits: http::server::ConnectionLimits::from_config(config),
         max_token_lifetime: config.max_token_lifetime,
         tenancy,
+        drain: http::drain::Drain::default(),
     }))
 }
 
@@ -246,9 +248,85 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     tracing::info!(addr = %listener.local_addr()?, models = state.inference.models().len(), "Kiln is serving");
-    serve(listener, state, async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-    })
-    .await
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, Arc::clone(&state), async {
+        let _ = stopped.await;
+    }));
+    let signal = shutdown_signal().await;
+    drain(&state, &config, signal, stop, server).await
 }
+
+/// SIGTERM or Ctrl-C (SIGINT): which one came.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM ({e}): only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
+/// Drains after a shutdown signal (the steps are in `http::drain`): `/ready` 503 at once, the
+/// listener open for `drain_grace`, then closed; connections finish their requests within
+/// `drain_timeout`, then streams still running are cut; their usage is recorded before the
+/// process exits.
+async fn drain(
+    state: &Arc<AppState>,
+    config: &Config,
+    signal: &str,
+    stop: tokio::sync::oneshot::Sender<()>,
+    mut server: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    state.drain.begin();
+    tracing::info!(
+        signal,
+        grace_ms = config.drain_grace.as_millis() as u64,
+        timeout_ms = config.drain_timeout.as_millis() as u64,
+        "draining: /ready answers 503; new connections are served until the grace ends"
+    );
+    tokio::time::sleep(config.drain_grace).await;
+    let _ = stop.send(());
+    tracing::info!("draining: the listener is closed; waiting for requests in flight");
+    let finished = tokio::time::timeout(config.drain_timeout, &mut server).await;
+    let served = match finished {
+        Ok(served) => served,
+        Err(_) => {
+            let streams = state.inference.streams_in_flight();
+            tracing::warn!(
+                streams,
+                "draining: the drain timeout passed; cutting the streams still running"
+            );
+            state.drain.cut_streams();
+            // A cut stream sends its last event at once; a non-stream request still running is
+            // abandoned after this (its client sees the connection close, and it is not billed).
+            match tokio::time::timeout(CUT_GRACE, &mut server).await {
+                Ok(served) => served,
+                Err(_) => {
+                    server.abort();
+                    tracing::warn!("draining: connections still open after the cut are closed");
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    served.context("the HTTP server task failed")??;
+    // A stream's generation is dropped (and its usage recorded) by its driver after the
+    // connection has gone: wait for those ends.
+    let deadline = tokio::time::Instant::now() + CUT_GRACE;
+    while state.inference.streams_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("drained: exiting");
+    Ok(())
+}
+
+/// After the drain timeout: how long cut streams have to send their last event and record
+/// their usage before the process exits anyway.
+const CUT_GRACE: Duration = Duration::from_secs(5);

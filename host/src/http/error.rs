@@ -97,6 +97,8 @@ error_codes! {
     ModelUnavailable = "model_unavailable" => SERVICE_UNAVAILABLE,
     /// The model's plugin is not (or no longer) allowed by an admin.
     PluginNotAllowed = "plugin_not_allowed" => SERVICE_UNAVAILABLE,
+    /// The server is draining (SIGTERM) and cut a stream still running at its drain timeout.
+    ShuttingDown = "shutting_down" => SERVICE_UNAVAILABLE,
     /// The plugin's CPU limit, the request's timeout, or an ONNX Runtime run's time limit.
     Timeout = "timeout" => GATEWAY_TIMEOUT,
 }

@@ -10,6 +10,7 @@
 //! - `stream`: Server-Sent Events of streamed generation; [`request_id`]: ids and spans.
 
 pub mod admin;
+pub mod drain;
 mod error;
 pub mod gate;
 mod models;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
@@ -51,6 +53,8 @@ pub struct AppState {
     /// See [`crate::config::Config::max_token_lifetime`].
     pub max_token_lifetime: std::time::Duration,
     pub tenancy: Arc<crate::tenancy::Tenancy>,
+    /// SIGTERM's state: `/ready` and streams read it (`drain`).
+    pub drain: drain::Drain,
 }
 
 impl AppState {
@@ -120,11 +124,13 @@ async fn health() -> Json<serde_json::Value> {
 /// `GET /ready`: 200 once the server takes requests (models discovered, the warm ones loaded:
 /// both happen before the port is bound). Model names are not listed to just anyone (some are
 /// private): the answer counts them; with an admin token it also lists each model's state
-/// (loaded, loading, unloaded, failed with the reason) and whether its plugin may run.
+/// (loaded, loading, unloaded, failed with the reason) and whether its plugin may run. While the
+/// server drains (SIGTERM) it answers 503 with `"status": "draining"`, so that load balancers
+/// stop sending.
 async fn ready(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
-) -> Json<serde_json::Value> {
+) -> axum::response::Response {
     let models = state.inference.models();
     let unavailable: Vec<(String, String)> = models
         .iter()
@@ -169,7 +175,11 @@ async fn ready(
         body["model_states"] = list.into();
         body["memory_budget_mb"] = (state.inference.memory_budget() >> 20).into();
     }
-    Json(body)
+    if state.drain.is_draining() {
+        body["status"] = "draining".into();
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(body).into_response()
 }
 
 /// `GET /playground`: one static page (no build step) to try streamed generation in a browser.

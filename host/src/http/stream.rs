@@ -6,6 +6,8 @@
 //! with its status.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::http::HeaderValue;
@@ -15,7 +17,7 @@ use serde_json::json;
 
 use super::gate::{Admitted, UsageDeferred};
 use super::tasks::{finish_reason, ValidGenerateRequest};
-use super::{request_id, ApiError, AppState};
+use super::{request_id, ApiError, AppState, ErrorCode};
 use crate::infer::{InferError, StreamEvent, StreamHook, TokenStream};
 use crate::tenancy::{self, UsageRecord};
 use kiln_wire::sse::{self, TokenFinish};
@@ -71,17 +73,27 @@ pub async fn respond(
             .into())
         }
     };
+    // Cut when the server's drain times out (see `drain`): a last `shutting_down` event, and the
+    // generation is dropped (billed as a cancelled stream).
+    let cut: Cut = Box::pin(state.drain.streams_cut());
     let events = futures_util::stream::unfold(
-        Some((Some(first), tokens, id)),
-        |state: Option<(Option<StreamEvent>, TokenStream, String)>| async move {
-            let (first, mut tokens, id) = state?;
+        Some((Some(first), tokens, id, cut)),
+        |state: Option<(Option<StreamEvent>, TokenStream, String, Cut)>| async move {
+            let (first, mut tokens, id, mut cut) = state?;
             let event = match first {
                 Some(event) => event,
-                None => tokens.next().await?,
+                None => tokio::select! {
+                    event = tokens.next() => event?,
+                    () = &mut cut => {
+                        drop(tokens);
+                        let data = shutting_down_event(&id);
+                        return Some((Ok(Event::default().data(data)), None));
+                    }
+                },
             };
             let last = event.is_last();
             let data = event_data(event, &id);
-            let next = (!last).then_some((None, tokens, id));
+            let next = (!last).then_some((None, tokens, id, cut));
             Some((Ok::<_, Infallible>(Event::default().data(data)), next))
         },
     );
@@ -94,6 +106,24 @@ pub async fn respond(
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response.extensions_mut().insert(UsageDeferred);
     Ok(response)
+}
+
+/// What cuts a stream: [`super::drain::Drain::streams_cut`].
+type Cut = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The last event of a stream the server's drain cut.
+fn shutting_down_event(request_id: &str) -> String {
+    let error = ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            ErrorCode::ShuttingDown,
+            "the server is shutting down: the generation was stopped; retry (another replica \
+             will serve it)",
+        )
+    };
+    let mut body = error.body(request_id);
+    body["finished"] = json!(true);
+    body.to_string()
 }
 
 /// The data of one event: one line of JSON (`kiln_wire::sse`, fuzzed with arbitrary token text:

@@ -93,6 +93,7 @@ impl Fixture {
             connection_limits: super::server::ConnectionLimits::from_config(&config),
             max_token_lifetime: config.max_token_lifetime,
             tenancy,
+            drain: super::drain::Drain::default(),
         });
         Fixture {
             _dir: dir,

@@ -133,7 +133,22 @@ pub struct StreamStats {
     pub cancelled_output_tokens: AtomicU64,
 }
 
+impl StreamStats {
+    /// Streams whose driver has not ended yet (each ends finished, failed or cancelled).
+    pub fn in_flight(&self) -> u64 {
+        let ended = self.finished.load(Ordering::Acquire)
+            + self.failed.load(Ordering::Acquire)
+            + self.cancelled.load(Ordering::Acquire);
+        self.started.load(Ordering::Acquire).saturating_sub(ended)
+    }
+}
+
 impl Inference {
+    /// Streams whose generation is still running or not yet recorded.
+    pub fn streams_in_flight(&self) -> u64 {
+        self.stream_stats.in_flight()
+    }
+
     /// Starts a streamed generation. Errors found before the plugin runs (unknown model, limits,
     /// no free instance) are returned here; later ones arrive as [`StreamEvent::Failed`].
     pub async fn generate_stream(

@@ -11,6 +11,7 @@ mod allowlist;
 mod author_flow;
 mod batching;
 mod connections;
+mod drain;
 mod embeddings_minilm;
 mod fetch;
 mod hostile;
