@@ -327,6 +327,15 @@ options! {
         plugin_log_burst: u32, "KILN_PLUGIN_LOG_BURST" = 200;
         /// Users, tokens, visibility, plans in use, usage: `sqlite:<path>` (or a plain path).
         database_url: String, "KILN_DATABASE_URL" = "sqlite:.kiln/kiln.db".into();
+        /// Where rate limits are counted: unset, in this process; `redis://host:port` (or
+        /// `rediss://` for TLS), in Redis, shared by every replica using it.
+        // One process needs no Redis; replicas behind a load balancer must share their counts,
+        // or N replicas admit N times a plan's rate.
+        redis_url: String, "KILN_REDIS_URL" => redis_url: Option<String>, Some = None;
+        /// What a request gets when Redis cannot be asked: `deny` (503, `Retry-After: 1`) or
+        /// `allow` (admitted uncounted).
+        // Deny: an outage of the limiter must not lift every tenant's limits.
+        rate_limit_on_error: OnLimiterError, "KILN_RATE_LIMIT_ON_ERROR" = OnLimiterError::Deny;
         /// Longest lifetime of an API token (`--expires` / `"expires"`), days; `kiln admin`
         /// reads it too.
         // Ten years: longer than any key rotation policy asks for, short enough that a
@@ -545,6 +554,30 @@ impl std::str::FromStr for IpPrefixes {
             .map(str::parse)
             .collect::<Result<_, _>>()
             .map(IpPrefixes)
+    }
+}
+
+/// `rate_limit_on_error`: what a request gets while the shared rate limiter cannot be asked.
+// PartialOrd only because every option is comparable (a model's limits may only lower the
+// server's); this one is not a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLimiterError {
+    /// Refused with 503 and `Retry-After: 1`.
+    Deny,
+    /// Admitted, not counted.
+    Allow,
+}
+
+impl std::str::FromStr for OnLimiterError {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "deny" => Ok(OnLimiterError::Deny),
+            "allow" => Ok(OnLimiterError::Allow),
+            other => Err(format!("{other:?}: expected \"deny\" or \"allow\"")),
+        }
     }
 }
 

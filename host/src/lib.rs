@@ -67,9 +67,14 @@ pub fn app(state: Arc<AppState>) -> Router {
 pub async fn load(config: &Config) -> anyhow::Result<Arc<AppState>> {
     let database_url = config.database_url.clone();
     let plans = config.plans.clone();
+    let limiter: Arc<dyn tenancy::Limiter> = match &config.redis_url {
+        Some(url) => Arc::new(tenancy::RedisLimiter::new(url)?),
+        None => Arc::new(tenancy::LocalLimiter::default()),
+    };
+    let on_limiter_error = config.rate_limit_on_error;
     let tenancy = tokio::task::spawn_blocking(move || {
         let store: Arc<dyn tenancy::Store> = Arc::from(tenancy::store::open(&database_url)?);
-        tenancy::Tenancy::start(store, plans)
+        tenancy::Tenancy::start_with(store, plans, limiter, on_limiter_error)
     })
     .await
     .context("database thread failed")?

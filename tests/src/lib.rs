@@ -6,6 +6,7 @@
 //! skip. The demo model comes from PyPI; [`demo_models_dir`] skips only outside CI.
 
 pub mod process;
+pub mod redis;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

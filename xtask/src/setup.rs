@@ -356,26 +356,7 @@ fn chromium() -> Result<()> {
         packages.push("fonts-droid-fallback");
     }
     if !packages.is_empty() {
-        let install = || {
-            let mut cmd = std::process::Command::new("apt-get");
-            cmd.args(["install", "-y"])
-                .args(&packages)
-                .env("DEBIAN_FRONTEND", "noninteractive");
-            run(&mut cmd)
-        };
-        install()
-            .or_else(|_| {
-                println!("apt-get install failed: updating the package lists and trying again");
-                run(std::process::Command::new("apt-get").arg("update"))?;
-                install()
-            })
-            .with_context(|| {
-                format!(
-                    "could not install {} with apt-get (root and the Debian archive are needed; \
-                     or set CHROMIUM to a Chromium binary)",
-                    packages.join(" ")
-                )
-            })?;
+        apt_install(&packages, "or set CHROMIUM to a Chromium binary")?;
         if !path.is_file() {
             bail!(
                 "apt-get installed chromium but {} is missing",
@@ -384,6 +365,49 @@ fn chromium() -> Result<()> {
         }
     }
     println!("Chromium: {}; CJK font: {CJK_FONT}", path.display());
+    Ok(())
+}
+
+/// Installs Debian `packages` with apt-get; `apt-get update` runs only if the first install
+/// fails (a stale or empty package list). `hint` ends the error.
+fn apt_install(packages: &[&str], hint: &str) -> Result<()> {
+    let install = || {
+        let mut cmd = std::process::Command::new("apt-get");
+        cmd.args(["install", "-y"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    install()
+        .or_else(|_| {
+            println!("apt-get install failed: updating the package lists and trying again");
+            run(std::process::Command::new("apt-get").arg("update"))?;
+            install()
+        })
+        .with_context(|| {
+            format!(
+                "could not install {} with apt-get (root and the Debian archive are needed; {hint})",
+                packages.join(" ")
+            )
+        })
+}
+
+/// The Redis server the rate-limiter tests start (`kiln_tests::RedisServer`, on a loopback
+/// port, in a temporary directory; never a system service).
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+
+/// Installs Debian's `redis-server` when [`REDIS_SERVER`] is missing. Part of `cargo xtask test`.
+pub fn services() -> Result<()> {
+    if !Path::new(REDIS_SERVER).is_file() {
+        apt_install(
+            &["redis-server"],
+            "or install Redis 7 at /usr/bin/redis-server",
+        )?;
+        if !Path::new(REDIS_SERVER).is_file() {
+            bail!("apt-get installed redis-server but {REDIS_SERVER} is missing");
+        }
+    }
+    println!("Redis: {REDIS_SERVER}");
     Ok(())
 }
 

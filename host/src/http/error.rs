@@ -222,6 +222,13 @@ impl ApiError {
                     ),
                 )
             },
+            Refused::LimiterUnavailable(_) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    ErrorCode::Overloaded,
+                    "the rate limiter cannot be reached: retry shortly",
+                )
+            },
             Refused::QuotaExceeded {
                 used_hours,
                 limit_hours,
@@ -248,7 +255,7 @@ impl ApiError {
 /// The rate-limit decision a refusal was made with (for the `X-RateLimit-*` headers).
 pub fn refusal_decision(refusal: &Refused) -> Decision {
     match refusal {
-        Refused::RateLimited(d) => *d,
+        Refused::RateLimited(d) | Refused::LimiterUnavailable(d) => *d,
         Refused::QuotaExceeded { decision, .. } => *decision,
     }
 }

@@ -166,7 +166,7 @@ pub async fn inference_gate(
             request_id: request_id::current(),
         }
     };
-    let decision = match state.tenancy.admit(&caller, route.task.as_str()) {
+    let decision = match state.tenancy.admit(&caller, route.task.as_str()).await {
         Ok(decision) => decision,
         Err(refusal) => {
             let error = ApiError::refused(&refusal, &caller.user.plan);

@@ -318,6 +318,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl axum::response::Int
         s.cancelled_output_tokens.load(Relaxed),
     );
     metric(
+        "kiln_rate_limiter_errors_total",
+        "counter",
+        "Rate-limit checks the shared limiter (Redis) could not answer (rate_limit_on_error applied).",
+        state.tenancy.limiter_errors(),
+    );
+    metric(
         "kiln_plugin_log_lines_dropped_total",
         "counter",
         "Plugin log lines dropped because the plugin logged over its rate.",

@@ -9,10 +9,18 @@
 //! neither double-spend nor lose a slot, and no lock is held per request.
 //!
 //! Time is a parameter (nanoseconds on any monotonic clock), so tests need not sleep.
+//!
+//! Where the state lives is behind the [`Limiter`] trait: [`LocalLimiter`] keeps it in this
+//! process (the default); [`RedisLimiter`] keeps it in Redis, shared by every replica, and runs
+//! the same algorithm as one Lua script per check (atomic in Redis, so N replicas admit exactly
+//! what one would), on Redis's own clock (`TIME`), so replicas with skewed clocks agree.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 const NANOS_PER_MINUTE: u64 = 60_000_000_000;
 
@@ -55,6 +63,174 @@ impl Decision {
 
     pub fn reset_secs(&self) -> u64 {
         self.reset_nanos.div_ceil(1_000_000_000)
+    }
+}
+
+/// The shared limiter could not be asked (Redis unreachable, slow or failing).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the rate limiter is unavailable: {0}")]
+pub struct LimiterUnavailable(pub String);
+
+/// A check's answer, when it comes.
+pub type CheckFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Decision, LimiterUnavailable>> + Send + 'a>>;
+
+/// Where GCRA state lives (see the module docs).
+pub trait Limiter: Send + Sync + std::fmt::Debug {
+    /// Decides one request of `key` under `rate`, now.
+    fn check<'a>(&'a self, key: &'a str, rate: Rate) -> CheckFuture<'a>;
+
+    /// Checks that could not be answered, since the start.
+    fn errors(&self) -> u64 {
+        0
+    }
+}
+
+/// State in this process: one replica's counts.
+#[derive(Debug)]
+pub struct LocalLimiter {
+    limiter: RateLimiter,
+    /// The clock: nanoseconds since this instant.
+    epoch: Instant,
+}
+
+impl Default for LocalLimiter {
+    fn default() -> Self {
+        LocalLimiter {
+            limiter: RateLimiter::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn check<'a>(&'a self, key: &'a str, rate: Rate) -> CheckFuture<'a> {
+        // The clock is read inside the limiter, after the tenant's state (see `check_at`).
+        let decision = self
+            .limiter
+            .check_at(key, rate, || self.epoch.elapsed().as_nanos() as u64);
+        Box::pin(std::future::ready(Ok(decision)))
+    }
+}
+
+/// GCRA in Redis, one script per check. Times are microseconds on Redis's clock (a Lua number
+/// is a double: microseconds since 1970 are exact in it, nanoseconds are not). A key expires
+/// once its tenant is fully rested (a missing key is a rested tenant), so Redis holds only the
+/// tenants active in the last burst's span.
+const GCRA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or 0
+local start = math.max(tat, now)
+local new_tat = start + interval
+if new_tat - now > tolerance then
+  return {0, start - now, new_tat - tolerance - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, new_tat - now, 0}
+";
+
+/// How long one check may take before it counts as Redis being unavailable: a request waits
+/// for it, and Redis answers a script like this in well under a millisecond.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// State in Redis, shared by every replica that uses the same Redis (see the module docs).
+pub struct RedisLimiter {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    /// Failed checks, counted for `/metrics`.
+    pub errors: AtomicU64,
+    /// When a failure was last logged (failures are logged once a second).
+    last_logged: Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// A limiter on the Redis at `url` (`redis://` or `rediss://`). It connects on first use and
+    /// reconnects by itself: a Redis that is down at start, or goes away, makes checks fail
+    /// until it is back, not the server.
+    pub fn new(url: &str) -> anyhow::Result<RedisLimiter> {
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow::anyhow!("redis_url {:?}: {e}", redact(url)))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1);
+        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| anyhow::anyhow!("redis_url {:?}: {e}", redact(url)))?;
+        Ok(RedisLimiter {
+            connection,
+            script: redis::Script::new(GCRA_SCRIPT),
+            errors: AtomicU64::new(0),
+            last_logged: Mutex::new(None),
+        })
+    }
+
+    async fn ask(&self, key: &str, rate: Rate) -> Result<Decision, String> {
+        let interval = (rate.interval() / 1_000).max(1);
+        let tolerance = interval * u64::from(rate.burst.max(1));
+        let mut connection = self.connection.clone();
+        let mut invocation = self.script.key(format!("kiln:rl:{key}"));
+        invocation.arg(interval).arg(tolerance);
+        let invocation = invocation.invoke_async::<(i64, i64, i64)>(&mut connection);
+        let (allowed, reset_us, retry_us) = tokio::time::timeout(REDIS_TIMEOUT, invocation)
+            .await
+            .map_err(|_| format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()))?
+            .map_err(|e| e.to_string())?;
+        let micros = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1_000);
+        let reset_nanos = micros(reset_us);
+        let remaining = if allowed == 1 {
+            let slack = tolerance.saturating_sub(reset_us.max(0) as u64);
+            (slack / interval) as u32
+        } else {
+            0
+        };
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit: rate.per_minute,
+            remaining,
+            reset_nanos,
+            retry_after_nanos: micros(retry_us),
+        })
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn check<'a>(&'a self, key: &'a str, rate: Rate) -> CheckFuture<'a> {
+        Box::pin(async move {
+            self.ask(key, rate).await.map_err(|why| {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let mut last = self.last_logged.lock().unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    *last = Some(Instant::now());
+                    tracing::error!("rate limiter (Redis) unavailable: {why}");
+                }
+                LimiterUnavailable(why)
+            })
+        })
+    }
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

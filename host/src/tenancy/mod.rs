@@ -15,12 +15,13 @@ pub mod usage;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use limiter::{Decision, Rate, RateLimiter};
+pub use kiln_config::OnLimiterError;
+pub use limiter::{Decision, Limiter, LocalLimiter, Rate, RateLimiter, RedisLimiter};
 pub use store::{Snapshot, Store, TokenRecord, UsageRecord, UsageRow, User};
 pub use usage::UsageWriter;
 
@@ -131,6 +132,9 @@ pub enum Refused {
         resets: String,
         decision: Decision,
     },
+    /// The shared rate limiter (Redis) could not be asked, and `rate_limit_on_error = "deny"`
+    /// (503): the decision carries the plan's rate for the headers.
+    LimiterUnavailable(Decision),
 }
 
 /// The tenancy layer of one server.
@@ -138,9 +142,9 @@ pub struct Tenancy {
     store: Arc<dyn Store>,
     snapshot: RwLock<Arc<Snapshot>>,
     plans: BTreeMap<String, Plan>,
-    limiter: RateLimiter,
-    /// The limiter's clock: nanoseconds since this instant.
-    epoch: Instant,
+    limiter: Arc<dyn Limiter>,
+    /// What a request gets while `limiter` cannot be asked.
+    on_limiter_error: OnLimiterError,
     /// Compute microseconds used this month per user (committed records only). Requests take
     /// the read lock only; the writer adds with atomics under the read lock too, and takes the
     /// write lock just for a user's first record of the month or a new month.
@@ -167,10 +171,22 @@ const REFRESH: Duration = Duration::from_millis(250);
 
 impl Tenancy {
     /// Opens the store, loads the snapshot and the month's compute, and starts the refresher and
-    /// the usage writer. Blocking.
+    /// the usage writer, with rate limits counted in this process. Blocking.
     pub fn start(
         store: Arc<dyn Store>,
         plans: BTreeMap<String, Plan>,
+    ) -> anyhow::Result<Arc<Tenancy>> {
+        let limiter = Arc::new(LocalLimiter::default());
+        Self::start_with(store, plans, limiter, OnLimiterError::Deny)
+    }
+
+    /// [`Self::start`] with rate limits counted by `limiter` (Redis, for replicas), and
+    /// `on_limiter_error` for when it cannot be asked.
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        plans: BTreeMap<String, Plan>,
+        limiter: Arc<dyn Limiter>,
+        on_limiter_error: OnLimiterError,
     ) -> anyhow::Result<Arc<Tenancy>> {
         // The version before the snapshot: a change committed in between is reloaded once more
         // (harmless), never missed.
@@ -209,13 +225,18 @@ impl Tenancy {
             store,
             snapshot: RwLock::new(Arc::new(snapshot)),
             plans,
-            limiter: RateLimiter::new(),
-            epoch: Instant::now(),
+            limiter,
+            on_limiter_error,
             compute,
             writer,
         });
         spawn_refresher(Arc::downgrade(&tenancy), version);
         Ok(tenancy)
+    }
+
+    /// Rate-limit checks the limiter could not answer (see [`Limiter::errors`]).
+    pub fn limiter_errors(&self) -> u64 {
+        self.limiter.errors()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -291,7 +312,7 @@ impl Tenancy {
 
     /// Counts one request of `caller` for `task` against its plan's rate, then checks its
     /// monthly compute quota.
-    pub fn admit(&self, caller: &Caller, task: &str) -> Result<Decision, Refused> {
+    pub async fn admit(&self, caller: &Caller, task: &str) -> Result<Decision, Refused> {
         let plan = self.effective_plan(&caller.user.plan);
         let (rate, scope) = rate_for(&plan, task);
         let key = if scope.is_empty() {
@@ -299,10 +320,23 @@ impl Tenancy {
         } else {
             format!("{}/{task}", caller.user.id)
         };
-        // The clock is read inside the limiter, after the tenant's state (see `check_at`).
-        let decision = self
-            .limiter
-            .check_at(&key, rate, || self.epoch.elapsed().as_nanos() as u64);
+        let decision = match self.limiter.check(&key, rate).await {
+            Ok(decision) => decision,
+            Err(_) => {
+                // Logged and counted by the limiter.
+                let uncounted = Decision {
+                    allowed: self.on_limiter_error == OnLimiterError::Allow,
+                    limit: rate.per_minute,
+                    remaining: 0,
+                    reset_nanos: 0,
+                    retry_after_nanos: 1_000_000_000,
+                };
+                if !uncounted.allowed {
+                    return Err(Refused::LimiterUnavailable(uncounted));
+                }
+                uncounted
+            }
+        };
         if !decision.allowed {
             return Err(Refused::RateLimited(decision));
         }
