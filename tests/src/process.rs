@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 /// `kiln admin --config <config> --database-url <db> <args>`; its stdout, or a panic that quotes
 /// the output. (`--config` after the subcommand: `kiln --config <file> admin ...` is refused by
-/// clap, "the subcommand 'admin' cannot be used with '--config <CONFIG>'".)
+/// clap, "the subcommand 'admin' cannot be used with `--config <CONFIG>`".)
 pub fn kiln_admin(bin: &Path, config: &Path, db: &str, args: &[&str]) -> String {
     let out = Command::new(bin)
         .arg("admin")
