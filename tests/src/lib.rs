@@ -5,6 +5,7 @@
 //! model). A missing artefact fails the test with the command to run: fixtures never silently
 //! skip. The demo model comes from PyPI; [`demo_models_dir`] skips only outside CI.
 
+pub mod postgres;
 pub mod process;
 pub mod redis;
 

@@ -251,7 +251,10 @@ fn test(repo: &Repo, steps: &mut Steps) -> Result<()> {
     setup::all(repo, steps)?;
     fixtures(repo, steps)?;
     setup::browser(repo, steps)?;
-    steps.run("Redis (Debian's redis-server)", setup::services)?;
+    steps.run(
+        "Redis and PostgreSQL 15 (Debian's packages)",
+        setup::services,
+    )?;
     steps.run("cargo fmt --check", || {
         run(repo.cargo().args(["fmt", "--all", "--", "--check"]))
     })?;

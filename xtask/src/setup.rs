@@ -396,18 +396,38 @@ fn apt_install(packages: &[&str], hint: &str) -> Result<()> {
 /// port, in a temporary directory; never a system service).
 pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
 
-/// Installs Debian's `redis-server` when [`REDIS_SERVER`] is missing. Part of `cargo xtask test`.
+/// PostgreSQL 15's server binaries, which the store tests run themselves
+/// (`kiln_tests::postgres`, as a system user when run as root; never a system service).
+pub const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Installs Debian's `redis-server` and `postgresql-15` when missing (their binaries only: the
+/// tests start them). Part of `cargo xtask test`.
 pub fn services() -> Result<()> {
+    let postgres = Path::new(POSTGRES_BIN).join("postgres");
+    let mut packages = Vec::new();
     if !Path::new(REDIS_SERVER).is_file() {
+        packages.push("redis-server");
+    }
+    if !postgres.is_file() {
+        packages.push("postgresql-15");
+    }
+    if !packages.is_empty() {
         apt_install(
-            &["redis-server"],
-            "or install Redis 7 at /usr/bin/redis-server",
+            &packages,
+            "or install Redis 7 at /usr/bin/redis-server and PostgreSQL 15 under \
+             /usr/lib/postgresql/15",
         )?;
-        if !Path::new(REDIS_SERVER).is_file() {
-            bail!("apt-get installed redis-server but {REDIS_SERVER} is missing");
+    }
+    for needed in [Path::new(REDIS_SERVER), postgres.as_path()] {
+        if !needed.is_file() {
+            bail!(
+                "apt-get installed {} but {} is missing",
+                packages.join(" "),
+                needed.display()
+            );
         }
     }
-    println!("Redis: {REDIS_SERVER}");
+    println!("Redis: {REDIS_SERVER}; PostgreSQL 15: {POSTGRES_BIN}");
     Ok(())
 }
 

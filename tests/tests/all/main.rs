@@ -20,6 +20,7 @@ mod model_lifecycle;
 mod model_registry;
 mod nn_backend;
 mod plugin_scaffold;
+mod postgres_harness;
 mod rate_limit_redis;
 mod response_cache;
 mod sandbox;
